@@ -1,0 +1,183 @@
+"""The backend shim: the one place that knows whether arrays live in NumPy (CPU) or CuPy (GPU).
+
+Model code never imports numpy-or-cupy directly for array math; it asks a :class:`Backend` for
+``xp`` (the array module) and for the few operations the two array modules disagree on:
+
+* ``erf``           -- NumPy has none (SciPy's ufunc is used); CuPy has it in ``cupyx.scipy.special``.
+* ``scatter_add``   -- ``table[ids] += values`` with repeated ids summed (embedding gradients).
+* ``to_host`` / ``from_host`` -- explicit transfers; nothing moves between host and device implicitly.
+* ``synchronize``   -- wait for queued device work (needed before reading a host clock).
+* randomness        -- every random number (initial weights, dropout masks, masking decisions) is drawn
+  from a seeded ``numpy.random.Generator`` on the host and then transferred, so one seed gives the
+  same numbers on both backends (CuPy's own generators produce different streams).
+
+Select with ``backends.get("numpy")`` / ``backends.get("cupy")``; ``backends.get()`` reads the
+``REF_BERT_BACKEND`` environment variable (default ``numpy``). Asking for CuPy where it is not
+installed, or where no GPU is visible, raises :class:`BackendUnavailable` saying which; there is no
+silent fallback to the CPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "ENV_VAR"]
+
+ENV_VAR = "REF_BERT_BACKEND"
+_NAMES = ("numpy", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (CuPy missing, or no GPU)."""
+
+
+class Backend:
+    """Array module plus the handful of operations that differ between NumPy and CuPy.
+
+    Attributes:
+        name: ``"numpy"`` or ``"cupy"``.
+        xp:   the array module (``numpy`` or ``cupy``).
+    """
+
+    def __init__(self, name: str, xp: Any, erf: Any):
+        self.name = name
+        self.xp = xp
+        self._erf = erf
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    # --- math the array modules lack -------------------------------------------------------
+    def erf(self, x):
+        """Elementwise error function, keeping the dtype of ``x`` (float32 stays float32)."""
+        return self._erf(x)
+
+    def scatter_add(self, table, ids, values) -> None:
+        """In place: ``table[ids[n]] += values[n]`` for every n, repeated ids summed.
+
+        ``table``: (V, E); ``ids``: (N,) integers in [0, V); ``values``: (N, E).
+
+        On NumPy ``numpy.add.at`` is exact but slow (one Python-level ufunc call per element
+        internally), so we sort the ids once and sum runs of equal ids with ``add.reduceat``;
+        the order of summation within a run is fixed by the stable sort, so the result is
+        deterministic. CuPy's ``scatter_add`` uses atomics (fast; order-dependent rounding only).
+        """
+        ids = ids.reshape(-1)
+        values = values.reshape(ids.shape[0], -1)
+        if ids.shape[0] == 0:
+            return
+        if self.name == "cupy":
+            import cupyx  # only backends/ imports cupy
+
+            cupyx.scatter_add(table, ids, values)
+            return
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        run_starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        table[sorted_ids[run_starts]] += np.add.reduceat(values[order], run_starts, axis=0)
+
+    # --- host <-> device ----------------------------------------------------------------------
+    def to_host(self, a) -> np.ndarray:
+        """Copy an array of this backend to a NumPy array (a no-op view on NumPy)."""
+        if self.name == "cupy":
+            return self.xp.asnumpy(a)
+        return np.asarray(a)
+
+    def from_host(self, a, dtype=None):
+        """Copy a NumPy array (or anything array-like) onto this backend, optionally casting."""
+        a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+        return self.xp.asarray(a)
+
+    def is_array(self, a) -> bool:
+        """True when ``a`` is an array of this backend (not a NumPy array on a CuPy backend)."""
+        return isinstance(a, self.xp.ndarray)
+
+    def synchronize(self) -> None:
+        """Block until all queued device work is done (no-op on NumPy)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    # --- randomness: always host NumPy, then transferred ---------------------------------------
+    @staticmethod
+    def rng(seed) -> np.random.Generator:
+        """The one random-number policy: a host ``numpy.random.Generator`` (PCG64) from ``seed``."""
+        return np.random.default_rng(seed)
+
+    def normal(self, rng: np.random.Generator, shape, std: float, dtype, truncated: bool = False):
+        """N(0, std^2) draws on the host, moved to this backend in ``dtype``.
+
+        ``truncated=True`` redraws values beyond two standard deviations (TensorFlow's
+        ``truncated_normal_initializer``, which ALBERT's TF code uses).
+        """
+        values = rng.standard_normal(shape)
+        if truncated:
+            bad = np.abs(values) > 2.0
+            while bad.any():
+                values[bad] = rng.standard_normal(int(bad.sum()))
+                bad = np.abs(values) > 2.0
+        return self.from_host(values * std, dtype=dtype)
+
+    def keep_mask(self, rng: np.random.Generator, shape, keep_prob: float, dtype):
+        """Inverted-dropout multiplier: 1/keep_prob where kept (probability keep_prob), else 0."""
+        keep = rng.random(shape) < keep_prob
+        return self.from_host(keep / keep_prob, dtype=dtype)
+
+
+_cache: dict[str, Backend] = {}
+
+
+def _make(name: str) -> Backend:
+    if name == "numpy":
+        try:
+            from scipy.special import erf
+        except ImportError as e:  # pragma: no cover - scipy is a hard dependency
+            raise BackendUnavailable("the numpy backend needs scipy (for erf): pip install scipy") from e
+        return Backend("numpy", np, erf)
+    try:
+        import cupy
+        import cupyx.scipy.special
+    except ImportError as e:
+        raise BackendUnavailable(
+            "backend 'cupy' was requested but CuPy is not installed "
+            "(pip install 'ref-bert[gpu]', or cupy-cuda12x matching your CUDA); "
+            "no fallback to numpy is made"
+        ) from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken
+        raise BackendUnavailable(f"backend 'cupy' was requested but no GPU is usable: {e}") from e
+    if count < 1:
+        raise BackendUnavailable("backend 'cupy' was requested but no GPU is visible (device count 0)")
+    return Backend("cupy", cupy, cupyx.scipy.special.erf)
+
+
+def get(name: str | Backend | None = None) -> Backend:
+    """Return the backend called ``name`` ("numpy" or "cupy"); None reads $REF_BERT_BACKEND."""
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get(ENV_VAR, "numpy")
+    key = str(name).strip().lower()
+    if key not in _NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(_NAMES)}")
+    if key not in _cache:
+        _cache[key] = _make(key)
+    return _cache[key]
+
+
+def of(array) -> Backend:
+    """The backend an array belongs to (CuPy arrays -> cupy, anything else -> numpy)."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        return get("cupy")
+    return get("numpy")
+
+
+def available(name: str) -> bool:
+    """True when :func:`get` would succeed for ``name``."""
+    try:
+        get(name)
+        return True
+    except BackendUnavailable:
+        return False

@@ -1,0 +1,201 @@
+"""Model configuration: one validated dataclass, with the published ALBERT and BERT sizes as presets.
+
+Every behaviour a checkpoint depends on (activation, LayerNorm epsilon, groups, sizes) lives here,
+never as a constant in the math. Field names follow Hugging Face's ``AlbertConfig`` / ``BertConfig``
+so that a ``config.json`` maps onto it directly.
+
+Cross-layer sharing (ALBERT section 3.1 and its ablation, Table 4) is expressed by two things:
+
+* ``num_hidden_groups`` G and ``inner_group_num`` K, exactly as Hugging Face: the L layers are split
+  into G groups; layer ``i`` runs the K blocks of group ``group_of_layer(i)`` in sequence.
+* ``sharing``: which sublayers the layers *of one group* share. ``"all"`` (ALBERT's default: one
+  parameter set per group, reused by every layer of the group), ``"attention"`` (attention shared,
+  each layer its own FFN), ``"ffn"`` (FFN shared, each layer its own attention), ``"none"`` (every
+  layer its own parameters: BERT). ``sharing="all"`` with ``num_hidden_groups == num_hidden_layers``
+  is parameter-for-parameter the same model as ``sharing="none"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "tanh")
+SHARING = ("all", "attention", "ffn", "none")
+GROUP_RULES = ("hf", "tf")
+INITIALIZERS = ("normal", "truncated_normal")
+
+
+@dataclass(frozen=True)
+class Config:
+    """ALBERT/BERT architecture. Validated on construction; errors name the field and value.
+
+    Sizes: V ``vocab_size``, E ``embedding_size``, H ``hidden_size``, I ``intermediate_size``,
+    L ``num_hidden_layers``, heads ``num_attention_heads`` (head_dim = H / heads).
+    """
+
+    vocab_size: int = 30000
+    embedding_size: int = 128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu_new"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    classifier_dropout_prob: float = 0.0
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    initializer: str = "normal"
+    num_hidden_groups: int = 1
+    inner_group_num: int = 1
+    sharing: str = "all"
+    group_rule: str = "hf"
+    pad_token_id: int = 0
+    # Dropout after the FFN output projection: TF ALBERT and BERT apply it, HF's AlbertLayer defines
+    # it but never applies it (shared/REFERENCE.md section 2).
+    ffn_output_dropout: bool = True
+    # Added to attention scores at masked keys. -10000 is TF ALBERT's and UniLM's value. HF now uses
+    # the dtype's most negative number; both give identical softmax outputs whenever a query row has
+    # at least one visible key (exp(-10000) underflows to exactly 0 in float32 and float64), and a
+    # finite value keeps fully masked rows (UniLM pad queries) finite and differentiable.
+    attention_mask_value: float = -10000.0
+    model_type: str = "albert"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        def need(cond: bool, fieldname: str, expected: str):
+            if not cond:
+                raise ValueError(
+                    f"Config.{fieldname}={getattr(self, fieldname)!r} is invalid: expected {expected}"
+                )
+
+        for f in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
+                  "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                  "type_vocab_size", "num_hidden_groups", "inner_group_num"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, "a positive integer")
+        need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+             f"a multiple of num_attention_heads={self.num_attention_heads}")
+        need(self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {ACTIVATIONS}")
+        need(self.sharing in SHARING, "sharing", f"one of {SHARING}")
+        need(self.group_rule in GROUP_RULES, "group_rule", f"one of {GROUP_RULES}")
+        need(self.initializer in INITIALIZERS, "initializer", f"one of {INITIALIZERS}")
+        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+            v = getattr(self, f)
+            need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, f, "a probability in [0, 1)")
+        need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+             "layer_norm_eps", "a positive number")
+        need(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0,
+             "initializer_range", "a positive number")
+        need(self.num_hidden_groups <= self.num_hidden_layers, "num_hidden_groups",
+             f"at most num_hidden_layers={self.num_hidden_layers}")
+        need(isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size,
+             "pad_token_id", f"an id in [0, vocab_size={self.vocab_size})")
+        need(isinstance(self.attention_mask_value, (int, float)) and math.isfinite(self.attention_mask_value)
+             and self.attention_mask_value < 0, "attention_mask_value", "a finite negative number")
+        need(self.model_type in ("albert", "bert"), "model_type", "'albert' or 'bert'")
+        # Every group must be used by at least one layer, or its parameters would never train.
+        used = {self.group_of_layer(i) for i in range(self.num_hidden_layers)}
+        need(len(used) == self.num_hidden_groups, "num_hidden_groups",
+             f"a count whose groups are all reached by the {self.group_rule!r} layer-to-group rule "
+             f"(groups used: {sorted(used)})")
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_projection(self) -> bool:
+        """ALBERT's factorized embedding: a dense E->H after the embeddings when E != H."""
+        return self.embedding_size != self.hidden_size
+
+    def group_of_layer(self, i: int) -> int:
+        """Group used by layer i: HF ``int(i / (L / G))`` or TF ``int(i / L * G)`` (they can differ)."""
+        L, G = self.num_hidden_layers, self.num_hidden_groups
+        return int(i / (L / G)) if self.group_rule == "hf" else int(i / L * G)
+
+    def block_schedule(self) -> list[list[tuple[int, int]]]:
+        """For each layer, the (attention_set, ffn_set) indices of the K blocks it runs in order.
+
+        A shared sublayer uses one set per (group, inner block): index ``g * K + m``; an unshared one
+        uses one set per (layer, inner block): index ``i * K + m``.
+        """
+        K = self.inner_group_num
+        share_attn = self.sharing in ("all", "attention")
+        share_ffn = self.sharing in ("all", "ffn")
+        schedule = []
+        for i in range(self.num_hidden_layers):
+            g = self.group_of_layer(i)
+            schedule.append([
+                ((g if share_attn else i) * K + m, (g if share_ffn else i) * K + m) for m in range(K)
+            ])
+        return schedule
+
+    @property
+    def num_attention_sets(self) -> int:
+        n = self.num_hidden_groups if self.sharing in ("all", "attention") else self.num_hidden_layers
+        return n * self.inner_group_num
+
+    @property
+    def num_ffn_sets(self) -> int:
+        n = self.num_hidden_groups if self.sharing in ("all", "ffn") else self.num_hidden_layers
+        return n * self.inner_group_num
+
+    # --- construction helpers ------------------------------------------------------------------
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        """Published sizes: albert-{base,large,xlarge,xxlarge}, bert-{base,large}, and 'tiny'."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+
+_ALBERT = dict(vocab_size=30000, embedding_size=128, hidden_act="gelu_new", max_position_embeddings=512,
+               type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+               classifier_dropout_prob=0.1, model_type="albert", ffn_output_dropout=False)
+_BERT = dict(vocab_size=30522, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.0,
+             sharing="none", model_type="bert", ffn_output_dropout=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "albert-base": {**_ALBERT, "hidden_size": 768, "intermediate_size": 3072,
+                    "num_attention_heads": 12, "num_hidden_layers": 12},
+    "albert-large": {**_ALBERT, "hidden_size": 1024, "intermediate_size": 4096,
+                     "num_attention_heads": 16, "num_hidden_layers": 24},
+    "albert-xlarge": {**_ALBERT, "hidden_size": 2048, "intermediate_size": 8192,
+                      "num_attention_heads": 16, "num_hidden_layers": 24},
+    "albert-xxlarge": {**_ALBERT, "hidden_size": 4096, "intermediate_size": 16384,
+                       "num_attention_heads": 64, "num_hidden_layers": 12},
+    "bert-base": {**_BERT, "embedding_size": 768, "hidden_size": 768, "intermediate_size": 3072,
+                  "num_attention_heads": 12, "num_hidden_layers": 12},
+    "bert-large": {**_BERT, "embedding_size": 1024, "hidden_size": 1024, "intermediate_size": 4096,
+                   "num_attention_heads": 16, "num_hidden_layers": 24},
+    # Small enough for tests and the two-minute CPU demo; E < H so the projection is exercised.
+    "tiny": dict(vocab_size=1000, embedding_size=32, hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=128,
+                 type_vocab_size=2, hidden_act="gelu_new", hidden_dropout_prob=0.1,
+                 attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.0, model_type="albert"),
+}

@@ -1,0 +1,24 @@
+"""The math: every op is a ``*_forward(...) -> (out, cache)`` / ``*_backward(dout, cache, ...)`` pair.
+
+Backward functions *add* parameter gradients into buffers they are given (so a weight used by several
+layers, or tied between the embedding and the MLM decoder, needs no special case) and return the
+gradient with respect to the op's input. Read them in model order: embedding, layer_norm, linear,
+attention (softmax, dropout), activations, cross_entropy.
+"""
+from .activations import activation_backward, activation_forward
+from .attention import (additive_mask_from, merge_heads, self_attention_backward, self_attention_forward,
+                        split_heads)
+from .cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .dropout import dropout_backward, dropout_forward
+from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
+from .layer_norm import layer_norm_backward, layer_norm_forward
+from .linear import linear_backward, linear_forward
+from .softmax import softmax_backward, softmax_forward
+
+__all__ = [
+    "activation_forward", "activation_backward", "additive_mask_from", "split_heads", "merge_heads",
+    "self_attention_forward", "self_attention_backward", "IGNORE_INDEX", "cross_entropy_forward",
+    "cross_entropy_backward", "dropout_forward", "dropout_backward", "embedding_forward",
+    "embedding_backward", "embeddings_forward", "embeddings_backward", "layer_norm_forward",
+    "layer_norm_backward", "linear_forward", "linear_backward", "softmax_forward", "softmax_backward",
+]

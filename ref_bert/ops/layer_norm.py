@@ -1,0 +1,46 @@
+"""Layer normalisation over the last axis (biased variance, epsilon inside the square root).
+
+Forward, for one row x of length C:
+    mean = sum(x) / C
+    var  = sum((x - mean)^2) / C                  (biased, as TF and PyTorch)
+    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    out  = xhat * w + b
+
+Backward, with g = dout * w (the gradient reaching xhat):
+    dw += sum over rows of dout * xhat,    db += sum over rows of dout
+    xhat depends on x through the centring and through rstd. Differentiating
+    xhat_i = (x_i - mean) rstd, with d mean / d x_k = 1/C and d rstd / d x_k = -rstd^3 (x_k - mean) / C:
+        dx_k = rstd * ( g_k - mean(g) - xhat_k * mean(g * xhat) )
+Shapes: x, out (..., C); w, b (C,); the cache keeps xhat (..., C) and rstd (..., 1).
+"""
+from __future__ import annotations
+
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    """Return ``(out, cache)``; ``eps`` comes from the config (1e-12 in ALBERT and BERT)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / (var + eps) ** 0.5
+    xhat = centred * rstd
+    out = xhat * weight + bias
+    return out, (xhat, rstd, weight)
+
+
+def layer_norm_backward(dout, cache, dweight=None, dbias=None):
+    """Accumulate into ``dweight``/``dbias`` (when given) and return dx (formula in the module doc)."""
+    xhat, rstd, weight = cache
+    C = xhat.shape[-1]
+    if dweight is not None:
+        dweight += (dout * xhat).reshape(-1, C).sum(axis=0)
+    if dbias is not None:
+        dbias += dout.reshape(-1, C).sum(axis=0)
+    g = dout * weight
+    g_mean = g.mean(axis=-1, keepdims=True)
+    gx_mean = (g * xhat).mean(axis=-1, keepdims=True)
+    return rstd * (g - g_mean - xhat * gx_mean)
+
+
+

@@ -1,0 +1,101 @@
+"""Input checks. Every error is a ``ValueError`` naming the argument, what it was and what was expected.
+
+Checking ids on the device costs a reduction and one small device->host read (the min and max);
+that is the price of CuPy wrapping out-of-range indices silently instead of failing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import IGNORE_INDEX
+
+
+def _describe(a) -> str:
+    return f"{type(a).__module__.split('.')[0]}.{type(a).__name__}"
+
+
+def require_array(name: str, a, backend):
+    if not backend.is_array(a):
+        hint = ""
+        if isinstance(a, np.ndarray) and backend.name != "numpy":
+            hint = f"; move it explicitly with backend.from_host(...) (the model lives on {backend.name})"
+        raise ValueError(f"{name} must be a {backend.name} array, got {_describe(a)}{hint}")
+    return a
+
+
+def require_int(name: str, a, shape=None):
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must have an integer dtype, got {a.dtype}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
+def require_range(name: str, a, low: int, high: int, allow=None):
+    """All values in [low, high), except the optional ``allow`` value (e.g. the ignore label)."""
+    if a.size == 0:
+        return a
+    values = a if allow is None else a[a != allow]
+    if values.size == 0:
+        return a
+    lo, hi = int(values.min()), int(values.max())
+    if lo < low or hi >= high:
+        extra = f" (or {allow})" if allow is not None else ""
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name} contains {bad}, outside the valid range [{low}, {high}){extra}")
+    return a
+
+
+def check_inputs(config, backend, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
+    """Validate the model inputs and fill in the defaults. Returns the four arrays."""
+    xp = backend.xp
+    require_array("input_ids", input_ids, backend)
+    require_int("input_ids", input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"input_ids must be non-empty, got shape {(B, T)}")
+    if T > config.max_position_embeddings:
+        raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    require_range("input_ids", input_ids, 0, config.vocab_size)
+
+    if token_type_ids is None:
+        token_type_ids = xp.zeros((B, T), dtype=input_ids.dtype)
+    require_array("token_type_ids", token_type_ids, backend)
+    require_int("token_type_ids", token_type_ids, (B, T))
+    require_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+
+    if position_ids is None:
+        position_ids = xp.broadcast_to(xp.arange(T, dtype=input_ids.dtype), (B, T))
+    require_array("position_ids", position_ids, backend)
+    require_int("position_ids", position_ids, (B, T))
+    require_range("position_ids", position_ids, 0, config.max_position_embeddings)
+
+    if attention_mask is None:
+        attention_mask = xp.ones((B, T), dtype=input_ids.dtype)
+    require_array("attention_mask", attention_mask, backend)
+    if tuple(attention_mask.shape) not in ((B, T), (B, T, T)):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)} "
+                         f"(padding mask) or {(B, T, T)} (per-query mask)")
+    if attention_mask.dtype.kind not in "biuf":
+        raise ValueError(f"attention_mask must be boolean or numeric 0/1, got dtype {attention_mask.dtype}")
+    if attention_mask.dtype.kind != "b" and attention_mask.size:
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must contain only 0 and 1 (1 = may attend)")
+    return input_ids, token_type_ids, attention_mask, position_ids
+
+
+def check_labels(config, backend, batch_shape, mlm_labels=None, sop_labels=None):
+    B, T = batch_shape
+    if mlm_labels is None and sop_labels is None:
+        raise ValueError("loss_and_grads needs mlm_labels, sop_labels or both (got neither)")
+    if mlm_labels is not None:
+        require_array("mlm_labels", mlm_labels, backend)
+        require_int("mlm_labels", mlm_labels, (B, T))
+        require_range("mlm_labels", mlm_labels, 0, config.vocab_size, allow=IGNORE_INDEX)
+    if sop_labels is not None:
+        require_array("sop_labels", sop_labels, backend)
+        require_int("sop_labels", sop_labels, (B,))
+        require_range("sop_labels", sop_labels, 0, 2, allow=IGNORE_INDEX)
