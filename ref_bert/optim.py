@@ -309,7 +309,9 @@ class _AdamFamily:
             if key not in tensors:
                 continue
             src = tensors[key]
-            if tuple(src.shape) != tuple(dst.shape):
+            if not hasattr(src, "shape") or not hasattr(src, "dtype"):
+                problems.append(f"{key} is a {type(src).__name__}, expected an array")
+            elif tuple(src.shape) != tuple(dst.shape):
                 problems.append(f"{key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
             elif np.dtype(src.dtype) != np.dtype(dst.dtype):
                 problems.append(f"{key} has dtype {np.dtype(src.dtype)}, expected {np.dtype(dst.dtype)}")
