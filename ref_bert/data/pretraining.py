@@ -39,7 +39,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Smallest layout with a token on each side: [CLS] a [SEP] b [SEP]. ALBERT's shorter-target draw
 # randint(2, max_seq_length - 3) needs the same bound.
 MIN_SEQ_LENGTH = 5
-DEFAULT_VOCAB_SIZE = 8000
+DEFAULT_VOCAB_SIZE = 1000  # the "tiny" preset's; the default corpus supports up to about 3100 pieces
 
 
 def default_corpus_path() -> str:
@@ -297,7 +297,7 @@ class PretrainingDataset:
         corpus: corpus file (format of :func:`read_corpus`); None for the packaged default corpus.
         tokenizer: a :class:`Tokenizer`, a path to a SentencePiece model, or None to train one on the
             corpus with ``vocab_size`` pieces (default: ``config.vocab_size`` if a config is given, else
-            8000).
+            1000, the "tiny" preset's).
         batch_size, max_seq_length: B and T of every batch.
         seed: the stream's seed.
         config: a ``ref_bert.Config`` to check against: T <= max_position_embeddings, equal vocabulary

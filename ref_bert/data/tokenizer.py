@@ -98,7 +98,7 @@ class Tokenizer:
             return cls(f.read(), lower_case=lower_case, source=repr(path))
 
     @classmethod
-    def train(cls, texts_or_corpus_path: Union[PathLike, Iterable[str], None] = None, vocab_size: int = 8000,
+    def train(cls, texts_or_corpus_path: Union[PathLike, Iterable[str], None] = None, vocab_size: int = 1000,
               out_path: PathLike | None = None, seed: int = 0, lower_case: bool = False,
               character_coverage: float = 1.0) -> "Tokenizer":
         """Train a unigram SentencePiece model in-process, with ALBERT's special-token layout.
