@@ -342,6 +342,19 @@ def test_no_masking_when_prob_is_zero():
     assert (result.mlm_labels == IGNORE).all() and np.array_equal(result.input_ids, tokens)
 
 
+def test_custom_ngram_probs():
+    tokens = np.array([CLS_ID, *range(10, 40), SEP_ID, *range(10, 40), SEP_ID])
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(20):
+        result = create_masked_lm_predictions(tokens, np.ones(50, bool), np.arange(5, 50), rng,
+                                              ngram_probs=[0.0, 1.0])
+        draws += [n for n, _ in result.ngram_draws]
+    assert set(draws) == {2}
+    with pytest.raises(ValueError, match="ngram_probs"):
+        create_masked_lm_predictions(tokens, np.ones(50, bool), np.arange(5, 50), rng, ngram_probs=[0.5, 0.4])
+
+
 # --- dataset -----------------------------------------------------------------------------------
 def test_batch_layout(tokenizer, config):
     dataset = PretrainingDataset(tokenizer=tokenizer, batch_size=16, max_seq_length=T, config=config, seed=0)

@@ -214,7 +214,8 @@ def masking_budget(num_tokens: int, masked_lm_prob: float, max_predictions_per_s
 
 def create_masked_lm_predictions(tokens: np.ndarray, word_start_table: np.ndarray, ordinary_ids: np.ndarray,
                                  rng: np.random.Generator, masked_lm_prob: float = 0.15,
-                                 max_predictions_per_seq: int = 20, max_ngram: int = 3) -> MaskedLmPredictions:
+                                 max_predictions_per_seq: int = 20, max_ngram: int = 3,
+                                 ngram_probs=None) -> MaskedLmPredictions:
     """Select whole-word n-grams for masked-LM prediction and corrupt them 80/10/10 (ALBERT's
     ``create_masked_lm_predictions`` with ``do_whole_word_mask`` and ``favor_shorter_ngram``).
 
@@ -234,6 +235,8 @@ def create_masked_lm_predictions(tokens: np.ndarray, word_start_table: np.ndarra
         tokens: (n,) int ids of ``[CLS] A [SEP] B [SEP]``, unpadded.
         word_start_table: (V,) bool, piece id -> starts a word.
         ordinary_ids: (k,) ids for the random replacement.
+        ngram_probs: p(n) for n = 1..len(ngram_probs), replacing the 1/n rule and ``max_ngram`` (another
+            span mix, e.g. UniLM's mostly-unigram one, REFERENCE.md section 3).
     """
     output = tokens.copy()                                        # (n,)
     mlm_labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)  # (n,)
@@ -242,7 +245,14 @@ def create_masked_lm_predictions(tokens: np.ndarray, word_start_table: np.ndarra
         return MaskedLmPredictions(output, mlm_labels, draws)
     words = whole_words(tokens, word_start_table)
     budget = masking_budget(len(tokens), masked_lm_prob, max_predictions_per_seq)
-    p_ngram = ngram_probabilities(max_ngram)
+    if ngram_probs is None:
+        p_ngram = ngram_probabilities(max_ngram)
+    else:
+        p_ngram = np.asarray(ngram_probs, dtype=np.float64)
+        if p_ngram.ndim != 1 or len(p_ngram) == 0 or (p_ngram < 0).any() or not np.isclose(p_ngram.sum(), 1.0):
+            raise ValueError(f"ngram_probs={ngram_probs!r} is invalid: expected probabilities of n = 1, 2, ... "
+                             f"summing to 1")
+    max_ngram = len(p_ngram)
     covered = np.zeros(len(tokens), dtype=bool)                   # (n,)
     num_selected = 0
     for start in rng.permutation(len(words)).tolist():
