@@ -65,7 +65,8 @@ class UnilmBatch:
 
     input_ids, token_type_ids: (B, T) int64;  attention_mask: (B, T, T) bool (True = may attend);
     mlm_labels: (B, T) int64, the original token where predicted and -100 elsewhere;
-    sop_labels: (B,) int64, -100 for examples without the sentence-pair loss;
+    sop_labels: (B,) int64, -100 for examples without the sentence-pair loss (None in fine-tuning
+    batches, which have no sentence-pair loss at all);
     kinds[b], num_real[b], source_lens[b]: what built example b's mask.
     """
 
@@ -73,7 +74,7 @@ class UnilmBatch:
     token_type_ids: np.ndarray
     attention_mask: np.ndarray
     mlm_labels: np.ndarray
-    sop_labels: np.ndarray
+    sop_labels: np.ndarray | None
     kinds: list = field(default_factory=list)
     num_real: list = field(default_factory=list)
     source_lens: list = field(default_factory=list)
@@ -81,7 +82,7 @@ class UnilmBatch:
     def model_inputs(self, backend) -> dict:
         """Keyword arguments for ``Model.loss_and_grads`` with every array moved to ``backend``."""
         names = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "sop_labels")
-        return {name: backend.from_host(getattr(self, name)) for name in names}
+        return {name: backend.from_host(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -271,8 +272,7 @@ def seq2seq_finetune_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
         source_lens.append(source_len)
     kinds = ["seq2seq"] * B
     attention_mask = batch_masks(kinds, seq_len, num_real, source_lens)
-    sop_labels = np.full(B, IGNORE_INDEX, dtype=np.int64)
-    return UnilmBatch(input_ids, token_type_ids, attention_mask, mlm_labels, sop_labels, kinds, num_real,
+    return UnilmBatch(input_ids, token_type_ids, attention_mask, mlm_labels, None, kinds, num_real,
                       source_lens)
 
 
