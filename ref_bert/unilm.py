@@ -152,17 +152,19 @@ def layout(a: Sequence[int], b: Sequence[int], kind: str, seq_len: int, unilm_se
 
 
 def choose_spans(candidates: Sequence[int], budget: int, rng: np.random.Generator,
-                 ngram_probs: dict = NGRAM_PROBS) -> list[int]:
-    """Positions to predict: n-gram spans of consecutive candidate positions, at most ``budget`` in all.
+                 ngram_probs: dict = NGRAM_PROBS) -> list[tuple[int, int]]:
+    """Spans ``(start, length)`` of consecutive candidate positions to predict, at most ``budget``
+    positions in all, sorted by start.
 
     Start positions are visited in random order; each draws n from ``ngram_probs``; if the n positions
     from the start are not all uncovered candidates, or would exceed the budget, shorter n are tried.
     """
-    candidate_set = set(candidates)
+    candidate_set = set(int(c) for c in candidates)
     covered: set[int] = set()
+    spans = []
     sizes = np.array(sorted(ngram_probs))
-    probs = np.array([ngram_probs[n] for n in sizes])
-    for start in rng.permutation(np.array(candidates, dtype=np.int64)):
+    probs = np.array([ngram_probs[n] for n in sizes], dtype=float)
+    for start in rng.permutation(np.array(sorted(candidate_set), dtype=np.int64)):
         if len(covered) >= budget:
             break
         n = int(rng.choice(sizes, p=probs))
@@ -171,8 +173,9 @@ def choose_spans(candidates: Sequence[int], budget: int, rng: np.random.Generato
             if (len(covered) + length <= budget
                     and all(p in candidate_set and p not in covered for p in span)):
                 covered.update(span)
+                spans.append((int(start), length))
                 break
-    return sorted(covered)
+    return sorted(spans)
 
 
 def replace_tokens(input_ids: np.ndarray, positions: Sequence[int], vocab_size: int,
@@ -230,7 +233,8 @@ def pretraining_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_
         input_ids[n], token_type_ids[n], real, source_len = layout(a, b, kind, seq_len, unilm_segments)
         candidates = [p for p in range(real) if input_ids[n, p] not in (CLS_ID, SEP_ID)]
         budget = min(max_predictions, max(1, int(round(real * mask_prob))))
-        positions = choose_spans(candidates, budget, rng)
+        spans = choose_spans(candidates, budget, rng)
+        positions = [p for start, length in spans for p in range(start, start + length)]
         mlm_labels[n] = replace_tokens(input_ids[n], positions, vocab_size, rng)
         num_real.append(real)
         source_lens.append(source_len)
