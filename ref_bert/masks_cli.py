@@ -41,7 +41,7 @@ def _draw_png(path: str, source: int, target: int, pad: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MASK_KINDS), figsize=(4.2 * len(MASK_KINDS), 4.6))
+    fig, axes = plt.subplots(1, len(MASK_KINDS), figsize=(4.2 * len(MASK_KINDS), 5.0))
     for ax, kind in zip(axes, MASK_KINDS):
         mask, labels = _layout(kind, source, target, pad)
         ax.imshow(mask, cmap="Greys", vmin=0, vmax=1.6)  # allowed = grey, blocked = white

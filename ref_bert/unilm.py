@@ -225,9 +225,10 @@ def pretraining_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_
             if swapped and pair_task == "sop":
                 a, b = b, a
             elif swapped and pair_task == "nsp":
-                # a random other pair's B (the example itself when the batch has only one pair)
-                b = pairs[int(rng.integers(B))][1] if B > 1 else b
+                # the B of a random *other* pair (a batch of one pair has no other: label 0)
                 swapped = B > 1
+                if swapped:
+                    b = pairs[(n + 1 + int(rng.integers(B - 1))) % B][1]
             sop_labels[n] = int(swapped)
         a, b = truncate_pair(a, b, seq_len - 3, rng)
         input_ids[n], token_type_ids[n], real, source_len = layout(a, b, kind, seq_len, unilm_segments)

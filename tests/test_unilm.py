@@ -429,3 +429,14 @@ def test_masks_command_rejects_unknown_kind_and_negative_sizes():
         run_cli("masks", "--kind", "sideways")
     with pytest.raises(ValueError, match="--pad=-1"):
         run_cli("masks", "--pad", "-1")
+
+
+def test_next_sentence_pairs_take_b_from_another_pair():
+    pairs = [([10 + k] * 2, [60 + k] * 3) for k in range(20)]     # pair k: A = 10 + k, B = 60 + k
+    batch = pretraining_batch(pairs, 10, 100, seed=3, shares={"bidirectional": 1.0}, pair_task="nsp",
+                              mask_prob=0.01)
+    assert set(batch.sop_labels.tolist()) == {0, 1}
+    for b in range(20):
+        original = np.where(batch.mlm_labels[b] != IGNORE, batch.mlm_labels[b], batch.input_ids[b])
+        a_token, b_token = original[1], original[batch.source_lens[b]]
+        assert batch.sop_labels[b] == int(b_token - 60 != a_token - 10)
