@@ -40,9 +40,9 @@ import numpy as np
 from .masks import MASK_KINDS, batch_masks
 from .ops import IGNORE_INDEX
 
-# Special token ids, fixed for the whole project. The tokenizer (ref_bert.data.tokenizer) exports the
-# same constants; this is the one place they are defined for the UniLM code until it lands.
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+# Special token ids are fixed for the whole project and defined once, by the tokenizer.
+from .data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID  # noqa: E402
+
 NUM_SPECIAL = 5  # ids below this are special; random replacements are drawn from [NUM_SPECIAL, vocab)
 
 # Share of each objective in a pretraining batch (UniLM section 2.3).
