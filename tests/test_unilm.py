@@ -3,8 +3,7 @@
 Gradient checks: float64, the gradcheck library (Richardson-extrapolated five-point differences at
 h = 1e-3, relative error |a - n| / max(|a| + |n|, 1e-4) < 1e-6) on sampled entries of every parameter
 tensor, half where the analytic gradient is non-zero, plus one random direction per tensor. Dropout is
-on (p = 0.1) with
-frozen masks (a fixed dropout_seed), so the dropout paths are checked too.
+on (p = 0.1) with frozen masks (a fixed dropout_seed), so the dropout paths are checked too.
 """
 from __future__ import annotations
 
