@@ -99,6 +99,32 @@ class Backend:
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
 
+    # --- memory accounting (benchmarks) ------------------------------------------------------------
+    def reset_peak_memory(self) -> None:
+        """Start a peak-device-memory measurement: on CuPy, return the memory pool's unused blocks to
+        the driver, so that the pool's size afterwards is what was held at once since (no-op on NumPy,
+        whose memory the benchmark reads from the process's peak resident set instead)."""
+        if self.name == "cupy":
+            self.synchronize()
+            self.xp.get_default_memory_pool().free_all_blocks()
+
+    def peak_memory(self) -> dict:
+        """Device memory since :meth:`reset_peak_memory`, in MiB: ``{"device_pool_mib": bytes held by
+        CuPy's pool, "device_in_use_mib": bytes in use now}``; ``{}`` on NumPy."""
+        if self.name != "cupy":
+            return {}
+        self.synchronize()
+        pool = self.xp.get_default_memory_pool()
+        return {"device_pool_mib": pool.total_bytes() / 2 ** 20, "device_in_use_mib": pool.used_bytes() / 2 ** 20}
+
+    def device_name(self) -> str:
+        """"cpu" on NumPy; the GPU's name on CuPy."""
+        if self.name != "cupy":
+            return "cpu"
+        props = self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
     # --- randomness: always host NumPy, then transferred ---------------------------------------
     @staticmethod
     def rng(seed) -> np.random.Generator:

@@ -13,6 +13,7 @@ COMMANDS = {
     "gradcheck": ("gradcheck.battery", "gradient-check every op and every model parameter (float64)"),
     "masks": ("ref_bert.masks_cli", "print the UniLM attention masks as labelled grids (--png to draw them)"),
     "generate": ("ref_bert.generate_cli", "seq2seq decoding (greedy or beam search) from a saved model"),
+    "bench": ("benchmarks.bench", "time a training step and a forward pass against PyTorch (and the sgemm peak)"),
 }
 
 

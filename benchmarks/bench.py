@@ -1,0 +1,636 @@
+"""ref-bert against Hugging Face transformers on PyTorch: training step and forward pass.
+
+    ref-bert bench                                    # albert-base, batch 8, sequence 128
+    ref-bert bench --config tiny albert-base bert-base --json results.json
+    python -m benchmarks --steps 3 --warmup 1         # the same harness without installing
+    ref-bert bench --backend cupy                     # GPU: CuPy against PyTorch CUDA
+
+One run measures, on the same machine, with the same config, weights and batch:
+
+* ref-bert: ``model.loss_and_grads(..., training=True)`` then ``Lamb.from_preset("albert").step``;
+  forward only: ``model.loss(...)`` (eval mode).
+* PyTorch eager: ``AlbertForPreTraining`` / ``BertForPreTraining`` with ``attn_implementation="eager"``
+  holding the same weights, ``loss.backward()`` then :class:`TorchAlbertLamb`, the same ALBERT LAMB
+  update (global clipping to 1.0, no bias correction, LayerNorm/bias excluded from decay and trust
+  ratio) written with ``torch._foreach_*`` ops as torch.optim's own optimisers are; forward only:
+  the model under ``torch.no_grad()`` in eval mode, loss included.
+* the machine's float32 matmul peak: the best of several NumPy sgemms of 2048^3 (CuPy 8192^3 on a GPU),
+  and PyTorch's for comparison.
+
+Each system runs in a fresh subprocess with the same thread count, so that its peak memory is its own:
+the peak resident set (Linux ``VmHWM`` from /proc/self/status, reset through /proc/self/clear_refs after
+set-up and warm-up, so it covers the timed steps; ``ru_maxrss`` where that reset is unavailable). That
+includes everything resident in the process (interpreter, libraries, weights, optimiser state); the
+resident size before the timed steps is reported beside it. tracemalloc is not used: it does not see
+BLAS or PyTorch allocations. On a GPU: CuPy's memory pool after the steps (pool emptied before them)
+against ``torch.cuda.max_memory_reserved`` (both caching allocators; allocated bytes are reported too).
+
+Times are medians over the timed steps after warm-up; on a GPU every step ends with a synchronisation.
+GFLOP/s use the exact matmul count of :mod:`benchmarks.flops` (each system's own: Hugging Face's
+pretraining model computes MLM logits at every position, ref-bert only at labelled ones).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+SYSTEMS = ("ref-bert", "torch")
+DEFAULT_CONFIGS = ("albert-base",)
+
+
+# --- small utilities ----------------------------------------------------------------------------------
+def loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> dict:
+    """Peak resident set in MiB: VmHWM (resettable) and ru_maxrss (lifetime), and the current VmRSS."""
+    import resource
+
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"vmhwm_mib": None if hwm is None else hwm / 1024, "vmrss_mib": None if rss is None else rss / 1024,
+            "ru_maxrss_mib": maxrss / 1024}
+
+
+def timed(fn, warmup: int, steps: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for key in ("Model name", "Core(s) per socket", "Socket(s)", "Thread(s) per core", "L3 cache"):
+            m = re.search(rf"^{re.escape(key)}:\s*(.+)$", out, re.M)
+            if m:
+                info[key.lower().replace("(s)", "s").replace(" ", "_")] = m.group(1).strip()
+    except OSError:
+        pass
+    import numpy as np
+
+    info["numpy"] = np.__version__
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info["numpy_blas"] = f"{blas.get('name')} {blas.get('version')} ({blas.get('openblas configuration', '')})"
+    except Exception:  # older NumPy: no dict mode
+        info["numpy_blas"] = "unknown"
+    return info
+
+
+# --- the batch, the weights, the Hugging Face model ---------------------------------------------------
+def bench_config(name: str):
+    """The preset, with the one behaviour Hugging Face fixes made to match it: HF's AlbertLayer never
+    applies its FFN-output dropout (BERT's does), so ``ffn_output_dropout`` follows the family."""
+    from ref_bert import Config
+
+    config = Config.preset(name)
+    return config.replace(ffn_output_dropout=config.model_type == "bert")
+
+
+def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) -> dict:
+    """A host batch: random ids (never the pad id), two segments, ``round(masked_fraction * seq)``
+    labelled positions per sequence (never position 0), random SOP/NSP labels. int64 everywhere."""
+    import numpy as np
+
+    if seq > config.max_position_embeddings:
+        raise ValueError(f"--seq {seq} exceeds max_position_embeddings={config.max_position_embeddings} "
+                         f"of {config.name}")
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(5, config.vocab_size, (batch, seq), dtype=np.int64)
+    token_type_ids = np.zeros((batch, seq), dtype=np.int64)
+    if config.type_vocab_size > 1:
+        token_type_ids[:, seq // 2:] = 1
+    masked = min(seq - 1, max(1, round(masked_fraction * seq))) if seq > 1 else 1
+    mlm_labels = np.full((batch, seq), -100, dtype=np.int64)
+    for b in range(batch):
+        where = rng.choice(np.arange(1 if seq > 1 else 0, seq), size=masked, replace=False)
+        mlm_labels[b, where] = rng.integers(5, config.vocab_size, masked)
+    return dict(input_ids=input_ids, token_type_ids=token_type_ids,
+                attention_mask=np.ones((batch, seq), dtype=np.int64), mlm_labels=mlm_labels,
+                sop_labels=rng.integers(0, 2, batch, dtype=np.int64))
+
+
+def hf_tensors(config, params: dict) -> dict:
+    """ref-bert parameters (host NumPy, our names) -> Hugging Face *ForPreTraining names and layouts."""
+    import numpy as np
+
+    out = {}
+
+    def linear(ours, hf):
+        out[f"{hf}.weight"] = np.ascontiguousarray(params[f"{ours}.weight"].T)
+        out[f"{hf}.bias"] = params[f"{ours}.bias"]
+
+    def norm(ours, hf):
+        out[f"{hf}.weight"] = params[f"{ours}.weight"]
+        out[f"{hf}.bias"] = params[f"{ours}.bias"]
+
+    base = "albert." if config.model_type == "albert" else "bert."
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        out[f"{base}embeddings.{table}.weight"] = params[f"embeddings.{table}"]
+    norm("embeddings.layer_norm", f"{base}embeddings.LayerNorm")
+    if config.model_type == "albert":
+        if config.sharing != "all" or not config.has_projection:
+            raise ValueError(f"the torch comparison needs an ALBERT config with sharing='all' and E != H, got "
+                             f"sharing={config.sharing!r}, E={config.embedding_size}, H={config.hidden_size}")
+        linear("embeddings.projection", f"{base}encoder.embedding_hidden_mapping_in")
+        K = config.inner_group_num
+        for a in range(config.num_attention_sets):
+            g, m = divmod(a, K)
+            hf = f"{base}encoder.albert_layer_groups.{g}.albert_layers.{m}"
+            for part in ("query", "key", "value"):
+                linear(f"encoder.attention.{a}.{part}", f"{hf}.attention.{part}")
+            linear(f"encoder.attention.{a}.output", f"{hf}.attention.dense")
+            norm(f"encoder.attention.{a}.layer_norm", f"{hf}.attention.LayerNorm")
+            linear(f"encoder.ffn.{a}.intermediate", f"{hf}.ffn")
+            linear(f"encoder.ffn.{a}.output", f"{hf}.ffn_output")
+            norm(f"encoder.ffn.{a}.layer_norm", f"{hf}.full_layer_layer_norm")
+        linear("pooler", f"{base}pooler")
+        linear("mlm.dense", "predictions.dense")
+        norm("mlm.layer_norm", "predictions.LayerNorm")
+        out["predictions.bias"] = params["mlm.bias"]
+        linear("sop", "sop_classifier.classifier")
+    else:
+        if config.sharing != "none" or config.has_projection or config.inner_group_num != 1:
+            raise ValueError("the torch comparison needs a BERT config with sharing='none', E == H and one block "
+                             f"per layer, got sharing={config.sharing!r}, E={config.embedding_size}, "
+                             f"H={config.hidden_size}, inner_group_num={config.inner_group_num}")
+        for layer in range(config.num_hidden_layers):
+            hf = f"{base}encoder.layer.{layer}"
+            for part in ("query", "key", "value"):
+                linear(f"encoder.attention.{layer}.{part}", f"{hf}.attention.self.{part}")
+            linear(f"encoder.attention.{layer}.output", f"{hf}.attention.output.dense")
+            norm(f"encoder.attention.{layer}.layer_norm", f"{hf}.attention.output.LayerNorm")
+            linear(f"encoder.ffn.{layer}.intermediate", f"{hf}.intermediate.dense")
+            linear(f"encoder.ffn.{layer}.output", f"{hf}.output.dense")
+            norm(f"encoder.ffn.{layer}.layer_norm", f"{hf}.output.LayerNorm")
+        linear("pooler", f"{base}pooler.dense")
+        linear("mlm.dense", "cls.predictions.transform.dense")
+        norm("mlm.layer_norm", "cls.predictions.transform.LayerNorm")
+        out["cls.predictions.bias"] = params["mlm.bias"]
+        linear("sop", "cls.seq_relationship")
+    return out
+
+
+def hf_model(config, params: dict, device: str):
+    """A transformers *ForPreTraining model (eager attention, float32) holding ``params``."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                  num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+                  intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+                  hidden_dropout_prob=config.hidden_dropout_prob,
+                  attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+                  max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+                  initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
+                  pad_token_id=config.pad_token_id, attn_implementation="eager")
+    if config.model_type == "albert":
+        hf_config = transformers.AlbertConfig(**common, embedding_size=config.embedding_size,
+                                              num_hidden_groups=config.num_hidden_groups,
+                                              inner_group_num=config.inner_group_num,
+                                              classifier_dropout_prob=config.classifier_dropout_prob)
+        model = transformers.AlbertForPreTraining(hf_config)
+    else:
+        model = transformers.BertForPreTraining(transformers.BertConfig(**common))
+    state = {k: torch.from_numpy(v.copy()) for k, v in hf_tensors(config, params).items()}
+    result = model.load_state_dict(state, strict=False)
+    untied = [k for k in result.missing_keys if ".decoder." not in k]
+    if untied or result.unexpected_keys:
+        raise RuntimeError(f"weights do not map onto {type(model).__name__}: missing {untied}, "
+                           f"unexpected {result.unexpected_keys}")
+    model.tie_weights()
+    model = model.to(device=device, dtype=torch.float32)
+    emb = model.get_input_embeddings().weight
+    if model.get_output_embeddings().weight.data_ptr() != emb.data_ptr():
+        raise RuntimeError("the MLM decoder is not tied to the word embeddings in the torch model")
+    return model
+
+
+class TorchAlbertLamb:
+    """``Lamb.from_preset("albert")`` in PyTorch, with ``torch._foreach_*`` ops (one step):
+
+        g <- g * c / max(||G||, c), c = 1;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        u = m / (sqrt(v) + eps) + wd w      (wd = 0 for names matching LayerNorm/layer_norm/bias)
+        w <- w - lr * r * u,  r = ||w|| / ||u|| when both > 0 else 1 (r = 1 for excluded names)
+    """
+
+    def __init__(self, named_parameters, lr=0.00176, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 exclude=("LayerNorm", "layer_norm", "bias"), max_grad_norm=1.0):
+        import torch
+
+        self.torch = torch
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.adapted = [not any(re.search(e, n) for e in exclude) for n in self.names]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def step(self):
+        torch = self.torch
+        b1, b2 = self.betas
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            clip = self.max_grad_norm / torch.clamp(norm, min=self.max_grad_norm)
+            grads = torch._foreach_mul(grads, clip)
+            torch._foreach_mul_(self.m, b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
+            torch._foreach_mul_(self.v, b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(self.v)
+            torch._foreach_add_(denom, self.eps)
+            updates = torch._foreach_div(self.m, denom)
+            idx = [i for i, a in enumerate(self.adapted) if a]
+            w_ad, u_ad = [self.params[i] for i in idx], [updates[i] for i in idx]
+            torch._foreach_add_(u_ad, w_ad, alpha=self.weight_decay)
+            w_norms = torch.stack(torch._foreach_norm(w_ad))
+            u_norms = torch.stack(torch._foreach_norm(u_ad))
+            ratios = torch.where((w_norms > 0) & (u_norms > 0), w_norms / torch.where(u_norms > 0, u_norms, 1.0),
+                                 1.0)
+            for u, r in zip(u_ad, ratios.unbind()):
+                u.mul_(r)
+            torch._foreach_add_(self.params, updates, alpha=-self.lr)
+
+
+# --- workers (each in its own subprocess) ------------------------------------------------------------
+def _worker_peak(spec: dict) -> dict:
+    """Best-of-``repeats`` float32 matmul of ``n``^3: NumPy (or CuPy) and PyTorch (when importable)."""
+    import numpy as np
+
+    import backends
+
+    n, repeats = spec["n"], spec["repeats"]
+    bk = backends.get(spec["backend"])
+    rng = np.random.default_rng(0)
+    a = bk.from_host(rng.standard_normal((n, n)), dtype=np.float32)
+    b = bk.from_host(rng.standard_normal((n, n)), dtype=np.float32)
+    out = {}
+    times = timed(lambda: a @ b, 2, repeats, bk.synchronize)
+    out["sgemm_gflops"] = 2 * n ** 3 / min(times) / 1e9
+    out["sgemm_n"] = n
+    if spec.get("torch", True):
+        try:
+            import torch
+        except ImportError:
+            return out
+        torch.set_num_threads(spec["threads"])
+        device = "cuda" if spec["backend"] == "cupy" else "cpu"
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        ta, tb = (torch.from_numpy(bk.to_host(x)).to(device) for x in (a, b))
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        times = timed(lambda: ta @ tb, 2, repeats, sync)
+        out["torch_mm_gflops"] = 2 * n ** 3 / min(times) / 1e9
+    return out
+
+
+def _measure(step, forward, warmup, steps, sync, memory) -> dict:
+    """Time ``step`` then ``forward``; the peak-memory counters are reset before each timed phase."""
+    result = {}
+    for phase, fn in (("train", step), ("forward", forward)):
+        for _ in range(warmup):
+            fn()
+        sync()
+        result[f"{phase}_rss_before_mib"] = peak_rss()["vmrss_mib"]
+        reset_ok = reset_peak_rss()
+        memory["reset"]()
+        times = timed(fn, 0, steps, sync)
+        mem = peak_rss()
+        result[f"{phase}_times_s"] = times
+        result[f"{phase}_median_s"] = statistics.median(times)
+        result[f"{phase}_peak_rss_mib"] = mem["vmhwm_mib"] if reset_ok else mem["ru_maxrss_mib"]
+        result[f"{phase}_peak_rss_source"] = "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)"
+        result.update({f"{phase}_{k}": v for k, v in memory["read"]().items()})
+    return result
+
+
+def _worker_ref_bert(spec: dict) -> dict:
+    import numpy as np
+
+    import backends
+    from ref_bert import Model
+    from ref_bert.optim import Lamb
+
+    bk = backends.get(spec["backend"])
+    config = bench_config(spec["config"])
+    model = Model(config, backend=bk, dtype="float32", seed=spec["seed"])
+    host = make_batch(config, spec["batch"], spec["seq"], spec["masked_fraction"], spec["seed"])
+    batch = {k: bk.from_host(v) for k, v in host.items()}
+    eval_loss = float(model.loss(**batch))
+    opt = Lamb.from_preset("albert", model.named_parameters())
+
+    def step():
+        _, grads = model.loss_and_grads(**batch, training=True)
+        opt.step(grads)
+
+    def forward():
+        model.loss(**batch)
+
+    memory = {"reset": bk.reset_peak_memory, "read": lambda: bk.peak_memory()}
+    if spec.get("profile"):
+        import cProfile
+        import pstats
+
+        step()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(spec["profile"]):
+            step()
+        bk.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    result = _measure(step, forward, spec["warmup"], spec["steps"], bk.synchronize, memory)
+    result.update(eval_loss=eval_loss, mlm_rows=int(np.sum(host["mlm_labels"] != -100)),
+                  optimizer="ref_bert.optim.Lamb.from_preset('albert')")
+    return result
+
+
+def _worker_torch(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from ref_bert import Model
+
+    torch.set_num_threads(spec["threads"])
+    device = "cuda" if spec["backend"] == "cupy" else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--backend cupy compares against PyTorch CUDA, but torch.cuda.is_available() is "
+                               f"False (torch {torch.__version__}); install a CUDA build of torch")
+        torch.backends.cuda.matmul.allow_tf32 = False  # full float32, as CuPy's default matmul
+        torch.backends.cudnn.allow_tf32 = False
+    config = bench_config(spec["config"])
+    params = {k: np.asarray(v) for k, v in Model(config, backend="numpy", dtype="float32",
+                                                 seed=spec["seed"]).named_parameters().items()}
+    model = hf_model(config, params, device)
+    del params
+    host = make_batch(config, spec["batch"], spec["seq"], spec["masked_fraction"], spec["seed"])
+    t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+    order_key = "sentence_order_label" if config.model_type == "albert" else "next_sentence_label"
+    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
+                  labels=t["mlm_labels"], **{order_key: t["sop_labels"]})
+    model.eval()
+    with torch.no_grad():
+        eval_loss = float(model(**kwargs).loss)
+    opt = TorchAlbertLamb(model.named_parameters())
+
+    def step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(**kwargs).loss.backward()
+        opt.step()
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(**kwargs).loss
+
+    if device == "cuda":
+        sync = torch.cuda.synchronize
+
+        def reset():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+        def read():
+            return {"device_peak_reserved_mib": torch.cuda.max_memory_reserved() / 2 ** 20,
+                    "device_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+    else:
+        def sync():
+            return None
+
+        def reset():
+            return None
+
+        def read():
+            return {}
+    result = _measure(step, forward, spec["warmup"], spec["steps"], sync, {"reset": reset, "read": read})
+    result.update(eval_loss=eval_loss, torch=torch.__version__, device=device,
+                  optimizer="TorchAlbertLamb (torch._foreach ops; ALBERT LAMB as Lamb.from_preset('albert'))")
+    return result
+
+
+WORKERS = {"peak": _worker_peak, "ref-bert": _worker_ref_bert, "torch": _worker_torch}
+
+
+def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result (plus load averages)."""
+    env = dict(os.environ)
+    if threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    before = loadavg()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--worker", kind, json.dumps(spec)],
+                          env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {kind} measurement failed (exit status {proc.returncode}); see its error above")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["loadavg_before"], result["loadavg_after"] = before, loadavg()
+    return result
+
+
+def worker_main(kind: str, spec_json: str) -> int:
+    result = WORKERS[kind](json.loads(spec_json))
+    print(json.dumps(result))
+    return 0
+
+
+# --- the command -----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ref_bert.config import PRESETS
+
+    parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(PRESETS),
+                        help="preset(s) to measure (default albert-base); tiny, albert-base and bert-base are the "
+                             "documented points")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--masked-fraction", type=float, default=0.15,
+                        help="labelled MLM positions per sequence, as a fraction of --seq (default 0.15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                        help="what to measure (default both)")
+    parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
+                        help="numpy (CPU, against PyTorch CPU) or cupy (GPU, against PyTorch CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for BLAS and PyTorch (default: all cores, os.cpu_count())")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="matrix size n of the n^3 sgemm peak (default 2048 on CPU, 8192 on GPU)")
+    parser.add_argument("--peak-repeats", type=int, default=5, help="sgemm repetitions; the best counts")
+    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
+                        help="also time cached decoding per token at these target lengths (benchmarks/decode_cache.py)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="print a cProfile of this many ref-bert training steps (to stderr) before timing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
+    parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+
+
+def _check_args(args) -> None:
+    for name in ("batch", "seq", "steps", "peak_repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0.0 < args.masked_fraction <= 1.0:
+        raise ValueError(f"--masked-fraction must be in (0, 1], got {args.masked_fraction}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def report_table(results: list[dict], peak: dict) -> str:
+    """The markdown table printed at the end (one row per config and system, then the ratios)."""
+    lines = ["| config | system | train step (s) | GFLOP/step | GFLOP/s | % of sgemm peak | peak RSS train (MiB) "
+             "| forward (s) | peak RSS fwd (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['config']} | {r['system']} | {_fmt(r['train_median_s'])} | {r['train_gflop']:.1f} | "
+                     f"{r['train_gflops']:.1f} | {_fmt(r.get('train_pct_peak'), '.0f')} | "
+                     f"{_fmt(r['train_peak_rss_mib'], '.0f')} | {_fmt(r['forward_median_s'])} | "
+                     f"{_fmt(r['forward_peak_rss_mib'], '.0f')} |")
+    lines.append("")
+    lines.append(f"sgemm peak: {peak.get('sgemm_gflops', 0):.1f} GFLOP/s (n={peak.get('sgemm_n')})"
+                 + (f"; torch mm {peak['torch_mm_gflops']:.1f} GFLOP/s" if "torch_mm_gflops" in peak else ""))
+    by_config: dict[str, dict] = {}
+    for r in results:
+        by_config.setdefault(r["config"], {})[r["system"]] = r
+    for name, pair in by_config.items():
+        if "ref-bert" in pair and "torch" in pair:
+            ours, theirs = pair["ref-bert"], pair["torch"]
+            lines.append(f"{name}: ref-bert / torch time ratio: train {ours['train_median_s'] / theirs['train_median_s']:.2f}, "
+                         f"forward {ours['forward_median_s'] / theirs['forward_median_s']:.2f}; peak RSS train "
+                         f"{ours['train_peak_rss_mib']:.0f} vs {theirs['train_peak_rss_mib']:.0f} MiB; eval loss "
+                         f"{ours['eval_loss']:.6f} vs {theirs['eval_loss']:.6f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if args.worker is not None:
+        return worker_main(*args.worker)
+    try:
+        _check_args(args)
+    except ValueError as e:
+        print(f"ref-bert bench: error: {e}", file=sys.stderr)
+        return 2
+    import backends
+
+    if args.backend == "cupy":
+        try:
+            backends.get("cupy")
+        except backends.BackendUnavailable as e:
+            print(f"ref-bert bench: error: --backend cupy cannot run here: {e}", file=sys.stderr)
+            return 2
+    from .flops import step_flops
+
+    threads = args.threads or os.cpu_count() or 1
+    peak_n = args.peak_size or (8192 if args.backend == "cupy" else 2048)
+    record = {"argv": list(sys.argv),
+              "machine": machine_info(), "backend": args.backend, "threads": threads, "loadavg_start": loadavg(),
+              "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "results": []}
+    print(f"# ref-bert bench: backend {args.backend}, {threads} threads, batch {args.batch}, seq {args.seq}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps; load average {record['loadavg_start']}", flush=True)
+    peak = _run_worker("peak", {"n": peak_n, "repeats": args.peak_repeats, "backend": args.backend,
+                                "threads": threads, "torch": "torch" in args.systems}, threads)
+    record["peak"] = peak
+    print(f"sgemm peak {peak['sgemm_gflops']:.1f} GFLOP/s", flush=True)
+    for name in args.config:
+        config = bench_config(name)
+        for system in args.systems:
+            spec = dict(config=name, batch=args.batch, seq=args.seq, masked_fraction=args.masked_fraction,
+                        warmup=args.warmup, steps=args.steps, backend=args.backend, threads=threads, seed=args.seed,
+                        profile=args.profile if system == "ref-bert" else 0)
+            result = _run_worker(system, spec, threads)
+            labelled = int((make_batch(config, args.batch, args.seq, args.masked_fraction, args.seed)["mlm_labels"]
+                            != -100).sum())
+            mlm_rows = labelled if system == "ref-bert" else args.batch * args.seq
+            train = step_flops(config, args.batch, args.seq, mlm_rows)
+            # forward only: ref-bert's loss gathers the labelled rows as well; HF's forward computes all rows.
+            result.update(config=name, system=system, mlm_rows=mlm_rows, flops=train,
+                          train_gflop=train["train_step"] / 1e9, forward_gflop=train["forward"] / 1e9)
+            result["train_gflops"] = result["train_gflop"] / result["train_median_s"]
+            result["forward_gflops"] = result["forward_gflop"] / result["forward_median_s"]
+            result["train_pct_peak"] = 100 * result["train_gflops"] / peak["sgemm_gflops"]
+            result["forward_pct_peak"] = 100 * result["forward_gflops"] / peak["sgemm_gflops"]
+            record["results"].append(result)
+            print(f"{name} {system}: train {result['train_median_s']:.3f} s ({result['train_gflops']:.1f} GFLOP/s, "
+                  f"{result['train_pct_peak']:.0f}% of peak), forward {result['forward_median_s']:.3f} s, "
+                  f"peak RSS {result['train_peak_rss_mib']:.0f} MiB; load {result['loadavg_after']}", flush=True)
+    if args.decode is not None:
+        from .decode_cache import measure
+
+        lengths = args.decode or [16, 64, 256]
+        record["decode"] = measure(lengths, backend=args.backend)
+    record["loadavg_end"] = loadavg()
+    print()
+    print(report_table(record["results"], peak))
+    if "decode" in record:
+        print("\ncached decoding, ms per token: " + ", ".join(
+            f"length {row['length']}: {row['ms_per_token_cache']:.2f} (no cache {row['ms_per_token_no_cache']:.2f})"
+            for row in record["decode"]))
+    print(f"\nload average at start {record['loadavg_start']}, at end {record['loadavg_end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
