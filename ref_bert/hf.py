@@ -35,9 +35,9 @@ The name map (:func:`hf_name_map`) pairs every ref-bert parameter with its Huggi
       sop.*                                             cls.seq_relationship.*                         (T)
 
 The MLM decoder is tied: ``predictions.decoder.weight`` is the word embedding table and
-``predictions.decoder.bias`` is ``predictions.bias``; like ``save_pretrained`` we do not write them, and
-when a checkpoint has them they are checked against (and otherwise ignored in favour of) the tensors
-they are tied to.
+``predictions.decoder.bias`` is ``predictions.bias``; like ``save_pretrained`` we do not write them.
+When a checkpoint has them they must equal the tensors they are tied to (transformers unties copies
+that differ, which ref-bert cannot represent).
 
 Behaviour differences that are *not* in the tensors, and how they map onto :class:`Config`:
 * HF's AlbertLayer never applies its ffn_output dropout -> ``ffn_output_dropout=False``; BERT's
@@ -479,6 +479,9 @@ def load_hf(path, backend="numpy", dtype="float32", seed: int = 0):
     config = config_from_hf(hf_config, family, name=str(hf_config.get("_name_or_path") or directory.name))
     model = Model(config, backend=backend, dtype=dtype, seed=seed)
     base = BASE_PREFIX[family]
+    decoder_bias = DECODER_NAMES[family][1]
+    if _mlm_bias_name(family) not in tensors and decoder_bias in tensors:  # some checkpoints keep only this copy
+        tensors[_mlm_bias_name(family)] = tensors.pop(decoder_bias)
 
     def file_name(hf_name: str) -> str:
         return hf_name if prefixed or not hf_name.startswith(base) else hf_name[len(base):]
@@ -532,20 +535,17 @@ def _check_identity_projection(tensors: dict, names, directory) -> set:
 
 
 def _check_tied_decoder(tensors: dict, word_name: str, bias_name: str, decoder_names, directory) -> set:
-    """HF ties decoder.weight to the word embeddings and decoder.bias to predictions.bias; a checkpoint
-    may still contain both copies. Tying makes the embedding/bias values win, as in transformers."""
-    weight_name, dbias_name = decoder_names
+    """A checkpoint may contain the tied copies decoder.weight (= word embeddings) and decoder.bias
+    (= predictions.bias). Equal copies are redundant. Different ones make transformers (5.x) *untie*
+    them, which ref-bert, whose decoder is the embedding table, cannot represent: ValueError."""
     used = set()
-    if weight_name in tensors:
-        if word_name in tensors and not np.array_equal(tensors[weight_name], tensors[word_name]):
-            warnings.warn(f"{directory}: {weight_name} differs from {word_name}; the decoder is tied to the "
-                          f"word embeddings (as in transformers), so the embeddings are used", stacklevel=4)
-        used.add(weight_name)
-    if dbias_name in tensors:
-        if bias_name in tensors and not np.array_equal(tensors[dbias_name], tensors[bias_name]):
-            warnings.warn(f"{directory}: {dbias_name} differs from {bias_name}; they are tied, {bias_name} is used",
-                          stacklevel=4)
-        used.add(dbias_name)
+    for copy_name, source_name in zip(decoder_names, (word_name, bias_name)):
+        if copy_name not in tensors:
+            continue
+        if source_name in tensors and not np.array_equal(tensors[copy_name], tensors[source_name]):
+            raise ValueError(f"{directory}: {copy_name} differs from {source_name}, i.e. the MLM decoder is not "
+                             f"tied; ref-bert always ties it (expected identical tensors)")
+        used.add(copy_name)
     return used
 
 

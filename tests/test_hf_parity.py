@@ -337,6 +337,14 @@ def test_from_hf_accepts_old_names_bf16_and_pytorch_bin_without_unpickling_code(
 
 def test_untied_or_missing_pieces_are_reported(tmp_path):
     hf_model(BERT, dtype="float32").save_pretrained(tmp_path)
+    decoder = "cls.predictions.decoder.weight"
+    word = "bert.embeddings.word_embeddings.weight"
+    _rewrite_tensors(tmp_path, lambda t: {**t, decoder: t[word].copy()})
+    Model.from_hf(tmp_path)  # a tied copy that agrees is fine
+    _rewrite_tensors(tmp_path, lambda t: {**t, decoder: t[word] + 1})
+    with pytest.raises(ValueError, match="decoder.weight differs .* not tied"):
+        Model.from_hf(tmp_path)
+    _rewrite_tensors(tmp_path, lambda t: {k: v for k, v in t.items() if k != decoder})
     _rewrite_config(tmp_path, tie_word_embeddings=False)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         Model.from_hf(tmp_path)
