@@ -11,6 +11,7 @@ import pytest
 from ref_bert import Config, Model
 from ref_bert import golden, verify
 from ref_bert.cli import COMMANDS
+from ref_bert.optim import Lamb
 
 CONFIG = Config(vocab_size=50, embedding_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=24, max_position_embeddings=16, hidden_act="gelu_new", model_type="albert",
@@ -65,7 +66,8 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
     tensors, meta = golden.read_golden(path)
     assert meta["format"] == "ref-bert-golden" and meta["format_version"] == "1"
     assert Config.from_dict(meta["config"]) == CONFIG.replace(name=meta["config"]["name"])
-    assert (meta["dtype"], meta["steps"], meta["optimizer"]["name"]) == ("float64", "2", "sgd")
+    assert (meta["dtype"], meta["steps"], meta["optimizer"]["optimizer"]) == ("float64", "2", "Lamb")
+    assert meta["optimizer"]["preset"] == "albert" and meta["optimizer"]["max_grad_norm"] == 1.0
 
     names = list(tensors)
     sections = [n.split("/")[0] for n in names]
@@ -90,14 +92,15 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
     for name in model.params.shapes:
         assert np.array_equal(tensors[f"grads/{name}"], grads[name])
         assert np.array_equal(tensors[f"params/{name}"], model.params[name])  # restored after the steps
-    # K = 2 steps of the placeholder SGD (lr 0.1): the first step is w - 0.1 g exactly
-    one_step = clone(model, CONFIG)
-    for name, view in one_step.params.items():
-        view -= 0.1 * grads[name]
-    _, grads2 = one_step.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
-                                        x["sop_labels"], x["position_ids"])
-    for name, view in one_step.params.items():
-        assert np.array_equal(tensors[f"after_steps/{name}"], view - 0.1 * grads2[name])
+    # K = 2 steps of ALBERT's LAMB on the same batch, replayed independently
+    replay = clone(model, CONFIG)
+    opt = Lamb.from_preset("albert", replay.named_parameters())
+    for _ in range(2):
+        opt.step(replay.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
+                                       x["sop_labels"], x["position_ids"])[1])
+    for name, view in replay.params.items():
+        assert np.array_equal(tensors[f"after_steps/{name}"], view)
+        assert not np.array_equal(view, model.params[name]) or "key.bias" in name  # every tensor moved
 
     # inputs: padded rows, pad id only at padded positions, labels only at real positions
     mask = x["attention_mask"].astype(bool)
