@@ -462,6 +462,13 @@ def detect_architecture(hf_config: dict, tensors: dict) -> tuple[str, str, bool]
                      f"'embeddings.word_embeddings.weight')")
 
 
+def architecture_of(directory) -> tuple[str, str]:
+    """(architecture, family) of a Hugging Face model directory, as :func:`load_hf` detects them."""
+    directory = Path(directory)
+    arch, family, _ = detect_architecture(_read_hf_config(directory), _normalise_names(read_hf_tensors(directory)))
+    return arch, family
+
+
 # --- loading -----------------------------------------------------------------------------------
 def load_hf(path, backend="numpy", dtype="float32", seed: int = 0):
     """Build a :class:`ref_bert.Model` from a Hugging Face ALBERT/BERT directory.
@@ -570,4 +577,4 @@ def save_hf(model, path) -> Path:
 
 
 __all__ = ["ARCHITECTURES", "hf_name_map", "hf_state_dict", "config_from_hf", "config_to_hf", "read_hf_tensors",
-           "detect_architecture", "load_hf", "save_hf"]
+           "detect_architecture", "architecture_of", "load_hf", "save_hf"]

@@ -297,13 +297,13 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
         raise ValueError(f"ref-bert verify --hf needs torch and transformers ({e}); "
                          f"install them with pip install 'ref-bert[test]'") from None
     from .golden import make_inputs
-    from .hf import ARCHITECTURES, _normalise_names, _read_hf_config, detect_architecture, read_hf_tensors
+    from .hf import ARCHITECTURES, architecture_of
     from .model import Model
 
     directory = Path(directory)
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
-    arch, family, _ = detect_architecture(_read_hf_config(directory), _normalise_names(read_hf_tensors(directory)))
-    _, has_pooler, has_mlm, has_sop = ARCHITECTURES[arch]
+    arch, family = architecture_of(directory)
+    _, _, has_mlm, has_sop = ARCHITECTURES[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
         ours = Model.from_hf(directory, dtype=dtype, seed=seed)
@@ -344,8 +344,12 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
             candidate[f"params/{name}"] = value
 
     order = []
-    ours.forward(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["position_ids"],
-                 trace=lambda name, a: (order.append(name), candidate.__setitem__(f"forward/{name}", np.array(a))))
+
+    def trace(name, array):
+        order.append(name)
+        candidate[f"forward/{name}"] = np.array(array)
+
+    ours.forward(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["position_ids"], trace=trace)
     skipped = [n for n in order if n not in captured]
     for name in order:
         if name in captured:
