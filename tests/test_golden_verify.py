@@ -10,7 +10,7 @@ import pytest
 
 from ref_bert import Config, Model
 from ref_bert import golden, verify
-from ref_bert.cli import COMMANDS
+from ref_bert.cli import COMMANDS, main
 from ref_bert.optim import Lamb
 
 CONFIG = Config(vocab_size=50, embedding_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -110,7 +110,7 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
 
 def test_golden_cli_and_determinism(tmp_path, capsys):
     args = ["--config", "tiny", "--batch", 2, "--seq-len", 8, "--steps", 1, "--dtype", "float32"]
-    assert cli(golden, args + ["--out", tmp_path / "a.safetensors"]) == 0
+    assert main(["golden"] + [str(a) for a in args] + ["--out", str(tmp_path / "a.safetensors")]) == 0  # ref-bert golden
     assert cli(golden, args + ["--out", tmp_path / "b.safetensors"]) == 0
     assert "wrote" in capsys.readouterr().out
     a, meta = golden.read_golden(tmp_path / "a.safetensors")
@@ -118,7 +118,7 @@ def test_golden_cli_and_determinism(tmp_path, capsys):
     assert meta["source"] == "preset:tiny" and meta["dtype"] == "float32"
     assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert a["forward/mlm_logits"].dtype == np.float32
-    assert cli(verify, ["--golden", tmp_path / "a.safetensors", "--candidate", tmp_path / "b.safetensors"]) == 0
+    assert main(["verify", "--golden", str(tmp_path / "a.safetensors"), "--candidate", str(tmp_path / "b.safetensors")]) == 0
     assert "verify: OK" in capsys.readouterr().out
 
 
