@@ -13,6 +13,8 @@ COMMANDS = {
     "gradcheck": ("gradcheck.battery", "gradient-check every op and every model parameter (float64)"),
     "masks": ("ref_bert.masks_cli", "print the UniLM attention masks as labelled grids (--png to draw them)"),
     "generate": ("ref_bert.generate_cli", "seq2seq decoding (greedy or beam search) from a saved model"),
+    "golden": ("ref_bert.golden", "write a golden file: inputs, parameters, every activation, losses, gradients, K steps"),
+    "verify": ("ref_bert.verify", "divergence report: ref-bert vs transformers (--hf), or a candidate vs a golden file"),
     "bench": ("benchmarks.bench", "time a training step and a forward pass against PyTorch (and the sgemm peak)"),
 }
 

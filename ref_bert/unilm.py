@@ -41,6 +41,7 @@ from .masks import MASK_KINDS, batch_masks
 from .ops import IGNORE_INDEX
 
 # Special token ids are fixed for the whole project and defined once, by the tokenizer.
+from .data.pretraining import truncate_seq_pair  # noqa: E402
 from .data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID  # noqa: E402
 
 NUM_SPECIAL = 5  # ids below this are special; random replacements are drawn from [NUM_SPECIAL, vocab)
@@ -126,14 +127,10 @@ def objective_kinds(batch_size: int, rng: np.random.Generator, shares: dict = OB
 
 
 def truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> tuple[list, list]:
-    """ALBERT's truncate_seq_pair: trim the longer sentence, from a random end, until both fit."""
+    """ALBERT's truncate_seq_pair (ref_bert.data.pretraining) on copies: trim the longer sentence, from a
+    random end, until both fit."""
     a, b = list(a), list(b)
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
+    truncate_seq_pair(a, b, max_tokens, rng)
     return a, b
 
 

@@ -119,7 +119,8 @@ def test_trace_reports_activations_in_forward_order():
     inputs, _, _ = batch()
     names = []
     model.forward(**inputs, trace=lambda name, x: names.append(name))
-    assert names[0] == "embeddings.output" and names[-1] == "mlm_logits"
+    assert names[0] == "embeddings.sum" and names[-1] == "mlm_logits"
+    assert names.index("embeddings.layer_norm") < names.index("embeddings.output")
     assert names.index("encoder.layer.2.block.0.ffn_output") < names.index("pooled_output")
 
 
