@@ -17,12 +17,22 @@ Backward (dcontext: (B, T, H), split into heads the same way):
     The mask is a constant, so it receives no gradient; scale s = 1/sqrt(d):
     dq = s * dscores k,          dk = s * dscores^T q
     then the three linear backwards, whose dx contributions add up (x feeds q, k and v).
+
+How it is computed: q, k and v come from one (H, 3H) matmul, x [Wq | Wk | Wv] + [bq | bk | bv],
+instead of three (H, H) ones (OpenBLAS runs the wide product about 12% faster; the parameters stay
+three tensors, for LAMB's per-tensor trust ratio and for checkpoint names, so the fused weight is a
+copy made per call, H * 3H floats, about 1% of the matmul's time). The heads are strided views of that
+(B, T, 3H) result, which the batched matmuls read directly (no copies). Backward writes dq, dk and dv
+into one (B, T, 3H) buffer, so the projection's backward is again one matmul for dx and one for
+d[Wq | Wk | Wv]. Scores are scaled and masked in place, and the softmax reuses their buffer.
 """
 from __future__ import annotations
 
 import math
 
 from einops import rearrange
+
+import backends
 
 from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
@@ -39,46 +49,63 @@ def merge_heads(t):
     return rearrange(t, "b h t d -> b t (h d)")
 
 
+def fused_qkv(p):
+    """[Wq | Wk | Wv] (H, 3H) and [bq | bk | bv] (3H,): copies, so q, k, v come from one matmul."""
+    xp = backends.of(p["query.weight"]).xp
+    weight = xp.concatenate([p["query.weight"], p["key.weight"], p["value.weight"]], axis=1)
+    bias = xp.concatenate([p["query.bias"], p["key.bias"], p["value.bias"]])
+    return weight, bias
+
+
 def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_mask=None, trace=None):
     """``p`` maps "query.weight", "query.bias", "key.*", "value.*" to arrays.
 
     Returns ``(context (B, T, H), cache)``. ``trace(name, array)``, when given, sees query, key, value
     (B, T, H), probs (B, h, T, T, before dropout) and context (B, T, H).
     """
-    q, q_cache = linear_forward(x, p["query.weight"], p["query.bias"])
-    k, k_cache = linear_forward(x, p["key.weight"], p["key.bias"])
-    v, v_cache = linear_forward(x, p["value.weight"], p["value.bias"])
+    H = x.shape[-1]
+    qkv, qkv_cache = linear_forward(x, *fused_qkv(p))                 # (B, T, 3H) = [q | k | v]
     if trace is not None:
-        trace("query", q)
-        trace("key", k)
-        trace("value", v)
-    qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
+        trace("query", qkv[..., :H])
+        trace("key", qkv[..., H:2 * H])
+        trace("value", qkv[..., 2 * H:])
+    qh, kh, vh = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)  # views
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    scores = (qh @ kh.swapaxes(-1, -2)) * scale + additive_mask
-    probs, softmax_cache = softmax_forward(scores)
+    scores = qh @ kh.swapaxes(-1, -2)                                 # (B, h, T, T)
+    scores *= scale
+    scores += additive_mask
+    probs, softmax_cache = softmax_forward(scores, out=scores)
     if trace is not None:
         trace("probs", probs)
     dropped, dropout_cache = dropout_forward(probs, probs_dropout_mask)
     context = merge_heads(dropped @ vh)
     if trace is not None:
         trace("context", context)
-    cache = (q_cache, k_cache, v_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads)
+    cache = (qkv_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads)
     return context, cache
 
 
 def self_attention_backward(dcontext, cache, g):
     """Accumulate the q/k/v weight and bias gradients into ``g`` (same keys as ``p``); return dx."""
-    q_cache, k_cache, v_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads = cache
-    dctx = split_heads(dcontext, num_heads)                       # (B, h, T, d)
-    ddropped = dctx @ vh.swapaxes(-1, -2)                         # (B, h, T, T)
-    dvh = dropped.swapaxes(-1, -2) @ dctx                         # (B, h, T, d)
+    qkv_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads = cache
+    xp = backends.of(dcontext).xp
+    B, T, H = dcontext.shape
+    dctx = split_heads(dcontext, num_heads)                           # (B, h, T, d)
+    dqkv = xp.empty((B, T, 3 * H), dtype=dcontext.dtype)              # [dq | dk | dv]
+    dqh, dkh, dvh = rearrange(dqkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)
+    ddropped = dctx @ vh.swapaxes(-1, -2)                             # (B, h, T, T)
+    xp.matmul(dropped.swapaxes(-1, -2), dctx, out=dvh)
     dprobs = dropout_backward(ddropped, dropout_cache)
-    dscores = softmax_backward(dprobs, softmax_cache) * scale
-    dqh = dscores @ kh
-    dkh = dscores.swapaxes(-1, -2) @ qh
-    dx = linear_backward(merge_heads(dqh), q_cache, g["query.weight"], g["query.bias"])
-    dx += linear_backward(merge_heads(dkh), k_cache, g["key.weight"], g["key.bias"])
-    dx += linear_backward(merge_heads(dvh), v_cache, g["value.weight"], g["value.bias"])
+    dscores = softmax_backward(dprobs, softmax_cache)
+    dscores *= scale
+    xp.matmul(dscores, kh, out=dqh)
+    xp.matmul(dscores.swapaxes(-1, -2), qh, out=dkh)
+    dweight = xp.zeros((H, 3 * H), dtype=dcontext.dtype)
+    dbias = xp.zeros(3 * H, dtype=dcontext.dtype)
+    dx = linear_backward(dqkv, qkv_cache, dweight, dbias)
+    for i, part in enumerate(("query", "key", "value")):
+        g[f"{part}.weight"] += dweight[:, i * H:(i + 1) * H]
+        g[f"{part}.bias"] += dbias[i * H:(i + 1) * H]
     return dx
 
 
