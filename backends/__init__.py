@@ -20,6 +20,11 @@ freed heap memory for reuse: the effect of preallocated buffers, without changin
 process-wide, Linux/glibc only, and ``REF_BERT_MALLOC_TUNING=0`` turns it off
 (``Backend.malloc_tuned`` says whether it was applied). CuPy keeps its own memory pool.
 
+Fused kernels on CuPy: ``backend.fused`` is a :class:`backends.cupy_kernels.CupyKernels` on the CuPy
+backend (one kernel where the NumPy form of GELU, LayerNorm, masked softmax with dropout, or the LAMB
+update makes several passes) and None on NumPy, where the ops' own readable code runs. The ops call
+it only when it is there; ``REF_BERT_FUSED=0`` runs the plain ops on CuPy too.
+
 Select with ``backends.get("numpy")`` / ``backends.get("cupy")``; ``backends.get()`` reads the
 ``REF_BERT_BACKEND`` environment variable (default ``numpy``). Asking for CuPy where it is not
 installed, or where no GPU is visible, raises :class:`BackendUnavailable` saying which; there is no
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "ENV_VAR", "MALLOC_ENV_VAR"]
+__all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "ENV_VAR", "MALLOC_ENV_VAR", "FUSED_ENV_VAR"]
 
 ENV_VAR = "REF_BERT_BACKEND"
 _NAMES = ("numpy", "cupy")
@@ -174,6 +179,7 @@ class Backend:
 _cache: dict[str, Backend] = {}
 
 MALLOC_ENV_VAR = "REF_BERT_MALLOC_TUNING"
+FUSED_ENV_VAR = "REF_BERT_FUSED"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
 
 
@@ -221,7 +227,12 @@ def _make(name: str) -> Backend:
         raise BackendUnavailable(f"backend 'cupy' was requested but no GPU is usable: {e}") from e
     if count < 1:
         raise BackendUnavailable("backend 'cupy' was requested but no GPU is visible (device count 0)")
-    return Backend("cupy", cupy, cupyx.scipy.special.erf)
+    backend = Backend("cupy", cupy, cupyx.scipy.special.erf)
+    if os.environ.get(FUSED_ENV_VAR, "1").strip() != "0":
+        from .cupy_kernels import CupyKernels
+
+        backend.fused = CupyKernels(cupy)
+    return backend
 
 
 def get(name: str | Backend | None = None) -> Backend:

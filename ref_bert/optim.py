@@ -100,7 +100,11 @@ ADAMW_PRESETS: dict[str, dict[str, Any]] = {
 
 # --- shared pieces -----------------------------------------------------------------------------------
 def _sum_of_squares(x, xp):
-    """sum(x^2) as a 0-d array of ``xp`` (never ``numpy.linalg.norm``, which returns a host float)."""
+    """sum(x^2) as a 0-d array of ``xp`` (never ``numpy.linalg.norm``, which returns a host float).
+    On CuPy one fused reduction (``backend.fused``), without the x^2 temporary."""
+    fused = backends.of(x).fused
+    if fused is not None:
+        return fused.sum_of_squares(x)
     return xp.sum(x * x)
 
 
@@ -462,27 +466,39 @@ class Lamb(_AdamFamily):
         bias1, bias2 = 1.0 - b1 ** t, 1.0 - b2 ** t          # host floats: t is a host integer
         step_size = lr * math.sqrt(bias2) / bias1 if self.bias_correction == "step_size" else lr
         xp = self.xp
+        fused = self.backend.fused
         for name, w in self.params.items():
             wd = self.tensor_weight_decay[name]
-            g = grads[name] if clip is None else grads[name] * clip
-            if self.weight_decay_mode == "l2" and wd:
-                g = g + wd * w
-            m, v = self._update_moments(name, g)
-            if self.bias_correction == "moments":
-                update = (m / bias1) / (xp.sqrt(v / bias2) + self.eps)
+            if fused is not None:
+                # CuPy: clipping, L2 decay, both moments and u (with decay inside the ratio) in one
+                # kernel; the same arithmetic as the lines below (backends/cupy_kernels.py).
+                moments = self.bias_correction == "moments"
+                update = fused.lamb_direction(
+                    grads[name], w, self.exp_avg[name], self.exp_avg_sq[name],
+                    xp.asarray(1.0 if clip is None else clip, dtype=w.dtype), b1, b2,
+                    bias1 if moments else 1.0, bias2 if moments else 1.0, self.eps,
+                    wd if self.weight_decay_mode == "l2" else 0.0,
+                    wd if self.weight_decay_mode == "inside_ratio" else 0.0)
             else:
-                update = m / (xp.sqrt(v) + self.eps)
-            if self.weight_decay_mode == "inside_ratio" and wd:
-                update += wd * w
-            if self.layer_adaptation[name]:
-                ratio = self._trust_ratio(w, update)
-                delta = (step_size * ratio) * update
-            else:
-                ratio = 1.0
-                delta = step_size * update
-            if self.weight_decay_mode == "outside_ratio" and wd:
-                delta += (lr * wd) * w
+                g = grads[name] if clip is None else grads[name] * clip
+                if self.weight_decay_mode == "l2" and wd:
+                    g = g + wd * w
+                m, v = self._update_moments(name, g)
+                if self.bias_correction == "moments":
+                    update = (m / bias1) / (xp.sqrt(v / bias2) + self.eps)
+                else:
+                    update = m / (xp.sqrt(v) + self.eps)
+                if self.weight_decay_mode == "inside_ratio" and wd:
+                    update += wd * w
+            ratio = self._trust_ratio(w, update) if self.layer_adaptation[name] else 1.0
             self.trust_ratios[name] = ratio
+            decay_outside = lr * wd if self.weight_decay_mode == "outside_ratio" else 0.0
+            if fused is not None:
+                fused.lamb_apply(w, update, xp.asarray(step_size * ratio, dtype=w.dtype), decay_outside)
+                continue
+            delta = (step_size * ratio) * update
+            if decay_outside:
+                delta += decay_outside * w
             w -= delta
 
 

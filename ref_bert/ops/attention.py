@@ -24,7 +24,8 @@ three tensors, for LAMB's per-tensor trust ratio and for checkpoint names, so th
 copy made per call, H * 3H floats, about 1% of the matmul's time). The heads are strided views of that
 (B, T, 3H) result, which the batched matmuls read directly (no copies). Backward writes dq, dk and dv
 into one (B, T, 3H) buffer, so the projection's backward is again one matmul for dx and one for
-d[Wq | Wk | Wv]. Scores are scaled and masked in place, and the softmax reuses their buffer.
+d[Wq | Wk | Wv]. Scores are scaled and masked in place, and the softmax reuses their buffer. On CuPy,
+scale + mask + softmax + dropout, and their backward, are fused kernels (``backend.fused``).
 """
 from __future__ import annotations
 
@@ -72,12 +73,17 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
     qh, kh, vh = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)  # views
     scale = 1.0 / math.sqrt(qh.shape[-1])
     scores = qh @ kh.swapaxes(-1, -2)                                 # (B, h, T, T)
-    scores *= scale
-    scores += additive_mask
-    probs, softmax_cache = softmax_forward(scores, out=scores)
+    fused = backends.of(x).fused
+    if fused is None:
+        scores *= scale
+        scores += additive_mask
+        probs, softmax_cache = softmax_forward(scores, out=scores)
+        dropped, dropout_cache = dropout_forward(probs, probs_dropout_mask)
+    else:   # CuPy: scale, mask, softmax and dropout in a few kernels (backends/cupy_kernels.py)
+        probs, dropped = fused.masked_softmax(scores, scale, additive_mask, probs_dropout_mask)
+        softmax_cache, dropout_cache = probs, probs_dropout_mask
     if trace is not None:
         trace("probs", probs)
-    dropped, dropout_cache = dropout_forward(probs, probs_dropout_mask)
     context = merge_heads(dropped @ vh)
     if trace is not None:
         trace("context", context)
@@ -95,9 +101,13 @@ def self_attention_backward(dcontext, cache, g):
     dqh, dkh, dvh = rearrange(dqkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)
     ddropped = dctx @ vh.swapaxes(-1, -2)                             # (B, h, T, T)
     xp.matmul(dropped.swapaxes(-1, -2), dctx, out=dvh)
-    dprobs = dropout_backward(ddropped, dropout_cache)
-    dscores = softmax_backward(dprobs, softmax_cache)
-    dscores *= scale
+    fused = backends.of(dcontext).fused
+    if fused is None:
+        dprobs = dropout_backward(ddropped, dropout_cache)
+        dscores = softmax_backward(dprobs, softmax_cache)
+        dscores *= scale
+    else:   # CuPy: dropout, softmax and scale backward in one pass (backends/cupy_kernels.py)
+        dscores = fused.softmax_backward(ddropped, softmax_cache, scale, dropout_cache)
     xp.matmul(dscores, kh, out=dqh)
     xp.matmul(dscores.swapaxes(-1, -2), qh, out=dkh)
     dweight = xp.zeros((H, 3 * H), dtype=dcontext.dtype)
