@@ -85,16 +85,20 @@ def peak_rss() -> dict:
             "ru_maxrss_mib": maxrss / 1024}
 
 
-def timed(fn, warmup: int, steps: int, sync) -> list[float]:
+def timed(fn, warmup: int, steps: int, sync, cpu_times: list | None = None) -> list[float]:
+    """Wall-clock seconds of each of ``steps`` calls after ``warmup`` untimed ones (``sync`` after
+    each); the process CPU seconds of each call are appended to ``cpu_times`` when given."""
     for _ in range(warmup):
         fn()
     sync()
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu)
     return times
 
 
@@ -238,8 +242,8 @@ def _worker_peak(spec: dict) -> dict:
     n, repeats = spec["n"], spec["repeats"]
     bk = backends.get(spec["backend"])
     rng = np.random.default_rng(0)
-    a = bk.from_host(rng.standard_normal((n, n)), dtype=np.float32)
-    b = bk.from_host(rng.standard_normal((n, n)), dtype=np.float32)
+    a = bk.from_host(rng.standard_normal((n, n), dtype=np.float32))
+    b = bk.from_host(rng.standard_normal((n, n), dtype=np.float32))
     out = {}
     times = timed(lambda: a @ b, 2, repeats, bk.synchronize)
     out["sgemm_gflops"] = 2 * n ** 3 / min(times) / 1e9
@@ -270,9 +274,11 @@ def _measure(step, forward, warmup, steps, sync, memory) -> dict:
         result[f"{phase}_rss_before_mib"] = peak_rss()["vmrss_mib"]
         reset_ok = reset_peak_rss()
         memory["reset"]()
-        times = timed(fn, 0, steps, sync)
+        cpu_times = []
+        times = timed(fn, 0, steps, sync, cpu_times)
         mem = peak_rss()
         result[f"{phase}_times_s"] = times
+        result[f"{phase}_cpu_times_s"] = cpu_times
         result[f"{phase}_median_s"] = statistics.median(times)
         result[f"{phase}_peak_rss_mib"] = mem["vmhwm_mib"] if reset_ok else mem["ru_maxrss_mib"]
         result[f"{phase}_peak_rss_source"] = "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)"
@@ -316,7 +322,8 @@ def _worker_ref_bert(spec: dict) -> dict:
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     result = _measure(step, forward, spec["warmup"], spec["steps"], bk.synchronize, memory)
-    result.update(eval_loss=eval_loss, mlm_rows=int(np.sum(host["mlm_labels"] != -100)),
+    result.update(eval_loss=eval_loss, mlm_rows=int(np.sum(host["mlm_labels"] != -100)), device=bk.device_name(),
+                  malloc_tuned=bk.malloc_tuned, fused_kernels=bk.fused is not None,
                   optimizer="ref_bert.optim.Lamb.from_preset('albert')")
     return result
 
@@ -403,6 +410,25 @@ def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
     return result
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from several rounds of the same system: every timed step pooled (the median is over
+    all of them), the largest peak memory, and each round's own figures kept under "rounds"."""
+    result = dict(rounds[0])
+    for phase in ("train", "forward"):
+        for key in (f"{phase}_times_s", f"{phase}_cpu_times_s"):
+            result[key] = [t for r in rounds for t in r[key]]
+        result[f"{phase}_median_s"] = statistics.median(result[f"{phase}_times_s"])
+        result[f"{phase}_min_s"] = min(result[f"{phase}_times_s"])
+        result[f"{phase}_cpu_median_s"] = statistics.median(result[f"{phase}_cpu_times_s"])
+        for key in [k for k in result if k.startswith(phase) and k.endswith("_mib")]:
+            values = [r[key] for r in rounds if r.get(key) is not None]
+            result[key] = max(values) if values else None
+    result["loadavg_before"], result["loadavg_after"] = rounds[0]["loadavg_before"], rounds[-1]["loadavg_after"]
+    result["rounds"] = [{k: r[k] for k in ("train_median_s", "forward_median_s", "train_peak_rss_mib",
+                                           "loadavg_before", "loadavg_after")} for r in rounds]
+    return result
+
+
 def worker_main(kind: str, spec_json: str) -> int:
     result = WORKERS[kind](json.loads(spec_json))
     print(json.dumps(result))
@@ -422,6 +448,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled MLM positions per sequence, as a fraction of --seq (default 0.15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each system this many times, alternating (fresh process each); the median is "
+                             "over every timed step of every round (default 1)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
                         help="what to measure (default both)")
     parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
@@ -441,7 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("batch", "seq", "steps", "peak_repeats"):
+    for name in ("batch", "seq", "steps", "peak_repeats", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -458,14 +487,15 @@ def _fmt(x, spec=".3f"):
 
 def report_table(results: list[dict], peak: dict) -> str:
     """The markdown table printed at the end (one row per config and system, then the ratios)."""
-    lines = ["| config | system | train step (s) | GFLOP/step | GFLOP/s | % of sgemm peak | peak RSS train (MiB) "
-             "| forward (s) | peak RSS fwd (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | system | train step (s): median (min) | CPU s/step | GFLOP/step | GFLOP/s | % of sgemm peak "
+             "| peak RSS train (MiB) | forward (s): median (min) | peak RSS fwd (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['config']} | {r['system']} | {_fmt(r['train_median_s'])} | {r['train_gflop']:.1f} | "
+        lines.append(f"| {r['config']} | {r['system']} | {_fmt(r['train_median_s'])} ({_fmt(r['train_min_s'])}) | "
+                     f"{_fmt(r['train_cpu_median_s'], '.2f')} | {r['train_gflop']:.1f} | "
                      f"{r['train_gflops']:.1f} | {_fmt(r.get('train_pct_peak'), '.0f')} | "
-                     f"{_fmt(r['train_peak_rss_mib'], '.0f')} | {_fmt(r['forward_median_s'])} | "
-                     f"{_fmt(r['forward_peak_rss_mib'], '.0f')} |")
+                     f"{_fmt(r['train_peak_rss_mib'], '.0f')} | {_fmt(r['forward_median_s'])} "
+                     f"({_fmt(r['forward_min_s'])}) | {_fmt(r['forward_peak_rss_mib'], '.0f')} |")
     lines.append("")
     lines.append(f"sgemm peak: {peak.get('sgemm_gflops', 0):.1f} GFLOP/s (n={peak.get('sgemm_n')})"
                  + (f"; torch mm {peak['torch_mm_gflops']:.1f} GFLOP/s" if "torch_mm_gflops" in peak else ""))
@@ -479,6 +509,10 @@ def report_table(results: list[dict], peak: dict) -> str:
                          f"forward {ours['forward_median_s'] / theirs['forward_median_s']:.2f}; peak RSS train "
                          f"{ours['train_peak_rss_mib']:.0f} vs {theirs['train_peak_rss_mib']:.0f} MiB; eval loss "
                          f"{ours['eval_loss']:.6f} vs {theirs['eval_loss']:.6f}")
+            if ours.get("train_device_pool_mib") is not None and theirs.get("train_device_peak_reserved_mib"):
+                lines.append(f"{name}: GPU memory in the training step: CuPy pool {ours['train_device_pool_mib']:.0f} "
+                             f"MiB vs torch reserved {theirs['train_device_peak_reserved_mib']:.0f} MiB "
+                             f"(allocated {theirs['train_device_peak_allocated_mib']:.0f} MiB)")
     return "\n".join(lines)
 
 
@@ -514,24 +548,31 @@ def run(args) -> int:
           flush=True)
     for name in args.config:
         config = bench_config(name)
-        for system in args.systems:
-            spec = dict(config=name, batch=args.batch, seq=args.seq, masked_fraction=args.masked_fraction,
-                        warmup=args.warmup, steps=args.steps, backend=args.backend, threads=threads, seed=args.seed,
-                        profile=args.profile if system == "ref-bert" else 0)
-            result = _run_worker(system, spec, threads)
-            labelled = int((make_batch(config, args.batch, args.seq, args.masked_fraction, args.seed)["mlm_labels"]
-                            != -100).sum())
+        labelled = int((make_batch(config, args.batch, args.seq, args.masked_fraction, args.seed)["mlm_labels"]
+                        != -100).sum())
+        runs: dict[str, list] = {system: [] for system in args.systems}
+        for round_index in range(args.rounds):   # systems alternate, so that both see the same load
+            for system in args.systems:
+                spec = dict(config=name, batch=args.batch, seq=args.seq, masked_fraction=args.masked_fraction,
+                            warmup=args.warmup, steps=args.steps, backend=args.backend, threads=threads,
+                            seed=args.seed, profile=args.profile if system == "ref-bert" and round_index == 0 else 0)
+                run_result = _run_worker(system, spec, threads)
+                runs[system].append(run_result)
+                print(f"{name} {system} (round {round_index + 1}/{args.rounds}): train "
+                      f"{run_result['train_median_s']:.3f} s, forward {run_result['forward_median_s']:.3f} s, "
+                      f"peak RSS {run_result['train_peak_rss_mib']:.0f} MiB; load {run_result['loadavg_after']}",
+                      flush=True)
+        for system, rounds in runs.items():
+            result = merge_rounds(rounds)
+            # ref-bert's loss gathers the labelled rows before the MLM head, forward-only too;
+            # Hugging Face's pretraining forward computes logits at every position.
             mlm_rows = labelled if system == "ref-bert" else args.batch * args.seq
             train = step_flops(config, args.batch, args.seq, mlm_rows)
-            # forward only: ref-bert's loss gathers the labelled rows as well; HF's forward computes all rows.
             result.update(config=name, system=system, mlm_rows=mlm_rows, flops=train,
                           train_gflop=train["train_step"] / 1e9, forward_gflop=train["forward"] / 1e9)
             result["train_gflops"] = result["train_gflop"] / result["train_median_s"]
             result["forward_gflops"] = result["forward_gflop"] / result["forward_median_s"]
             record["results"].append(result)
-            print(f"{name} {system}: train {result['train_median_s']:.3f} s ({result['train_gflops']:.1f} GFLOP/s), "
-                  f"forward {result['forward_median_s']:.3f} s, "
-                  f"peak RSS {result['train_peak_rss_mib']:.0f} MiB; load {result['loadavg_after']}", flush=True)
     peaks.append(_run_worker("peak", peak_spec, threads))
     # The peak is the best of the two measurements (a busy machine only ever lowers it).
     peak = {k: max(p[k] for p in peaks if k in p) for k in peaks[0]}
