@@ -61,6 +61,8 @@ class Backend:
         self.xp = xp
         self._erf = erf
         self.malloc_tuned = False
+        self.threads = _thread_count()
+        self._thread_pool = None
         # Fused kernels for the elementwise and row-wise ops (CuPy only; see backends/cupy_kernels.py).
         # None on NumPy, where the ops' own code is both the reference and what runs.
         self.fused = None
@@ -71,8 +73,27 @@ class Backend:
     # --- math the array modules lack -------------------------------------------------------
     def erf(self, x, out=None):
         """Elementwise error function, keeping the dtype of ``x`` (float32 stays float32); ``out``
-        (which may be ``x``) receives the result when given."""
+        (which may be ``x``) receives the result when given.
+
+        On NumPy, SciPy's erf is a scalar loop (about 15 ns an element, the exact GELU's main cost);
+        it releases the GIL, so large contiguous arrays are split across ``threads`` threads (the
+        count BLAS uses: $OMP_NUM_THREADS, else $OPENBLAS_NUM_THREADS, else every core)."""
+        if (self.name == "numpy" and self.threads > 1 and x.size >= _PARALLEL_MIN_SIZE and x.flags.c_contiguous
+                and (out is None or out.flags.c_contiguous)):
+            out = np.empty_like(x) if out is None else out
+            flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+            bounds = np.linspace(0, x.size, self.threads + 1).astype(int)
+            chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            list(self._pool().map(lambda c: self._erf(flat_x[c], out=flat_out[c]), chunks))
+            return out
         return self._erf(x) if out is None else self._erf(x, out=out)
+
+    def _pool(self):
+        if self._thread_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ref-bert-numpy")
+        return self._thread_pool
 
     def scatter_add(self, table, ids, values) -> None:
         """In place: ``table[ids[n]] += values[n]`` for every n, repeated ids summed.
@@ -177,6 +198,19 @@ class Backend:
 
 
 _cache: dict[str, Backend] = {}
+_PARALLEL_MIN_SIZE = 1 << 16
+
+
+def _thread_count() -> int:
+    """Threads for the NumPy backend's own parallel loops: what BLAS is told to use."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 MALLOC_ENV_VAR = "REF_BERT_MALLOC_TUNING"
 FUSED_ENV_VAR = "REF_BERT_FUSED"

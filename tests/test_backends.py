@@ -83,3 +83,29 @@ def test_no_module_outside_backends_imports_cupy():
                  if "backends" not in p.relative_to(root).parts[:1] and ".venv" not in p.parts
                  and "venv" not in p.parts and pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threaded_erf_equals_scipy_erf(dtype, monkeypatch):
+    """Large arrays are split across threads; the values are SciPy's own, bit for bit, in place too."""
+    import scipy.special
+
+    bk = backends.get("numpy")
+    monkeypatch.setattr(bk, "threads", 3)
+    x = np.random.default_rng(0).standard_normal((300, 301)).astype(dtype)   # not a multiple of 3 chunks
+    expected = scipy.special.erf(x)
+    got = bk.erf(x)
+    assert got.dtype == dtype and np.array_equal(got, expected)
+    y = x.copy()
+    assert bk.erf(y, out=y) is y and np.array_equal(y, expected)
+    strided = x[:, ::2]                                                     # not contiguous: one call
+    assert np.array_equal(bk.erf(strided), scipy.special.erf(strided))
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(backends.MALLOC_ENV_VAR, "0")
+    assert backends._tune_malloc() is False
+
+
+def test_numpy_backend_has_no_fused_kernels():
+    assert backends.get("numpy").fused is None
