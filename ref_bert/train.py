@@ -502,6 +502,24 @@ class PretrainResult:
 OnStep = Optional[Callable[[int, Optional[dict]], None]]
 
 
+@dataclass
+class _Job:
+    """The live objects of a run and its host-side counters."""
+
+    cfg: PretrainConfig
+    out: Path
+    model: Model
+    optimizer: Any
+    dataset: PretrainingDataset
+    tokenizer: Tokenizer
+    resume_dir: Optional[Path] = None
+    step: int = 0                  # updates done
+    elapsed_before: float = 0.0    # seconds spent by earlier runs of this job (from the checkpoint)
+    tokens_seen: int = 0           # real (non-pad) tokens consumed so far
+    history: list = field(default_factory=list)
+    newest: Optional[Path] = None  # newest complete checkpoint
+
+
 def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settings) -> PretrainResult:
     """Run (or resume) a pretraining job; ``settings`` override fields of ``cfg`` (or of the defaults).
 
@@ -513,29 +531,26 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
     cfg = dataclasses.replace(cfg or PretrainConfig(), **settings)
     validate(cfg)
     started = time.perf_counter()
+    job = _prepare(cfg)      # everything that can fail on bad input; nothing is written
+    _open_output(job)        # from here on OUT is written
+    _train(job, on_step)
+    plot = write_plot(job.out, job.history) if cfg.plot else None
+    return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
+                          metrics=job.history[-1] if job.history else {}, history=job.history,
+                          wall_time=time.perf_counter() - started, plot=plot)
+
+
+def _prepare(cfg: PretrainConfig) -> _Job:
+    """Check the resume target, corpus and tokenizer; build the model, optimiser and data stream, and
+    restore a checkpoint into them. Writes nothing, so a ValueError leaves OUT as it was."""
     out = Path(cfg.out)
     corpus = default_corpus_path() if cfg.corpus is None else str(cfg.corpus)
     model_config = resolve_model_config(cfg.config, cfg.config_overrides)
-
-    # --- everything that can fail is checked before anything in OUT is written ---
     resume_dir, state = None, None
     if cfg.resume is not False:
         resume_dir = resolve_resume(out, cfg.resume)
         state = load_checkpoint_state(resume_dir)
-        saved_config = ckpt.load_config(resume_dir)
-        if saved_config != model_config:
-            raise ValueError(f"checkpoint {resume_dir} was written for another model config than "
-                             f"config={cfg.config!r} ({_describe_config_difference(saved_config, model_config)}); "
-                             f"expected the same config to resume")
-        saved_run, wanted_run = state["run"], cfg.run_settings()
-        changed = [f"{k}: checkpoint {saved_run.get(k)!r}, this run {wanted_run[k]!r}"
-                   for k in RUN_KEYS if saved_run.get(k) != wanted_run[k]]
-        if changed:
-            raise ValueError(f"checkpoint {resume_dir} was written by a run with other settings ({'; '.join(changed)}); "
-                             f"expected the same settings to resume exactly")
-        if state["step"] >= cfg.steps:
-            raise ValueError(f"checkpoint {resume_dir} is at step {state['step']}, the end of the run "
-                             f"(steps={cfg.steps}); nothing to resume")
+        _check_resumable(cfg, model_config, resume_dir, state)
     elif (out / LATEST_NAME).exists():
         raise ValueError(f"{out} already holds a pretraining run ({out / LATEST_NAME} exists); pass --resume to "
                          f"continue it, or choose another --out")
@@ -560,52 +575,78 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
                                  seed=data_seed(cfg.seed), config=model_config)
     model = Model(model_config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optimizer, model.named_parameters(), cfg.lr)
-
-    step, elapsed_before, tokens_seen = 0, 0.0, 0
-    history: list = []
+    job = _Job(cfg=cfg, out=out, model=model, optimizer=optimizer, dataset=dataset, tokenizer=tokenizer,
+               resume_dir=resume_dir)
     if resume_dir is not None:
-        where = str(resume_dir)
-        hint = _other_checkpoints_hint(out, resume_dir)
-        try:
-            ckpt.load_weights(model, resume_dir)
-            opt_tensors, _ = ckpt.load_tensors(resume_dir / OPTIMIZER_NAME)
-            optimizer.load_state_dict({"step": state["optimizer"]["step"], "tensors": opt_tensors,
-                                       "hyper": state["optimizer"]["hyper"]})
-            _set_rng_state(model.dropout_rng, state["dropout_rng"], where)
-            dataset.load_state_dict(state["data"])
-        except ValueError as e:
-            raise ValueError(f"cannot resume from {where}: {e}{hint}") from e
-        step, elapsed_before, tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
-        # The metrics history up to the checkpoint; lines logged after it belong to the abandoned tail.
-        history = [r for r in read_metrics(out / METRICS_NAME) if r.get("step", 0) <= step]
+        _restore(job, state)
+    return job
 
-    # --- from here on OUT is written ---
+
+def _check_resumable(cfg: PretrainConfig, model_config: Config, resume_dir: Path, state: dict) -> None:
+    """Same model config and same run settings as the checkpoint, and steps left to do."""
+    saved_config = ckpt.load_config(resume_dir)
+    if saved_config != model_config:
+        raise ValueError(f"checkpoint {resume_dir} was written for another model config than "
+                         f"config={cfg.config!r} ({_describe_config_difference(saved_config, model_config)}); "
+                         f"expected the same config to resume")
+    saved_run, wanted_run = state["run"], cfg.run_settings()
+    changed = [f"{k}: checkpoint {saved_run.get(k)!r}, this run {wanted_run[k]!r}"
+               for k in RUN_KEYS if saved_run.get(k) != wanted_run[k]]
+    if changed:
+        raise ValueError(f"checkpoint {resume_dir} was written by a run with other settings ({'; '.join(changed)}); "
+                         f"expected the same settings to resume exactly")
+    if state["step"] >= cfg.steps:
+        raise ValueError(f"checkpoint {resume_dir} is at step {state['step']}, the end of the run "
+                         f"(steps={cfg.steps}); nothing to resume")
+
+
+def _restore(job: _Job, state: dict) -> None:
+    """Parameters, optimiser moments and step, dropout generator, data position, counters, history."""
+    where = job.resume_dir
+    try:
+        ckpt.load_weights(job.model, where)
+        opt_tensors, _ = ckpt.load_tensors(where / OPTIMIZER_NAME)
+        job.optimizer.load_state_dict({"step": state["optimizer"]["step"], "tensors": opt_tensors,
+                                       "hyper": state["optimizer"]["hyper"]})
+        _set_rng_state(job.model.dropout_rng, state["dropout_rng"], str(where))
+        job.dataset.load_state_dict(state["data"])
+    except ValueError as e:
+        raise ValueError(f"cannot resume from {where}: {e}{_other_checkpoints_hint(job.out, where)}") from e
+    job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
+    # The metrics up to the checkpoint; lines logged after it belong to the abandoned tail.
+    job.history = [r for r in read_metrics(job.out / METRICS_NAME) if r.get("step", 0) <= job.step]
+
+
+def _open_output(job: _Job) -> None:
+    """Create OUT, clear staging leftovers, write the metrics history, tokenizer and config."""
+    out = job.out
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_staging(out / CHECKPOINTS_DIR)
-    ckpt.atomic_write_bytes(out / METRICS_NAME, _metrics_bytes(history))
-    ckpt.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
-    ckpt.atomic_write_bytes(out / ckpt.CONFIG_NAME, model_config.to_json().encode())
-    newest = None
-    if resume_dir is not None:
-        # This run continues from resume_dir: it is now the newest checkpoint of the run's line,
-        # even if it is older than what OUT/latest named (a resume from an explicit earlier one).
-        resume_in_out = resume_dir.resolve().parent == (out / CHECKPOINTS_DIR).resolve()
-        if resume_in_out:
-            ckpt.write_pointer(out / LATEST_NAME, resume_dir)
-            newest = resume_dir
+    ckpt.atomic_write_bytes(out / METRICS_NAME, _metrics_bytes(job.history))
+    ckpt.atomic_write_bytes(out / TOKENIZER_NAME, job.tokenizer.model_proto)
+    ckpt.atomic_write_bytes(out / ckpt.CONFIG_NAME, job.model.config.to_json().encode())
+    if job.resume_dir is not None and job.resume_dir.resolve().parent == (out / CHECKPOINTS_DIR).resolve():
+        # The run continues from resume_dir: it is now the newest checkpoint of the run's line, even
+        # if OUT/latest named a later one (a resume from an explicit earlier checkpoint). Later
+        # checkpoints are then never named by OUT/latest while this run replaces them.
+        ckpt.write_pointer(out / LATEST_NAME, job.resume_dir)
+        job.newest = job.resume_dir
 
+
+def _train(job: _Job, on_step: OnStep) -> None:
+    """The loop: steps ``job.step + 1 .. until`` (or ``steps``), logging and checkpointing as set."""
+    cfg, model, out = job.cfg, job.model, job.out
+    backend, xp = model.backend, model.xp
     stop = cfg.steps if cfg.until is None else cfg.until
     run_state = {"run": cfg.run_settings(), "config_source": str(cfg.config)}
-    backend, xp = model.backend, model.xp
-    last_metrics = history[-1] if history else {}
-    progress = _progress_bar(cfg, step)
+    progress = _progress_bar(cfg, job.step)
     metrics_file = open(out / METRICS_NAME, "a", encoding="utf-8")
     loop_start = time.perf_counter()
     log_time, log_tokens = loop_start, 0
     try:
-        while step < stop:
-            lr = learning_rate(cfg, step)
-            host_batches = [dataset.next_batch() for _ in range(cfg.grad_accum)]
+        while job.step < stop:
+            lr = learning_rate(cfg, job.step)
+            host_batches = [job.dataset.next_batch() for _ in range(cfg.grad_accum)]
             mlm_counts = [int((hb["mlm_labels"] != -100).sum()) for hb in host_batches]
             step_tokens = sum(int(hb["attention_mask"].sum()) for hb in host_batches)
             # One transfer per array per step: the k micro-batches travel together, then are sliced
@@ -616,12 +657,12 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
             micro_batches = [{key: value[i * b:(i + 1) * b] for key, value in batch.items()}
                              for i in range(cfg.grad_accum)]
             grads, parts = effective_batch_gradients(model, micro_batches, mlm_counts, training=True)
-            will_checkpoint = step + 1 == stop or (step + 1) % cfg.checkpoint_every == 0
-            will_log = will_checkpoint or (step + 1) % cfg.log_every == 0
-            grad_norm = global_grad_norm(grads.values(), xp) if will_log else None
-            optimizer.step(grads, lr=lr)
-            step += 1
-            tokens_seen += step_tokens
+            will_checkpoint = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
+            will_log = will_checkpoint or (job.step + 1) % cfg.log_every == 0
+            grad_norm = global_grad_norm(grads.values(), xp) if will_log else None   # before clipping
+            job.optimizer.step(grads, lr=lr)
+            job.step += 1
+            job.tokens_seen += step_tokens
             log_tokens += step_tokens
             record = None
             if will_log:
@@ -630,39 +671,36 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
                 loss, mlm, sop, norm = (float(v) for v in backend.to_host(
                     xp.stack([parts["loss"], parts["mlm"], parts["sop"], grad_norm])))
                 now = time.perf_counter()
-                record = {"step": step, "loss": loss, "mlm": mlm, "sop": sop, "lr": lr, "grad_norm": norm,
+                record = {"step": job.step, "loss": loss, "mlm": mlm, "sop": sop, "lr": lr, "grad_norm": norm,
                           "tokens_per_s": log_tokens / max(now - log_time, 1e-9),
-                          "elapsed": elapsed_before + (now - loop_start), "tokens": tokens_seen}
+                          "elapsed": job.elapsed_before + (now - loop_start), "tokens": job.tokens_seen}
                 log_time, log_tokens = now, 0
                 if not all(math.isfinite(v) for v in (loss, mlm, sop, norm)):
-                    raise ValueError(f"the loss is not finite at step {step} (loss={loss}, mlm={mlm}, sop={sop}, "
+                    raise ValueError(f"the loss is not finite at step {job.step} (loss={loss}, mlm={mlm}, sop={sop}, "
                                      f"grad_norm={norm}); this step was not checkpointed, the newest complete "
-                                     f"checkpoint is {newest}; expected finite values (try a lower --lr)")
+                                     f"checkpoint is {job.newest}; expected finite values (try a lower --lr)")
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                history.append(record)
-                last_metrics = record
+                job.history.append(record)
                 progress.set_postfix(loss=f"{loss:.3f}", mlm=f"{mlm:.3f}", sop=f"{sop:.3f}", lr=f"{lr:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             progress.update(1)
             if will_checkpoint:
-                run_state.update(elapsed=elapsed_before + (time.perf_counter() - loop_start), tokens=tokens_seen)
-                newest = save_checkpoint(out, step, model, optimizer, dataset, tokenizer, run_state)
-                prune_checkpoints(out, newest, cfg.keep_checkpoints)
+                run_state.update(elapsed=job.elapsed_before + (time.perf_counter() - loop_start),
+                                 tokens=job.tokens_seen)
+                job.newest = save_checkpoint(out, job.step, model, job.optimizer, job.dataset, job.tokenizer,
+                                             run_state)
+                prune_checkpoints(out, job.newest, cfg.keep_checkpoints)
             if on_step is not None:
-                on_step(step, record)
+                on_step(job.step, record)
     except KeyboardInterrupt:
         progress.close()
-        print(f"\ninterrupted after step {step}; newest complete checkpoint: {newest} "
+        print(f"\ninterrupted after step {job.step}; newest complete checkpoint: {job.newest} "
               f"(continue with --resume)", file=sys.stderr)
         raise
     finally:
         metrics_file.close()
         progress.close()
-
-    plot = write_plot(out, history) if cfg.plot else None
-    return PretrainResult(out_dir=out, checkpoint=newest, step=step, metrics=last_metrics, history=history,
-                          wall_time=time.perf_counter() - started, plot=plot)
 
 
 def _progress_bar(cfg: PretrainConfig, initial: int):
