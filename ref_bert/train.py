@@ -61,9 +61,11 @@ checkpoint being written is a hidden temporary directory until its final rename.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -136,16 +138,16 @@ class PretrainConfig:
     backend: Optional[str] = None
     dtype: str = "float32"
     objective: str = "albert"
-    steps: int = 600
-    batch_size: int = 16
+    steps: int = 2000
+    batch_size: int = 32
     grad_accum: int = 1
     seq_len: int = 64
     optimizer: str = "lamb"
-    lr: float = 0.02
+    lr: float = 0.01
     schedule: str = "albert"
     warmup: Optional[int] = None
     seed: int = 0
-    checkpoint_every: int = 200
+    checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 1
     resume: Any = False
@@ -442,9 +444,18 @@ def _metrics_bytes(records: list) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
+def _moving_average(values: list, window: int) -> np.ndarray:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.r_[0.0, values])
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
 def write_plot(out: Path, records: list) -> Optional[Path]:
-    """OUT/loss.png: total, MLM and SOP loss against the step, and the learning rate. Returns None (with
-    a printed note) where matplotlib is not installed."""
+    """OUT/loss.png: MLM (and total) loss, SOP loss (with chance level ln 2) and the learning rate
+    against the step; thin lines per logged step, thick ones a moving average. Returns None (with a
+    printed note) where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -456,12 +467,20 @@ def write_plot(out: Path, records: list) -> Optional[Path]:
     if not records:
         return None
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    for key, label in (("loss", "total"), ("mlm", "MLM"), ("sop", "SOP")):
-        ax_loss.plot(steps, [r[key] for r in records], label=label, linewidth=1)
-    ax_loss.set_ylabel("training loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
+    window = max(1, len(records) // 50)
+    fig, (ax_mlm, ax_sop, ax_lr) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=(3, 2, 1))
+    for ax, keys in ((ax_mlm, (("loss", "total", "C0"), ("mlm", "MLM", "C1"))), (ax_sop, (("sop", "SOP", "C2"),))):
+        for key, label, color in keys:
+            values = [r[key] for r in records]
+            ax.plot(steps, values, color=color, linewidth=0.5, alpha=0.35)
+            ax.plot(steps, _moving_average(values, window), color=color, linewidth=1.5,
+                    label=f"{label} (mean of {window})" if window > 1 else label)
+        ax.grid(alpha=0.3)
+    ax_mlm.set_ylabel("training loss")
+    ax_mlm.legend()
+    ax_sop.axhline(math.log(2), color="gray", linestyle="--", linewidth=1, label="chance (ln 2)")
+    ax_sop.set_ylabel("SOP loss")
+    ax_sop.legend()
     ax_lr.plot(steps, [r["lr"] for r in records], color="gray", linewidth=1)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
@@ -711,6 +730,45 @@ def _progress_bar(cfg: PretrainConfig, initial: int):
 
 
 # --- command line ------------------------------------------------------------------------------------------
+def limit_blas_threads(threads: int) -> Optional[int]:
+    """Best effort: set the thread count of the OpenBLAS bundled with NumPy's wheels
+    (``numpy.libs/libscipy_openblas*``) and return the previous count; None where no such library is
+    found (another BLAS, e.g. MKL: set OMP_NUM_THREADS / MKL_NUM_THREADS before starting Python).
+
+    Why: the tiny config's matrices (64 x 1024 and the like) are too small for BLAS threads to pay,
+    and on a machine whose cores are busy with other work the threads wait on each other; measured on
+    two shared cores, one thread ran the default job 8 to 15 times faster than OpenBLAS's default two.
+    The environment variables only act before NumPy is imported, which the ``ref-bert`` entry point
+    has already done, hence the library's own ``*_set_num_threads`` call (what threadpoolctl does).
+    """
+    import ctypes
+
+    pattern = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")
+    for path in sorted(glob.glob(pattern)):
+        try:
+            library = ctypes.CDLL(path)  # already loaded by NumPy: the same library, not a second copy
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                setter = getattr(library, f"{prefix}set_num_threads{suffix}", None)
+                getter = getattr(library, f"{prefix}get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    previous = int(getter())
+                    setter(int(threads))
+                    return previous
+    return None
+
+
+def _default_blas_threads(args) -> int:
+    """1 for the NumPy backend unless the user set a BLAS thread count in the environment; else 0
+    (leave BLAS alone)."""
+    backend = (args.backend or os.environ.get(backends.ENV_VAR) or "numpy").strip().lower()
+    if backend != "numpy" or any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+        return 0
+    return 1
+
+
 def _parse_override(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -724,9 +782,9 @@ def _parse_override(text: str) -> tuple:
 
 def add_arguments(parser) -> None:
     d = PretrainConfig()
-    parser.epilog = ("On a CPU, tiny models run several times faster with one BLAS thread "
-                     "(OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1 in the environment): their matrices are too "
-                     "small for threads to pay, and threads that share cores with other work wait on each other.")
+    parser.epilog = ("On a CPU the job uses one BLAS thread by default (--blas-threads): the tiny config's "
+                     "matrices are too small for threads to pay, and threads sharing busy cores wait on each other. "
+                     "Larger configs may gain from --blas-threads N.")
     a = parser.add_argument
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--corpus", default=None, metavar="FILE",
@@ -763,6 +821,9 @@ def add_arguments(parser) -> None:
       help="stop after this step with a checkpoint; --resume later to finish the --steps schedule")
     a("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
       help="continue from OUT/latest, or from the given checkpoint directory")
+    a("--blas-threads", type=int, default=None, metavar="N",
+      help="OpenBLAS threads for the numpy backend; 0 leaves them alone (default: 1, unless OPENBLAS_NUM_THREADS "
+           "or OMP_NUM_THREADS is set)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--no-plot", action="store_true", help=f"do not draw OUT/{PLOT_NAME}")
 
@@ -782,6 +843,12 @@ def run(args) -> int:
     """The CLI entry: bad input (ValueError) prints ``error: ...`` and exits 2; Ctrl-C exits 130."""
     try:
         cfg = config_from_args(args)
+        threads = _default_blas_threads(args) if args.blas_threads is None else args.blas_threads
+        if threads < 0:
+            raise ValueError(f"--blas-threads={threads} is invalid: expected 0 (leave alone) or a positive count")
+        if threads and limit_blas_threads(threads) is None:
+            print(f"note: no bundled OpenBLAS found, --blas-threads {threads} has no effect "
+                  f"(set OMP_NUM_THREADS before starting Python instead)", file=sys.stderr)
         result = pretrain(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -361,7 +361,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
     corpus = tmp_path / "one.txt"
     corpus.write_text("Only one sentence.\n")
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--corpus", str(corpus), "--steps", "2", "--no-progress"]
+    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no document with two or more" in err
@@ -371,7 +371,8 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
 
 def test_cli_runs_and_resumes(small, capsys):
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--tokenizer", cfg.tokenizer, "--steps", "4", "--batch-size", "2",
+    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
+            "--batch-size", "2",
             "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--no-plot", "--set", "num_hidden_layers=1",
             "--optimizer", "adamw", "--lr", "1e-3", "--schedule", "linear", "--warmup", "1"]
     assert cli.main(argv + ["--until", "2"]) == 0
@@ -380,3 +381,21 @@ def test_cli_runs_and_resumes(small, capsys):
     assert "done: step 4" in capsys.readouterr().out
     model = ckpt.load_model(cfg.out)
     assert model.config.num_hidden_layers == 1
+
+
+def test_blas_thread_limit(monkeypatch):
+    previous = train.limit_blas_threads(1)
+    if previous is not None:   # NumPy's bundled OpenBLAS was found: the call took effect
+        try:
+            assert train.limit_blas_threads(previous) == 1
+        finally:
+            train.limit_blas_threads(previous)
+    args = cli.build_parser().parse_args(["pretrain"])
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    assert train._default_blas_threads(args) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert train._default_blas_threads(args) == 0   # the user's setting wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    args = cli.build_parser().parse_args(["pretrain", "--backend", "cupy"])
+    assert train._default_blas_threads(args) == 0
