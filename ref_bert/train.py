@@ -52,6 +52,14 @@ atomically (``checkpoint.atomic_write_bytes``) and each directory published atom
                                 directory for ``checkpoint.load_model`` and ``ref-bert generate``
     OUT/metrics.jsonl           one JSON line per logged step; OUT/loss.png the loss curves
 
+What the default run shows (measured; tests/test_train.py has the short-run checks): the MLM loss
+falls from 6.9 (ln 1000) to about 5.2 in 1600 steps; the SOP loss stays at chance, ln 2 = 0.693.
+SOP *can* be learnt on this corpus by this model: trained on SOP alone (lr 0.01, batch 32, 64
+tokens) its loss leaves 0.69 after about 450 steps and reaches 0.27 by 1500. Trained jointly, the
+MLM gradient dominates the shared encoder (the median ratio of the two gradients' norms over the
+encoder's weight matrices is 5 at initialisation and 64 after 3000 steps), and SOP had not left
+chance after 3250 steps of batch 32 (about five minutes). The loss is ALBERT's unweighted MLM + SOP.
+
 ``--resume`` restores all of it and continues exactly: N steps, resume, N more steps give parameters,
 optimiser state and logged losses bit-identical to 2N steps in one go (tests/test_train.py). The
 run's settings (steps, batch, schedule, ...) must be the same as the checkpoint's; a difference is a
@@ -116,7 +124,8 @@ RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimi
 @dataclass
 class PretrainConfig:
     """Everything ``ref-bert pretrain`` takes (its options, one field each). Defaults: the tiny
-    config on the packaged corpus, tuned to finish in about two minutes on two CPU cores.
+    config on the packaged corpus, 1600 steps of 32 examples of 64 tokens, ALBERT's LAMB at lr 0.01
+    with 10% warmup: about 100 seconds on two (shared) CPU cores with one BLAS thread.
 
     config:   a preset name (``Config.preset``), a ``config.json`` file, or a directory holding one;
               ``config_overrides`` replaces fields (e.g. ``{"hidden_dropout_prob": 0.0}``).
@@ -138,7 +147,7 @@ class PretrainConfig:
     backend: Optional[str] = None
     dtype: str = "float32"
     objective: str = "albert"
-    steps: int = 2000
+    steps: int = 1600
     batch_size: int = 32
     grad_accum: int = 1
     seq_len: int = 64
@@ -147,7 +156,7 @@ class PretrainConfig:
     schedule: str = "albert"
     warmup: Optional[int] = None
     seed: int = 0
-    checkpoint_every: int = 500
+    checkpoint_every: int = 400
     keep_checkpoints: int = 3
     log_every: int = 1
     resume: Any = False

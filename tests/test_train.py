@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import backends
 from ref_bert import checkpoint as ckpt
 from ref_bert import cli, train
 from ref_bert.config import Config
@@ -211,6 +213,14 @@ def test_metrics_file_content(small):
     assert result.metrics == records[-1]
 
 
+def test_plot_is_skipped_with_a_note_without_matplotlib(small, monkeypatch, capsys):
+    result = pretrain(small(steps=2))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    assert train.write_plot(result.out_dir, result.history) is None
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (result.out_dir / "loss.png").exists()
+
+
 def test_learning_rate_schedules():
     cfg = PretrainConfig(steps=10, warmup=4, lr=1.0)
     assert [train.learning_rate(cfg, s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0 * (1 - 4 / 10), 1.0 * (1 - 9 / 10)]
@@ -399,3 +409,30 @@ def test_blas_thread_limit(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     args = cli.build_parser().parse_args(["pretrain", "--backend", "cupy"])
     assert train._default_blas_threads(args) == 0
+
+
+def _assert_close_run(a, b, tol=1e-9):
+    """Two runs agree up to rounding: parameters, optimiser moments, logged losses."""
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ta, tb = _tensors(a.checkpoint, name), _tensors(b.checkpoint, name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert np.max(np.abs(ta[key] - tb[key])) <= tol * max(np.max(np.abs(ta[key])), 1e-3), key
+    assert [r["step"] for r in a.history] == [r["step"] for r in b.history]
+    for ra, rb in zip(a.history, b.history):
+        for key in ("loss", "mlm", "sop", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=tol), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.available("cupy"), reason="needs CuPy and a GPU")
+def test_cupy_backend_matches_numpy_and_resumes_across_backends(small):
+    # float64 with dropout on: weights and dropout masks are drawn on the host, so both backends see
+    # the same numbers; only reduction order (and CuPy's atomic scatter-add) differ.
+    settings = dict(dtype="float64", grad_accum=2)
+    cpu = pretrain(small("cpu", **settings))
+    gpu = pretrain(small("gpu", backend="cupy", **settings))
+    _assert_close_run(cpu, gpu)
+    pretrain(small("cross", until=4, **settings))                              # steps 1-4 on numpy
+    cross = pretrain(small("cross", backend="cupy", resume=True, **settings))  # steps 5-8 on cupy
+    _assert_close_run(cpu, cross)
