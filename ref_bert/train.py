@@ -91,6 +91,7 @@ from .config import PRESETS, Config
 from .data import PretrainingDataset, Tokenizer, default_corpus_path, read_corpus
 from .model import DTYPES, Model
 from .optim import ADAMW_PRESETS, LAMB_PRESETS, AdamW, Lamb, albert_schedule, global_grad_norm, linear_warmup_decay
+from .params import FlatBuffer
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "effective_batch_gradients", "load_checkpoint_state",
            "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "add_arguments", "run"]
@@ -281,7 +282,7 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     total_masks = int(sum(mlm_counts))
     sizes = [int(mb["sop_labels"].shape[0]) for mb in micro_batches]
     total_examples = sum(sizes)
-    accumulated = model.params.zeros_like()       # FlatBuffer, zeros, the parameters' layout and dtype
+    accumulated = FlatBuffer(model.params.shapes, xp, model.dtype)   # zeros, the parameters' layout
     mlm = xp.zeros((), dtype=model.dtype)
     sop = xp.zeros((), dtype=model.dtype)
     for micro_batch, n_masks, n_examples in zip(micro_batches, mlm_counts, sizes):
