@@ -130,7 +130,7 @@ def op_cases(seed: int = 0, B: int = 2, T: int = 5, H: int = 8, heads: int = 2, 
 
     # embeddings: lookup + LayerNorm + dropout + projection E->H
     ids = rng.integers(0, V, size=(B, T))
-    ids[0, :2] = ids[1, 0] = 3  # repeated ids: the scatter-add must sum them
+    ids.reshape(-1)[:3] = 3  # repeated ids: the scatter-add must sum them
     types = rng.integers(0, 2, size=(B, T))
     positions = np.broadcast_to(np.arange(T), (B, T))
     emb_drop = mask(B, T, E)

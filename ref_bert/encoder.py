@@ -18,13 +18,23 @@ from .ops import (activation_backward, activation_forward, dropout_backward, dro
                   self_attention_backward, self_attention_forward)
 
 
-def attention_sublayer_forward(x, p, additive_mask, config, drop):
+def scoped(trace, prefix: str):
+    """``trace`` with ``prefix`` put before every name (None stays None)."""
+    if trace is None:
+        return None
+    return lambda name, x: trace(prefix + name, x)
+
+
+def attention_sublayer_forward(x, p, additive_mask, config, drop, trace=None):
     """``p``: the attention set's views (query/key/value/output .weight/.bias, layer_norm.*).
     ``drop(shape, prob)`` returns a frozen dropout mask or None."""
     B, T, H = x.shape
     probs_mask = drop((B, config.num_attention_heads, T, T), config.attention_probs_dropout_prob)
-    context, attn_cache = self_attention_forward(x, p, additive_mask, config.num_attention_heads, probs_mask)
+    context, attn_cache = self_attention_forward(x, p, additive_mask, config.num_attention_heads, probs_mask,
+                                                 trace=scoped(trace, "attention."))
     projected, out_cache = linear_forward(context, p["output.weight"], p["output.bias"])
+    if trace is not None:
+        trace("attention.output_projection", projected)
     dropped, drop_cache = dropout_forward(projected, drop((B, T, H), config.hidden_dropout_prob))
     out, ln_cache = layer_norm_forward(x + dropped, p["layer_norm.weight"], p["layer_norm.bias"],
                                        config.layer_norm_eps)
@@ -39,11 +49,15 @@ def attention_sublayer_backward(dout, cache, g):
     return dresidual + self_attention_backward(dcontext, attn_cache, g)
 
 
-def ffn_sublayer_forward(x, p, config, drop):
+def ffn_sublayer_forward(x, p, config, drop, trace=None):
     B, T, H = x.shape
     pre, in_cache = linear_forward(x, p["intermediate.weight"], p["intermediate.bias"])
     act, act_cache = activation_forward(config.hidden_act, pre)
     out, out_cache = linear_forward(act, p["output.weight"], p["output.bias"])
+    if trace is not None:
+        trace("ffn.intermediate", pre)
+        trace("ffn.activation", act)
+        trace("ffn.output_projection", out)
     mask = drop((B, T, H), config.hidden_dropout_prob) if config.ffn_output_dropout else None
     dropped, drop_cache = dropout_forward(out, mask)
     y, ln_cache = layer_norm_forward(x + dropped, p["layer_norm.weight"], p["layer_norm.bias"],
@@ -67,11 +81,13 @@ def encoder_forward(x, params, additive_mask, config, drop, trace=None):
     caches = []
     for i, blocks in enumerate(config.block_schedule()):
         for m, (a, f) in enumerate(blocks):
+            block_trace = scoped(trace, f"encoder.layer.{i}.block.{m}.")
             x, attn_cache = attention_sublayer_forward(
-                x, params.prefixed(f"encoder.attention.{a}."), additive_mask, config, drop)
+                x, params.prefixed(f"encoder.attention.{a}."), additive_mask, config, drop, block_trace)
             if trace is not None:
                 trace(f"encoder.layer.{i}.block.{m}.attention_output", x)
-            x, ffn_cache = ffn_sublayer_forward(x, params.prefixed(f"encoder.ffn.{f}."), config, drop)
+            x, ffn_cache = ffn_sublayer_forward(x, params.prefixed(f"encoder.ffn.{f}."), config, drop,
+                                                block_trace)
             if trace is not None:
                 trace(f"encoder.layer.{i}.block.{m}.ffn_output", x)
             caches.append((a, f, attn_cache, ffn_cache))

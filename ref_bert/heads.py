@@ -14,10 +14,12 @@ from .ops import (activation_backward, activation_forward, dropout_backward, dro
                   layer_norm_backward, layer_norm_forward, linear_backward, linear_forward)
 
 
-def pooler_forward(hidden, p):
+def pooler_forward(hidden, p, trace=None):
     """``p``: the params buffer; uses pooler.weight / pooler.bias."""
     first = hidden[:, 0]
     pre, lin_cache = linear_forward(first, p["pooler.weight"], p["pooler.bias"])
+    if trace is not None:
+        trace("pooler.dense", pre)
     pooled, act_cache = activation_forward("tanh", pre)
     return pooled, (lin_cache, act_cache, hidden.shape)
 
@@ -31,12 +33,17 @@ def pooler_backward(dpooled, cache, g, xp):
     return dhidden
 
 
-def mlm_head_forward(x, p, config):
-    """x: (N, H) hidden states at the positions to predict. Returns ``(logits (N, V), cache)``."""
+def mlm_head_forward(x, p, config, trace=None):
+    """x: (N, H) hidden states at the positions to predict (any leading shape works, e.g. (B, T, H)).
+    Returns ``(logits (N, V), cache)``."""
     pre, dense_cache = linear_forward(x, p["mlm.dense.weight"], p["mlm.dense.bias"])
     act, act_cache = activation_forward(config.hidden_act, pre)
     t, ln_cache = layer_norm_forward(act, p["mlm.layer_norm.weight"], p["mlm.layer_norm.bias"],
                                      config.layer_norm_eps)
+    if trace is not None:
+        trace("mlm.dense", pre)
+        trace("mlm.activation", act)
+        trace("mlm.layer_norm", t)
     word = p["embeddings.word_embeddings"]
     logits = t @ word.T + p["mlm.bias"]
     return logits, (dense_cache, act_cache, ln_cache, t, word)

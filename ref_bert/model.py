@@ -22,7 +22,7 @@ import numpy as np
 import backends
 
 from .config import Config
-from .encoder import encoder_backward, encoder_forward
+from .encoder import encoder_backward, encoder_forward, scoped
 from .heads import (mlm_head_backward, mlm_head_forward, pooler_backward, pooler_forward, sop_head_backward,
                     sop_head_forward)
 from .ops import IGNORE_INDEX, additive_mask_from, cross_entropy_backward, cross_entropy_forward
@@ -114,7 +114,8 @@ class Model:
         cfg, p = self.config, self.params
         emb_drop = drop(tuple(input_ids.shape) + (cfg.embedding_size,), cfg.hidden_dropout_prob)
         x, emb_cache = embeddings_forward(p.prefixed("embeddings."), input_ids, token_type_ids, position_ids,
-                                          cfg.layer_norm_eps, emb_drop, project=cfg.has_projection)
+                                          cfg.layer_norm_eps, emb_drop, project=cfg.has_projection,
+                                          trace=scoped(trace, "embeddings."))
         if trace is not None:
             trace("embeddings.output", x)
         additive_mask = additive_mask_from(attention_mask, self.dtype, cfg.attention_mask_value)
@@ -129,7 +130,7 @@ class Model:
         drop = self._dropout(training, dropout_seed)
         hidden_states, _ = self._encode(input_ids, token_type_ids, attention_mask, position_ids, drop, trace)
         last = hidden_states[-1]
-        pooled, _ = pooler_forward(last, self.params)
+        pooled, _ = pooler_forward(last, self.params, trace)
         if trace is not None:
             trace("pooled_output", pooled)
         sop_logits, _ = sop_head_forward(pooled, self.params, drop(pooled.shape, self.config.classifier_dropout_prob))
@@ -137,9 +138,7 @@ class Model:
             trace("sop_logits", sop_logits)
         mlm_logits = None
         if return_mlm_logits:
-            B, T, H = last.shape
-            flat_logits, _ = mlm_head_forward(last.reshape(B * T, H), self.params, self.config)
-            mlm_logits = flat_logits.reshape(B, T, -1)
+            mlm_logits, _ = mlm_head_forward(last, self.params, self.config, trace)  # (B, T, V)
             if trace is not None:
                 trace("mlm_logits", mlm_logits)
         return ModelOutput(hidden_states, pooled, mlm_logits, sop_logits)
@@ -201,3 +200,24 @@ class Model:
     def loss(self, *args, **kwargs):
         """The loss of :meth:`loss_and_grads` alone: the same forward code, no backward pass."""
         return self.loss_and_grads(*args, _backward=False, **kwargs)[0]
+
+    # --- Hugging Face checkpoints (the mapping lives in ref_bert/hf.py) --------------------------
+    @classmethod
+    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0) -> "Model":
+        """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors); see :mod:`ref_bert.hf`.
+        Heads missing from the checkpoint are initialised from ``seed`` (with a warning)."""
+        from .hf import load_hf
+
+        return load_hf(path, backend=backend, dtype=dtype, seed=seed)
+
+    def save_hf(self, path):
+        """Write a directory that ``transformers`` loads as Albert/BertForPreTraining; see :mod:`ref_bert.hf`."""
+        from .hf import save_hf
+
+        return save_hf(self, path)
+
+    def hf_state_dict(self, tensors=None) -> dict:
+        """Our parameters (or any dict shaped like them, e.g. gradients) under Hugging Face names and layouts."""
+        from .hf import hf_state_dict
+
+        return hf_state_dict(self, tensors)

@@ -28,9 +28,6 @@ from collections import OrderedDict
 
 from .config import Config
 
-HEAD_PREFIXES = ("mlm.", "sop.")
-
-
 def parameter_shapes(config: Config, heads: bool = True) -> "OrderedDict[str, tuple[int, ...]]":
     """Every parameter's name and shape, in a fixed order (the order of initialisation)."""
     V, E, H, I = config.vocab_size, config.embedding_size, config.hidden_size, config.intermediate_size
@@ -128,9 +125,6 @@ class FlatBuffer:
             self._prefixed[prefix] = {k[len(prefix):]: v for k, v in self.views.items() if k.startswith(prefix)}
         return self._prefixed[prefix]
 
-    def zeros_like(self) -> "FlatBuffer":
-        return FlatBuffer(self.shapes, None, None, flat=self.flat * 0)
-
 
 def initialize(buffer: FlatBuffer, config: Config, backend, seed) -> None:
     """Fill ``buffer`` in place: normal(0, initializer_range) weights (truncated at 2 std when
@@ -152,4 +146,4 @@ def initialize(buffer: FlatBuffer, config: Config, backend, seed) -> None:
             view[...] = backend.normal(rng, view.shape, config.initializer_range, dtype, truncated=truncated)
 
 
-__all__ = ["parameter_shapes", "count_parameters", "FlatBuffer", "initialize", "init_kind", "HEAD_PREFIXES"]
+__all__ = ["parameter_shapes", "count_parameters", "FlatBuffer", "initialize", "init_kind"]

@@ -39,20 +39,29 @@ def merge_heads(t):
     return rearrange(t, "b h t d -> b t (h d)")
 
 
-def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_mask=None):
+def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_mask=None, trace=None):
     """``p`` maps "query.weight", "query.bias", "key.*", "value.*" to arrays.
 
-    Returns ``(context (B, T, H), cache)``.
+    Returns ``(context (B, T, H), cache)``. ``trace(name, array)``, when given, sees query, key, value
+    (B, T, H), probs (B, h, T, T, before dropout) and context (B, T, H).
     """
     q, q_cache = linear_forward(x, p["query.weight"], p["query.bias"])
     k, k_cache = linear_forward(x, p["key.weight"], p["key.bias"])
     v, v_cache = linear_forward(x, p["value.weight"], p["value.bias"])
+    if trace is not None:
+        trace("query", q)
+        trace("key", k)
+        trace("value", v)
     qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
     scale = 1.0 / math.sqrt(qh.shape[-1])
     scores = (qh @ kh.swapaxes(-1, -2)) * scale + additive_mask
     probs, softmax_cache = softmax_forward(scores)
+    if trace is not None:
+        trace("probs", probs)
     dropped, dropout_cache = dropout_forward(probs, probs_dropout_mask)
     context = merge_heads(dropped @ vh)
+    if trace is not None:
+        trace("context", context)
     cache = (q_cache, k_cache, v_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads)
     return context, cache
 

@@ -31,14 +31,19 @@ def embedding_backward(dout, cache, dtable):
 
 
 def embeddings_forward(p, input_ids, token_type_ids, position_ids, eps: float, dropout_mask=None,
-                       project: bool = True):
+                       project: bool = True, trace=None):
     """``p``: word_embeddings, position_embeddings, token_type_embeddings, layer_norm.{weight,bias},
-    and projection.{weight,bias} when ``project``. Returns ``(out, cache)``, out (B, T, H or E)."""
+    and projection.{weight,bias} when ``project``. Returns ``(out, cache)``, out (B, T, H or E).
+    ``trace(name, array)``, when given, sees "sum" and "layer_norm" (B, T, E)."""
     word, word_cache = embedding_forward(p["word_embeddings"], input_ids)
     pos, pos_cache = embedding_forward(p["position_embeddings"], position_ids)
     typ, typ_cache = embedding_forward(p["token_type_embeddings"], token_type_ids)
     summed = word + pos + typ
+    if trace is not None:
+        trace("sum", summed)
     normed, ln_cache = layer_norm_forward(summed, p["layer_norm.weight"], p["layer_norm.bias"], eps)
+    if trace is not None:
+        trace("layer_norm", normed)
     out, drop_cache = dropout_forward(normed, dropout_mask)
     proj_cache = None
     if project:

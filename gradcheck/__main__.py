@@ -1,0 +1,5 @@
+import sys
+
+from .battery import main
+
+sys.exit(main())

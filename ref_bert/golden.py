@@ -1,0 +1,219 @@
+"""Golden files: one self-describing safetensors file per run, for checking another implementation.
+
+    ref-bert golden --config tiny --out tiny.golden.safetensors [--seed 0 --dtype float64 --batch 2 --seq-len 16 --steps 2]
+    ref-bert golden --hf path/to/hf-model --out model.golden.safetensors
+
+The file holds, in order (metadata "tensor_order"): the inputs, the parameters, every intermediate
+activation of the forward pass (the model's trace hook), the losses, every gradient, and the loss
+before and the parameters after K optimiser steps on the same batch. The format is specified in
+docs/golden-format.md; :func:`read_golden` reads it back, ``ref-bert verify --golden`` compares two.
+
+Runs are deterministic: dropout is off and the inputs come from ``numpy.random.default_rng([seed, 2])``.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+
+FORMAT = "ref-bert-golden"
+FORMAT_VERSION = 1
+SECTIONS = ("inputs", "params", "forward", "loss", "grads", "steps", "after_steps")
+INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+    """A deterministic padded pretraining batch as host int64 arrays.
+
+    Row 0 is full length, the others are padded: random lengths in [max(2, T // 2), T - 1]; real tokens avoid
+    ``pad_token_id`` (so Hugging Face's pad-row gradient rule does not apply), padded positions hold
+    it. Token type 0 for the first half of the real tokens, 1 after (when type_vocab_size > 1). MLM
+    labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
+    """
+    if batch < 1 or seq_len < 2:
+        raise ValueError(f"need batch >= 1 and seq_len >= 2, got batch={batch}, seq_len={seq_len}")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    if config.vocab_size < 2:
+        raise ValueError(f"vocab_size={config.vocab_size} leaves no id besides the pad id")
+    rng = np.random.default_rng([seed, 2])
+    B, T, V, pad = batch, seq_len, config.vocab_size, config.pad_token_id
+    shortest = max(2, T // 2)
+    lengths = [T] + [int(rng.integers(shortest, max(shortest, T - 1) + 1)) for _ in range(B - 1)]
+    x = dict(input_ids=np.full((B, T), pad, np.int64), token_type_ids=np.zeros((B, T), np.int64),
+             attention_mask=np.zeros((B, T), np.int64),
+             position_ids=np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
+             mlm_labels=np.full((B, T), -100, np.int64))
+    for b, n in enumerate(lengths):
+        ids = rng.integers(0, V - 1, size=n)
+        x["input_ids"][b, :n] = ids + (ids >= pad)          # skip the pad id
+        x["attention_mask"][b, :n] = 1
+        if config.type_vocab_size > 1:
+            x["token_type_ids"][b, n // 2:n] = 1
+        chosen = rng.random(n) < 0.15
+        chosen[rng.integers(n)] = True
+        x["mlm_labels"][b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
+    x["sop_labels"] = rng.integers(0, 2, size=B).astype(np.int64)
+    return x
+
+
+# --- the K optimiser steps --------------------------------------------------------------------------
+LAMB_PRESET = "albert"
+
+
+def make_optimizer(params):
+    """The optimiser of the golden file's K steps: ALBERT's LAMB (``ref_bert.optim.Lamb``, preset
+    "albert": global gradient clipping to norm 1.0, no bias correction, weight decay 0.01 inside the
+    trust ratio, LayerNorm/bias excluded from decay and adaptation, lr 0.00176, eps 1e-6). Every
+    hyperparameter is recorded in the file's ``optimizer`` metadata."""
+    from .optim import Lamb
+
+    return Lamb.from_preset(LAMB_PRESET, params)
+
+
+def describe_optimizer(opt) -> dict:
+    return {"preset": LAMB_PRESET, **opt.state_dict()["hyper"]}
+
+
+# --- building and writing ----------------------------------------------------------------------------
+def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[str, np.ndarray]", dict]:
+    """Run ``model`` on ``inputs`` (host arrays) and collect every tensor of a golden file, in order.
+
+    Returns ``(tensors, info)``; tensor names are "<section>/<name>". The model's parameters are
+    restored after the K steps.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    bk = model.backend
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def put(section, name, array):
+        key = f"{section}/{name}"
+        if key in out:
+            raise ValueError(f"golden: tensor {key} was produced twice")
+        out[key] = np.ascontiguousarray(bk.to_host(array)).copy()
+
+    for name in INPUT_NAMES:
+        put("inputs", name, inputs[name])
+    dev = {k: bk.from_host(v) for k, v in inputs.items()}
+    args = (dev["input_ids"], dev["token_type_ids"], dev["attention_mask"])
+    for name, view in model.params.items():
+        put("params", name, view)
+
+    model.forward(*args, position_ids=dev["position_ids"], trace=lambda name, x: put("forward", name, x))
+    loss, grads, parts = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"],
+                                              position_ids=dev["position_ids"], return_parts=True)
+    put("loss", "mlm", parts["mlm"])
+    put("loss", "sop", parts["sop"])
+    put("loss", "total", loss)
+    for name in model.params.shapes:
+        put("grads", name, grads[name])
+
+    saved = model.params.flat.copy()
+    opt = make_optimizer(model.named_parameters())
+    losses = []
+    try:
+        for _ in range(steps):
+            step_loss, step_grads = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"],
+                                                         position_ids=dev["position_ids"])
+            losses.append(float(step_loss))
+            opt.step(step_grads)
+        put("steps", "loss", np.array(losses, dtype=model.dtype))
+        for name, view in model.params.items():
+            put("after_steps", name, view)
+    finally:
+        model.params.flat[...] = saved
+    return out, {"optimizer": describe_optimizer(opt), "steps": steps}
+
+
+def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, source: str = "") -> dict:
+    """Write the golden file for ``model`` on ``inputs``; returns its metadata (strings only)."""
+    from . import __version__
+    from .checkpoint import save_tensors
+
+    tensors, info = golden_tensors(model, inputs, steps)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "ref_bert_version": __version__,
+        "source": source,
+        "config": model.config.to_json(),
+        "dtype": model.dtype.name,
+        "backend": model.backend.name,
+        "seed": str(seed),
+        "batch": str(inputs["input_ids"].shape[0]),
+        "seq_len": str(inputs["input_ids"].shape[1]),
+        "steps": str(steps),
+        "optimizer": json.dumps(info["optimizer"], sort_keys=True),
+        "dropout": "off",
+        "loss": "mlm = mean cross-entropy over labels != -100; sop = mean cross-entropy; total = mlm + sop",
+        "tensor_order": json.dumps(list(tensors)),
+    }
+    try:
+        from .hf import config_to_hf, hf_name_map
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metadata["hf_config"] = json.dumps(config_to_hf(model.config, model.dtype.name))
+        metadata["hf_names"] = json.dumps({ours: [hf, transposed] for ours, hf, transposed in hf_name_map(model.config)})
+    except ValueError:
+        pass  # a config Hugging Face cannot express: no HF names in the file
+    save_tensors(path, tensors, metadata=metadata)
+    return metadata
+
+
+def read_golden(path) -> tuple["OrderedDict[str, np.ndarray]", dict]:
+    """Read a golden file: ``(tensors in file order, metadata)`` with JSON fields decoded."""
+    from .checkpoint import load_tensors
+
+    tensors, metadata = load_tensors(path)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ref-bert golden file (metadata format={metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(f"{path} has golden format_version={version!r}; this ref-bert reads {FORMAT_VERSION}")
+    meta = dict(metadata)
+    for key in ("config", "optimizer", "tensor_order", "hf_config", "hf_names"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    order = meta["tensor_order"]
+    if sorted(order) != sorted(tensors):
+        raise ValueError(f"{path}: tensor_order does not list exactly the tensors in the file")
+    return OrderedDict((name, tensors[name]) for name in order), meta
+
+
+# --- command line --------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="PRESET", help="a ref-bert preset (e.g. tiny, albert-base)")
+    src.add_argument("--hf", metavar="DIR", help="a Hugging Face ALBERT/BERT model directory")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the golden .safetensors file to write")
+    parser.add_argument("--seed", type=int, default=0, help="weights (presets) and inputs seed (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="default float64")
+    parser.add_argument("--backend", default="numpy", help="numpy (default) or cupy")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    parser.add_argument("--seq-len", type=int, default=16, help="sequence length (default 16)")
+    parser.add_argument("--steps", type=int, default=1, help="optimiser steps K (default 1)")
+
+
+def run(args) -> int:
+    from .config import Config
+    from .model import Model
+
+    if args.config is not None:
+        model = Model(Config.preset(args.config), backend=args.backend, dtype=args.dtype, seed=args.seed)
+        source = f"preset:{args.config}"
+    else:
+        model = Model.from_hf(args.hf, backend=args.backend, dtype=args.dtype, seed=args.seed)
+        source = f"hf:{args.hf}"
+    inputs = make_inputs(model.config, args.batch, args.seq_len, args.seed)
+    meta = write_golden(args.out, model, inputs, steps=args.steps, seed=args.seed, source=source)
+    order = json.loads(meta["tensor_order"])
+    print(f"wrote {args.out}: {len(order)} tensors ({sum(n.startswith('forward/') for n in order)} activations, "
+          f"{sum(n.startswith('grads/') for n in order)} gradients, {args.steps} optimiser steps), "
+          f"{args.dtype}, {source}")
+    return 0

@@ -1,0 +1,414 @@
+"""The divergence report: compare two runs tensor by tensor, in forward order, and name the first one
+that differs.
+
+    ref-bert verify --hf DIR                              transformers vs ref-bert on the same inputs and weights
+    ref-bert verify --golden FILE --candidate FILE        another implementation's dump vs a golden file
+
+The table lists each tensor with its shape, max abs error, max rel error (= max abs error / max |reference|)
+and whether it is within tolerance; the first failing row is marked, a summary line follows, and the
+exit status is 1 when anything is out of tolerance (0 when all match, 2 for a usage error).
+
+Tolerance. A tensor passes when
+
+    max |candidate - reference|  <=  rtol * max |reference|  +  atol * (largest |reference| in its section)
+
+Sections are the golden-file sections (params, forward, loss, grads, after_steps); integer inputs must
+match exactly. Defaults per dtype (override with --rtol / --atol):
+
+    float64: rtol 1e-10, atol 1e-12     float32: rtol 1e-5, atol 1e-6
+
+Why: two correct implementations differ only by summation order, ~1e-16 per operation in float64 and
+~1e-7 in float32, growing with depth and width. Measured against Hugging Face: on the tiny models of
+tests/test_hf_parity.py float64 <= 5e-15 and float32 <= 3e-6; on a randomly initialised albert-base
+(H 768, 12 layers, V 30000, batch 2 x 32) float64 <= 1.1e-14 and float32 <= 4.1e-6 (activations and
+gradients alike, relative to each tensor's own scale). The defaults leave
+orders of magnitude of headroom above that, yet sit far below the smallest real modelling differences:
+erf GELU vs tanh GELU (~1e-4), LayerNorm epsilon 1e-5 vs 1e-12 (~1e-5 relative), a dropped bias. The
+``atol`` term, relative to the section's largest value so that it is unit-free, is for tensors that are
+zero in exact arithmetic, where only rounding noise remains: the attention key-bias gradient (softmax
+ignores a per-row constant), or the gradients of fully saturated attention. float32 candidates of
+large models may need --rtol 1e-4.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (1e-5, 1e-6)}
+
+
+@dataclass
+class Row:
+    name: str
+    shape: tuple
+    max_abs: float = math.nan
+    max_rel: float = math.nan
+    ok: bool = False
+    status: str = ""
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)
+    rtol: float = 0.0
+    atol: float = 0.0
+    dtype: str = ""
+    notes: list = field(default_factory=list)
+
+    @property
+    def failures(self) -> list:
+        return [r for r in self.rows if not r.ok]
+
+    @property
+    def first_failure(self):
+        return next((r for r in self.rows if not r.ok), None)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and bool(self.rows)
+
+
+def tolerances(dtype: str, rtol=None, atol=None) -> tuple[float, float]:
+    if dtype not in DEFAULT_TOLERANCES:
+        raise ValueError(f"no default tolerances for dtype {dtype!r}; expected one of {sorted(DEFAULT_TOLERANCES)}")
+    default_rtol, default_atol = DEFAULT_TOLERANCES[dtype]
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def section_of(name: str) -> str:
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def compare(reference: "OrderedDict[str, np.ndarray]", candidate: dict, rtol: float, atol: float,
+            allow_missing: bool = False, dtype: str = "") -> Report:
+    """Compare ``candidate`` with ``reference`` tensor by tensor, in the reference's order."""
+    report = Report(rtol=rtol, atol=atol, dtype=dtype)
+    scales: dict[str, float] = {}
+    for name, ref in reference.items():
+        if ref.dtype.kind == "f" and ref.size:
+            s = section_of(name)
+            scales[s] = max(scales.get(s, 0.0), float(np.abs(ref.astype(np.float64)).max()))
+    for name, ref in reference.items():
+        row = Row(name, tuple(ref.shape))
+        report.rows.append(row)
+        if name not in candidate:
+            row.ok, row.status = allow_missing, "missing" + (" (allowed)" if allow_missing else "")
+            continue
+        cand = np.asarray(candidate[name])
+        if tuple(cand.shape) != tuple(ref.shape):
+            row.status = f"shape {tuple(cand.shape)}"
+            continue
+        if ref.dtype.kind in "iub":
+            row.max_abs = float(np.abs(cand.astype(np.int64) - ref.astype(np.int64)).max()) if ref.size else 0.0
+            row.max_rel = 0.0 if row.max_abs == 0 else math.inf
+            row.ok = row.max_abs == 0
+            row.status = "ok" if row.ok else "FAIL (inputs must be identical)"
+            continue
+        a, b = np.atleast_1d(cand.astype(np.float64)), np.atleast_1d(ref.astype(np.float64))
+        if not ref.size:
+            row.max_abs = row.max_rel = 0.0
+            row.ok, row.status = True, "ok"
+            continue
+        diff = np.abs(a - b)
+        both_nan = np.isnan(a) & np.isnan(b)
+        diff[both_nan] = 0.0
+        row.max_abs = float(diff.max()) if not np.isnan(diff).any() else math.nan
+        scale = float(np.nanmax(np.abs(b))) if not np.isnan(b).all() else 0.0
+        row.max_rel = row.max_abs / scale if scale > 0 else (0.0 if row.max_abs == 0 else math.inf)
+        limit = rtol * scale + atol * scales.get(section_of(name), 0.0)
+        row.ok = bool(row.max_abs <= limit)  # NaN compares False
+        row.status = ("ok" if row.max_abs <= rtol * scale else "ok by atol") if row.ok else "FAIL"
+    return report
+
+
+def _fmt(x: float) -> str:
+    return "-" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.2e}")
+
+
+def format_report(report: Report, title: str = "", show: str = "all") -> str:
+    """The table (forward order), the first divergence marked, and a summary line.
+    ``show="failures"`` prints only the rows that are out of tolerance."""
+    width = max([len(r.name) for r in report.rows] + [6])
+    lines = []
+    if title:
+        lines.append(title)
+    lines.extend(report.notes)
+    lines.append(f"{'#':>4}  {'tensor':<{width}}  {'shape':<18} {'max abs err':>11} {'max rel err':>11}  within tolerance?")
+    first = report.first_failure
+    for i, r in enumerate(report.rows):
+        if show == "failures" and r.ok:
+            continue
+        mark = "   <-- first divergence" if r is first else ""
+        shape = str(tuple(r.shape))
+        verdict = "yes" if r.ok else "NO"
+        status = "" if r.status in ("ok", "FAIL") else f" [{r.status}]"
+        lines.append(f"{i:>4}  {r.name:<{width}}  {shape:<18} {_fmt(r.max_abs):>11} {_fmt(r.max_rel):>11}  "
+                     f"{verdict}{status}{mark}")
+    tol = f"rtol {report.rtol:g}, atol {report.atol:g} x section max" + (f", {report.dtype}" if report.dtype else "")
+    if report.ok:
+        lines.append(f"verify: OK: all {len(report.rows)} tensors within tolerance ({tol})")
+    elif not report.rows:
+        lines.append("verify: FAIL: nothing was compared")
+    else:
+        lines.append(f"verify: FAIL: first divergence at {first.name} (max rel err {_fmt(first.max_rel)}"
+                     f"{'' if first.status in ('FAIL',) else ', ' + first.status}); {len(report.failures)} of "
+                     f"{len(report.rows)} tensors out of tolerance ({tol})")
+    return "\n".join(lines)
+
+
+# --- golden vs candidate ---------------------------------------------------------------------------
+def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missing=False) -> Report:
+    """Compare a candidate dump (same format, produced by another implementation) with a golden file."""
+    from .golden import read_golden
+
+    reference, meta = read_golden(golden_path)
+    candidate, cmeta = read_golden(candidate_path)
+    dtype = meta["dtype"]
+    report = compare(reference, candidate, *tolerances(dtype, rtol, atol), allow_missing=allow_missing, dtype=dtype)
+    if cmeta.get("dtype") != dtype:
+        report.notes.append(f"note: candidate dtype {cmeta.get('dtype')} differs from the golden file's {dtype}")
+    extra = [n for n in candidate if n not in reference]
+    if extra:
+        report.notes.append(f"note: {len(extra)} candidate tensors are not in the golden file (ignored), "
+                            f"e.g. {extra[0]}")
+    return report
+
+
+# --- transformers vs ref-bert ----------------------------------------------------------------------
+def _hf_capture_hooks(hf_model, family: str, inner_group_num: int, store: dict) -> list:
+    """Forward hooks that record transformers' activations under ref-bert's trace names (eager attention,
+    eval mode). Returns the hook handles."""
+    handles = []
+    base = getattr(hf_model, hf_model.base_model_prefix, hf_model)
+    state = {"prefix": "", "calls": 0}
+
+    def grab(x):
+        x = x[0] if isinstance(x, tuple) else x
+        return x.detach().cpu().numpy().copy()
+
+    def out_hook(module, name, index=None):
+        def hook(mod, args, output):
+            value = output[index] if index is not None else output
+            if value is not None:
+                store[state["prefix"] + name] = grab(value)
+        handles.append(module.register_forward_hook(hook))
+
+    def in_hook(module, name):
+        def hook(mod, args):
+            store[state["prefix"] + name] = grab(args[0])
+        handles.append(module.register_forward_pre_hook(hook))
+
+    def global_out(module, name):
+        def hook(mod, args, output):
+            store[name] = grab(output)
+        handles.append(module.register_forward_hook(hook))
+
+    def global_in(module, name):
+        def hook(mod, args):
+            store[name] = grab(args[0])
+        handles.append(module.register_forward_pre_hook(hook))
+
+    def block_start(layer_index_fn):
+        def hook(mod, args):
+            i, m = layer_index_fn(mod)
+            state["prefix"] = f"encoder.layer.{i}.block.{m}."
+        return hook
+
+    emb = base.embeddings
+    global_in(emb.LayerNorm, "embeddings.sum")
+    global_out(emb.LayerNorm, "embeddings.layer_norm")
+    if family == "albert":
+        global_out(base.encoder.embedding_hidden_mapping_in, "embeddings.output")
+        K = inner_group_num
+
+        def albert_index(mod):
+            n = state["calls"]
+            state["calls"] += 1
+            return divmod(n, K)
+
+        for group in base.encoder.albert_layer_groups:
+            for layer in group.albert_layers:
+                handles.append(layer.register_forward_pre_hook(block_start(albert_index)))
+                att = layer.attention
+                for part in ("query", "key", "value"):
+                    out_hook(getattr(att, part), f"attention.{part}")
+                in_hook(att.dense, "attention.context")
+                out_hook(att.dense, "attention.output_projection")
+                out_hook(att, "attention.probs", index=1)
+                out_hook(att, "attention_output", index=0)
+                out_hook(layer.ffn, "ffn.intermediate")
+                out_hook(layer.activation, "ffn.activation")
+                out_hook(layer.ffn_output, "ffn.output_projection")
+                out_hook(layer, "ffn_output")
+        if getattr(base, "pooler", None) is not None:
+            global_out(base.pooler, "pooler.dense")
+            global_out(base.pooler_activation, "pooled_output")
+        if hasattr(hf_model, "sop_classifier"):
+            global_out(hf_model.sop_classifier, "sop_logits")
+        if hasattr(hf_model, "predictions"):
+            head = hf_model.predictions
+            global_out(head.dense, "mlm.dense")
+            global_out(head.activation, "mlm.activation")
+            global_out(head.LayerNorm, "mlm.layer_norm")
+            global_out(head, "mlm_logits")
+    else:
+        global_out(emb.LayerNorm, "embeddings.output")
+        for l, layer in enumerate(base.encoder.layer):
+            handles.append(layer.register_forward_pre_hook(block_start(lambda mod, l=l: (l, 0))))
+            sa = layer.attention.self
+            for part in ("query", "key", "value"):
+                out_hook(getattr(sa, part), f"attention.{part}")
+            out_hook(sa, "attention.probs", index=1)
+            out_hook(sa, "attention.context", index=0)
+            out_hook(layer.attention.output.dense, "attention.output_projection")
+            out_hook(layer.attention, "attention_output", index=0)
+            out_hook(layer.intermediate.dense, "ffn.intermediate")
+            out_hook(layer.intermediate.intermediate_act_fn, "ffn.activation")
+            out_hook(layer.output.dense, "ffn.output_projection")
+            out_hook(layer, "ffn_output")
+        if getattr(base, "pooler", None) is not None:
+            global_out(base.pooler.dense, "pooler.dense")
+            global_out(base.pooler, "pooled_output")
+        cls = getattr(hf_model, "cls", None)
+        if cls is not None:
+            transform = cls.predictions.transform
+            global_out(transform.dense, "mlm.dense")
+            global_out(transform.transform_act_fn, "mlm.activation")
+            global_out(transform.LayerNorm, "mlm.layer_norm")
+            global_out(cls.predictions, "mlm_logits")
+            if hasattr(cls, "seq_relationship"):
+                global_out(cls.seq_relationship, "sop_logits")
+    return handles
+
+
+def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None) -> Report:
+    """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
+    activation, the loss and every gradient (the last two for *ForPreTraining checkpoints)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ValueError(f"ref-bert verify --hf needs torch and transformers ({e}); "
+                         f"install them with pip install 'ref-bert[test]'") from None
+    from .golden import make_inputs
+    from .hf import ARCHITECTURES, architecture_of
+    from .model import Model
+
+    directory = Path(directory)
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    arch, family = architecture_of(directory)
+    _, _, has_mlm, has_sop = ARCHITECTURES[arch]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
+        ours = Model.from_hf(directory, dtype=dtype, seed=seed)
+    hf = getattr(transformers, arch).from_pretrained(directory, attn_implementation="eager", dtype=torch_dtype)
+    hf.eval()
+    cfg = ours.config
+    x = make_inputs(cfg, batch, seq_len, seed)
+
+    # transformers, with hooks
+    captured: dict = {}
+    handles = _hf_capture_hooks(hf, family, cfg.inner_group_num, captured)
+    t = {k: torch.from_numpy(v) for k, v in x.items()}
+    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
+                  position_ids=t["position_ids"])
+    full = has_mlm and has_sop
+    if full:
+        kwargs["labels"] = t["mlm_labels"]
+        kwargs["sentence_order_label" if family == "albert" else "next_sentence_label"] = t["sop_labels"]
+    try:
+        hf.zero_grad(set_to_none=True)
+        out = hf(**kwargs)
+        if full:
+            out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+    # ref-bert, in the same order
+    reference: OrderedDict = OrderedDict()
+    candidate: dict = {}
+    hf_params = {n: p.detach().cpu().numpy() for n, p in hf.named_parameters()}
+    ours_params = ours.hf_state_dict()
+    base = f"{hf.base_model_prefix}."
+    for name, value in ours_params.items():
+        key = name if name in hf_params else name[len(base):] if name.startswith(base) else name
+        if key in hf_params:
+            reference[f"params/{name}"] = hf_params[key]
+            candidate[f"params/{name}"] = value
+
+    order = []
+
+    def trace(name, array):
+        order.append(name)
+        candidate[f"forward/{name}"] = np.array(array)
+
+    ours.forward(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["position_ids"], trace=trace)
+    skipped = [n for n in order if n not in captured]
+    for name in order:
+        if name in captured:
+            reference[f"forward/{name}"] = captured[name]
+    notes = []
+    if skipped:
+        notes.append(f"note: {arch} does not compute {len(skipped)} of ref-bert's activations (not compared): "
+                     f"{', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
+    if full:
+        loss, grads = ours.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
+                                          x["sop_labels"], x["position_ids"])
+        reference["loss/total"] = out.loss.detach().cpu().numpy()
+        candidate["loss/total"] = np.asarray(loss)
+        hf_grads = {n: p.grad.detach().cpu().numpy() for n, p in hf.named_parameters() if p.grad is not None}
+        for name, g in ours.hf_state_dict(grads).items():
+            if name in hf_grads:
+                reference[f"grads/{name}"] = hf_grads[name]
+                candidate[f"grads/{name}"] = g
+    else:
+        notes.append(f"note: {arch} has no pretraining loss; loss and gradients not compared")
+    report = compare(reference, candidate, *tolerances(dtype, rtol, atol), dtype=dtype)
+    report.notes = [f"reference: transformers {transformers.__version__} {arch} (eager attention); "
+                    f"candidate: ref-bert; batch {batch} x {seq_len}, seed {seed}"] + notes
+    return report
+
+
+# --- command line --------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--hf", metavar="DIR", help="compare ref-bert with transformers on this HF model directory")
+    parser.add_argument("--golden", metavar="FILE", help="a golden file (ref-bert golden)")
+    parser.add_argument("--candidate", metavar="FILE", help="another implementation's dump in the golden format")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64",
+                        help="--hf only: the dtype both sides run in (default float64)")
+    parser.add_argument("--seed", type=int, default=0, help="--hf only: inputs seed (default 0)")
+    parser.add_argument("--batch", type=int, default=2, help="--hf only: batch size (default 2)")
+    parser.add_argument("--seq-len", type=int, default=16, help="--hf only: sequence length (default 16)")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="relative tolerance (default: 1e-10 float64, 1e-5 float32)")
+    parser.add_argument("--atol", type=float, default=None,
+                        help="absolute tolerance, times the section's largest value (default: 1e-12 / 1e-6)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="--golden only: candidate tensors that are absent do not fail the check")
+    parser.add_argument("--failures-only", action="store_true", help="print only the rows out of tolerance")
+
+
+def run(args) -> int:
+    try:
+        if args.hf is not None:
+            if args.golden or args.candidate:
+                raise ValueError("give either --hf DIR or --golden FILE --candidate FILE, not both")
+            report = verify_hf(args.hf, args.dtype, args.seed, args.batch, args.seq_len, args.rtol, args.atol)
+            title = f"ref-bert verify --hf {args.hf}"
+        elif args.golden and args.candidate:
+            report = verify_files(args.golden, args.candidate, args.rtol, args.atol, args.allow_missing)
+            title = f"ref-bert verify --golden {args.golden} --candidate {args.candidate}"
+        else:
+            raise ValueError("give --hf DIR, or both --golden FILE and --candidate FILE")
+    except ValueError as e:
+        print(f"ref-bert verify: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report, title, show="failures" if args.failures_only else "all"))
+    return 0 if report.ok else 1

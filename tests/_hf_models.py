@@ -1,0 +1,108 @@
+"""Test helpers: tiny Hugging Face ALBERT/BERT models with random weights, and matching inputs.
+
+Nothing is downloaded: every model is built from a config in the test and saved to a temporary
+directory with ``save_pretrained``. Weights are redrawn so that LayerNorm gammas are not 1, biases
+not 0, and pre-activations are O(1) (where gelu and gelu_new differ by ~1e-4, so a swapped
+activation cannot hide).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+ALBERT_SHARED = dict(family="albert", vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                     num_attention_heads=4, intermediate_size=48, hidden_act="gelu_new",
+                     max_position_embeddings=24, type_vocab_size=2)
+# G = 2 groups of K = 2 blocks over L = 4 layers; exact gelu; non-default pad id, eps and type vocabulary.
+ALBERT_GROUPS = dict(family="albert", vocab_size=80, embedding_size=16, hidden_size=24, num_hidden_layers=4,
+                     num_hidden_groups=2, inner_group_num=2, num_attention_heads=3, intermediate_size=40,
+                     hidden_act="gelu", max_position_embeddings=20, type_vocab_size=3, pad_token_id=1,
+                     layer_norm_eps=1e-6)
+ALBERT_RELU = dict(ALBERT_SHARED, hidden_act="relu", num_hidden_layers=2)
+BERT = dict(family="bert", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, hidden_act="gelu", max_position_embeddings=24, type_vocab_size=2)
+BERT_GELU_NEW = dict(BERT, hidden_act="gelu_new", num_hidden_layers=1, layer_norm_eps=1e-5)
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def hf_config(spec: dict):
+    from transformers import AlbertConfig, BertConfig
+
+    kwargs = {k: v for k, v in spec.items() if k != "family"}
+    cls = AlbertConfig if spec["family"] == "albert" else BertConfig
+    return cls(**kwargs, attn_implementation="eager")
+
+
+def hf_model(spec: dict, arch: str = "ForPreTraining", dtype: str = "float64", seed: int = 0):
+    """A randomly initialised transformers model (eval mode: dropout off), e.g. arch "ForMaskedLM"."""
+    import transformers
+
+    torch.manual_seed(seed)
+    name = ("Albert" if spec["family"] == "albert" else "Bert") + arch
+    model = getattr(transformers, name)(hf_config(spec))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("LayerNorm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model.to(TORCH_DTYPES[dtype]).eval()
+
+
+def batch(spec: dict, seed: int = 0, lengths=(10, 8, 6), pad_at_real_positions: bool = False) -> dict:
+    """A padded batch with two segments, MLM labels on ~30% of real tokens and SOP/NSP labels.
+
+    Real tokens avoid the pad id (unless ``pad_at_real_positions``): see the pad-row note in
+    test_hf_parity.py. Padded positions hold the pad id, token type 0 and label -100.
+    """
+    rng = np.random.default_rng(seed)
+    V, pad = spec["vocab_size"], spec.get("pad_token_id", 0)
+    B, T = len(lengths), max(lengths)
+    real_ids = np.array([v for v in range(V) if v != pad])
+    input_ids = np.full((B, T), pad, dtype=np.int64)
+    token_type_ids = np.zeros((B, T), dtype=np.int64)
+    attention_mask = np.zeros((B, T), dtype=np.int64)
+    mlm_labels = np.full((B, T), -100, dtype=np.int64)
+    for b, n in enumerate(lengths):
+        input_ids[b, :n] = rng.choice(real_ids, size=n)
+        if pad_at_real_positions:
+            input_ids[b, 1] = pad
+        token_type_ids[b, n // 2:n] = min(1 + b % 2, spec["type_vocab_size"] - 1)
+        attention_mask[b, :n] = 1
+        chosen = rng.random(n) < 0.3
+        chosen[rng.integers(n)] = True
+        mlm_labels[b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
+    sop_labels = rng.integers(0, 2, size=B).astype(np.int64)
+    return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                mlm_labels=mlm_labels, sop_labels=sop_labels)
+
+
+def hf_run(model, inputs: dict, family: str, backward: bool = True):
+    """Forward (and backward of the pretraining loss) through transformers. Returns the output and a
+    dict of gradients by HF parameter name."""
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
+                  output_hidden_states=True)
+    if backward:
+        kwargs["labels"] = t["mlm_labels"]
+        kwargs["sentence_order_label" if family == "albert" else "next_sentence_label"] = t["sop_labels"]
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    grads = {}
+    if backward:
+        out.loss.backward()
+        grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+    return out, grads
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: the error relative to the tensor's scale (robust near zeros)."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    scale = np.abs(ref).max()
+    return float(np.abs(ours - ref).max() / scale) if scale > 0 else float(np.abs(ours).max())

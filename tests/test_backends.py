@@ -1,0 +1,85 @@
+"""The backend shim: selection, the operations NumPy and CuPy disagree on, and the RNG policy."""
+import os
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+import backends
+
+
+def test_numpy_backend_by_name_and_default(monkeypatch):
+    bk = backends.get("numpy")
+    assert bk.name == "numpy" and bk.xp is np
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.get() is bk
+    monkeypatch.setenv(backends.ENV_VAR, "NumPy")
+    assert backends.get() is bk
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown backend 'jax'.*numpy, cupy"):
+        backends.get("jax")
+    monkeypatch.setenv(backends.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        backends.get()
+
+
+@pytest.mark.skipif(backends.available("cupy"), reason="checks the error raised where CuPy cannot run")
+def test_cupy_unavailable_says_why_and_never_falls_back():
+    with pytest.raises(backends.BackendUnavailable, match="cupy.*(not installed|no GPU)"):
+        backends.get("cupy")
+
+
+def test_scatter_add_matches_add_at_with_repeated_ids():
+    rng = np.random.default_rng(0)
+    bk = backends.get("numpy")
+    ids = rng.integers(0, 7, size=50)
+    values = rng.standard_normal((50, 3))
+    table = rng.standard_normal((7, 3))
+    expected = table.copy()
+    np.add.at(expected, ids, values)
+    bk.scatter_add(table, ids, values)
+    # Summation order differs from add.at (runs of equal ids after a stable sort): float64 rounding only.
+    np.testing.assert_allclose(table, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_erf_keeps_float32_and_is_accurate():
+    bk = backends.get("numpy")
+    x = np.linspace(-3, 3, 13)
+    assert bk.erf(x.astype(np.float32)).dtype == np.float32
+    import math
+    np.testing.assert_allclose(bk.erf(x), [math.erf(v) for v in x], rtol=1e-15, atol=1e-16)
+
+
+def test_randomness_is_host_numpy_and_reproducible():
+    bk = backends.get("numpy")
+    a = bk.normal(bk.rng(3), (4, 5), 0.02, np.float32)
+    b = bk.normal(bk.rng(3), (4, 5), 0.02, np.float32)
+    assert a.dtype == np.float32 and np.array_equal(a, b)
+    expected = np.random.default_rng(3).standard_normal((4, 5)) * 0.02
+    np.testing.assert_array_equal(a, expected.astype(np.float32))
+    t = bk.normal(bk.rng(0), (20000,), 1.0, np.float64, truncated=True)
+    assert np.abs(t).max() <= 2.0 and 0.85 < t.std() < 0.9  # truncated-at-2 normal: std 0.8796
+
+
+def test_keep_mask_is_inverted_dropout():
+    bk = backends.get("numpy")
+    m = bk.keep_mask(bk.rng(0), (200000,), 0.9, np.float32)
+    assert m.dtype == np.float32 and set(np.unique(m)) == {np.float32(0), np.float32(1 / 0.9)}
+    # Bernoulli(0.9) over 2e5 draws: sd of the kept fraction ~ 6.7e-4; 5 sd tolerance.
+    assert abs((m > 0).mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / 2e5)
+
+
+def test_of_recognises_numpy_arrays():
+    assert backends.of(np.zeros(2)).name == "numpy"
+
+
+def test_no_module_outside_backends_imports_cupy():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(import cupy|from cupy|import cupyx|from cupyx)", re.M)
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "backends" not in p.relative_to(root).parts[:1] and ".venv" not in p.parts
+                 and "venv" not in p.parts and pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
