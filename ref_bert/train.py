@@ -14,20 +14,18 @@ One optimiser step (global step s = 1, 2, ..., ``steps``):
     grads = gradient of the loss of the whole effective batch of k*b examples (see below)
     optimiser.step(grads, lr)        LAMB/AdamW; global-norm clipping is the optimiser preset's
 
-Gradient accumulation. The loss of one batch is ``MLM + SOP`` where MLM is a mean over the batch's
-labelled positions and SOP a mean over its examples. Micro-batch i has n_i labelled positions and
-b_i examples (N = sum n_i, B = sum b_i), so the effective batch's loss and gradient are
+Gradient accumulation. The loss of one batch is ``w_mlm MLM + w_sop SOP`` (ALBERT: weights 1) where
+MLM is a mean over the batch's labelled positions and SOP a mean over its examples. Micro-batch i has
+n_i labelled positions and b_i examples (N = sum n_i, B = sum b_i), so the effective batch's loss is
 
-    L = sum_i (n_i / N) MLM_i + sum_i (b_i / B) SOP_i,      grad L = the same weights on the grads.
+    L = sum_i w_mlm (n_i / N) MLM_i + sum_i w_sop (b_i / B) SOP_i
 
-The two losses need *different* weights (n_i / N is not b_i / B unless every micro-batch has the
-same number of masks), and ``Model.loss_and_grads`` returns one gradient for MLM + SOP with no
-per-loss weight, so with k > 1 each micro-batch runs two passes: MLM labels only, then SOP labels
-only, with the same dropout masks (both passes take one ``dropout_seed`` drawn from the model's
-dropout generator). Weighting the combined gradient by n_i / N alone would be exact for MLM only
-and would weight each example's SOP term by its mask count. With k = 1 there is one pass (both
-weights are 1). The result equals one batch of k*b examples up to rounding (tested at 1e-12 in
-float64 with dropout off; with dropout on, the masks of k micro-batches are different draws).
+and its gradient carries the same weights. The two losses need *different* weights (n_i / N is not
+b_i / B unless every micro-batch has the same number of masks), so each micro-batch runs one pass
+with ``loss_weights=(w_mlm n_i / N, w_sop b_i / B)``. Weighting a combined gradient by n_i / N alone
+would be exact for MLM only and would weight each example's SOP term by its mask count. The result
+equals one batch of k*b examples up to rounding (tested at 1e-12 in float64 with dropout off; with
+dropout on, the masks of k micro-batches are different draws).
 
 Host syncs. Everything per step stays on the model's backend: losses, gradient norm and the
 optimiser's norms are 0-d device arrays. They are read on the host (one ``backend.to_host`` of four
@@ -118,7 +116,7 @@ DATA_STREAM_KEY = 0xDA7A
 
 # Settings that define the run's arithmetic: a resumed run must have the same ones.
 RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimizer", "lr", "schedule",
-            "warmup", "seed", "dtype")
+            "warmup", "seed", "dtype", "sop_weight")
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -148,6 +146,7 @@ class PretrainConfig:
     backend: Optional[str] = None
     dtype: str = "float32"
     objective: str = "albert"
+    sop_weight: float = 1.0
     steps: int = 1600
     batch_size: int = 32
     grad_accum: int = 1
@@ -201,6 +200,9 @@ def validate(cfg: PretrainConfig) -> None:
     _require(isinstance(cfg.lr, (int, float)) and not isinstance(cfg.lr, bool) and math.isfinite(cfg.lr)
              and cfg.lr > 0, "lr", cfg.lr, "a positive number")
     _require(cfg.schedule in SCHEDULES, "schedule", cfg.schedule, f"one of {SCHEDULES}")
+    _require(isinstance(cfg.sop_weight, (int, float)) and not isinstance(cfg.sop_weight, bool)
+             and math.isfinite(cfg.sop_weight) and cfg.sop_weight >= 0, "sop_weight", cfg.sop_weight,
+             "a finite number >= 0 (ALBERT: 1)")
     _require(cfg.optimizer in OPTIMIZERS, "optimizer", cfg.optimizer, f"one of {OPTIMIZERS}")
     _require(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"one of {DTYPES}")
     if cfg.warmup is not None:
@@ -257,7 +259,8 @@ def data_seed(seed: int) -> int:
 
 
 # --- one step's gradient --------------------------------------------------------------------------------
-def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: list, training: bool = True):
+def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: list, training: bool = True,
+                              sop_weight: float = 1.0):
     """Gradient of the effective batch made of ``micro_batches`` (see the module docstring).
 
     Args:
@@ -265,9 +268,11 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
             token_type_ids, attention_mask, mlm_labels (b_i, T), sop_labels (b_i,)).
         mlm_counts: host integers n_i, the labelled MLM positions of each micro-batch (counted on the
             host before the transfer, so no device read is needed for the weights).
+        sop_weight: w_sop (ALBERT: 1); w_mlm is 1.
     Returns:
         ``(grads, parts)``: grads a dict name -> backend array (the parameters' names and shapes);
-        parts ``{"loss", "mlm", "sop"}`` as 0-d backend arrays (not read on the host).
+        parts ``{"loss", "mlm", "sop"}`` as 0-d backend arrays (not read on the host); "loss" is the
+        weighted total, "mlm" and "sop" the unweighted means over the effective batch.
     """
     k = len(micro_batches)
     if k == 0:
@@ -275,7 +280,8 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     if len(mlm_counts) != k:
         raise ValueError(f"mlm_counts has {len(mlm_counts)} entries, expected one per micro-batch ({k})")
     if k == 1:
-        loss, grads, parts = model.loss_and_grads(**micro_batches[0], training=training, return_parts=True)
+        loss, grads, parts = model.loss_and_grads(**micro_batches[0], training=training, return_parts=True,
+                                                  loss_weights=(1.0, sop_weight))
         return grads, {"loss": loss, "mlm": parts["mlm"], "sop": parts["sop"]}
 
     xp = model.xp
@@ -286,29 +292,20 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     mlm = xp.zeros((), dtype=model.dtype)
     sop = xp.zeros((), dtype=model.dtype)
     for micro_batch, n_masks, n_examples in zip(micro_batches, mlm_counts, sizes):
-        # One dropout seed for both passes: the MLM-only and SOP-only passes then drop the same units,
-        # as one pass with both labels would. Drawn even when unused so the stream does not depend on
-        # which micro-batches happen to have masks.
-        dropout_seed = int(model.dropout_rng.integers(0, 2 ** 63)) if training else None
-        inputs = {key: micro_batch[key] for key in ("input_ids", "token_type_ids", "attention_mask")}
-        if n_masks > 0:   # a micro-batch without masks has MLM loss 0 and weight 0
-            weight = n_masks / total_masks
-            _, grads, parts = model.loss_and_grads(**inputs, mlm_labels=micro_batch["mlm_labels"], training=training,
-                                                   dropout_seed=dropout_seed, return_parts=True)
-            _add_scaled(accumulated, grads, weight)
-            mlm = mlm + weight * parts["mlm"]
-        weight = n_examples / total_examples
-        _, grads, parts = model.loss_and_grads(**inputs, sop_labels=micro_batch["sop_labels"], training=training,
-                                               dropout_seed=dropout_seed, return_parts=True)
-        _add_scaled(accumulated, grads, weight)
-        sop = sop + weight * parts["sop"]
-    return dict(accumulated.items()), {"loss": mlm + sop, "mlm": mlm, "sop": sop}
+        mlm_share = n_masks / total_masks if total_masks else 0.0   # no masks: MLM loss 0, weight 0
+        sop_share = n_examples / total_examples
+        _, grads, parts = model.loss_and_grads(**micro_batch, training=training, return_parts=True,
+                                               loss_weights=(mlm_share, sop_weight * sop_share))
+        _accumulate(accumulated, grads)
+        mlm = mlm + mlm_share * parts["mlm"]
+        sop = sop + sop_share * parts["sop"]
+    return dict(accumulated.items()), {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
 
 
-def _add_scaled(accumulated, grads: dict, weight: float) -> None:
-    """In place, tensor by tensor: accumulated[name] += weight * grads[name]."""
+def _accumulate(accumulated, grads: dict) -> None:
+    """In place, tensor by tensor: accumulated[name] += grads[name]."""
     for name, view in accumulated.items():
-        view += weight * grads[name]
+        view += grads[name]
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -685,7 +682,8 @@ def _train(job: _Job, on_step: OnStep) -> None:
             b = cfg.batch_size
             micro_batches = [{key: value[i * b:(i + 1) * b] for key, value in batch.items()}
                              for i in range(cfg.grad_accum)]
-            grads, parts = effective_batch_gradients(model, micro_batches, mlm_counts, training=True)
+            grads, parts = effective_batch_gradients(model, micro_batches, mlm_counts, training=True,
+                                                     sop_weight=cfg.sop_weight)
             will_checkpoint = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
             will_log = will_checkpoint or (job.step + 1) % cfg.log_every == 0
             grad_norm = global_grad_norm(grads.values(), xp) if will_log else None   # before clipping
@@ -809,6 +807,8 @@ def add_arguments(parser) -> None:
     a("--dtype", default=d.dtype, choices=DTYPES, help=f"(default {d.dtype})")
     a("--objective", default=d.objective, help=f"one of {', '.join(OBJECTIVES)}; only albert (MLM + SOP) is "
                                                f"implemented so far (default {d.objective})")
+    a("--sop-weight", type=float, default=d.sop_weight,
+      help=f"weight of the SOP loss in MLM + w * SOP (ALBERT: 1; default {d.sop_weight})")
     a("--steps", type=int, default=d.steps, help=f"optimiser steps; the schedule spans them (default {d.steps})")
     a("--batch-size", type=int, default=d.batch_size, help=f"examples per micro-batch (default {d.batch_size})")
     a("--grad-accum", type=int, default=d.grad_accum,
@@ -842,7 +842,7 @@ def config_from_args(args) -> PretrainConfig:
     overrides = dict(_parse_override(text) for text in args.config_set)
     return PretrainConfig(
         out=args.out, corpus=args.corpus, tokenizer=args.tokenizer, config=args.config, config_overrides=overrides,
-        backend=args.backend, dtype=args.dtype, objective=args.objective, steps=args.steps,
+        backend=args.backend, dtype=args.dtype, objective=args.objective, sop_weight=args.sop_weight, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, optimizer=args.optimizer,
         lr=args.lr, schedule=args.schedule, warmup=args.warmup, seed=args.seed,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
