@@ -88,6 +88,8 @@ from . import checkpoint as ckpt
 from .config import PRESETS, Config
 from .data import PretrainingDataset, Tokenizer, default_corpus_path, read_corpus
 from .model import DTYPES, Model
+from .ops import IGNORE_INDEX
+from .unilm import pretraining_batch as unilm_pretraining_batch
 from .optim import ADAMW_PRESETS, LAMB_PRESETS, AdamW, Lamb, albert_schedule, global_grad_norm, linear_warmup_decay
 from .params import FlatBuffer
 
@@ -95,7 +97,6 @@ __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "effective_batch_grad
            "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "add_arguments", "run"]
 
 OBJECTIVES = ("albert", "unilm")
-IMPLEMENTED_OBJECTIVES = ("albert",)
 SCHEDULES = ("albert", "linear")
 # "lamb" is ALBERT's LAMB; the other LAMB names are the presets of ref_bert.optim; "adamw" is
 # torch.optim.AdamW's defaults and "adamw-bert" BERT's AdamWeightDecayOptimizer.
@@ -187,10 +188,6 @@ def validate(cfg: PretrainConfig) -> None:
     """Check every setting; raise ValueError naming the first bad one and what was expected."""
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective={cfg.objective!r} is invalid: expected one of {OBJECTIVES}")
-    if cfg.objective not in IMPLEMENTED_OBJECTIVES:
-        raise ValueError(f"objective={cfg.objective!r} is not implemented yet: pretraining builds only ALBERT "
-                         f"MLM + SOP batches so far (the UniLM mixed-mask batch builder is a separate piece of "
-                         f"work); expected one of {IMPLEMENTED_OBJECTIVES}")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "log_every"):
         value = getattr(cfg, name)
         _require(_is_int(value) and value >= 1, name, value, "a positive integer")
@@ -256,6 +253,34 @@ def learning_rate(cfg: PretrainConfig, updates_done: int) -> float:
 
 def data_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, DATA_STREAM_KEY]).generate_state(1)[0])
+
+
+# --- the UniLM objective mix ------------------------------------------------------------------------
+def unilm_host_batch(albert_batch: dict, config, seed) -> dict:
+    """Re-cut one batch of the ALBERT data stream into a UniLM mixed-objective batch.
+
+    The stream's examples are ``[CLS] A [SEP] B [SEP]`` with A and B swapped for SOP (label 1) and
+    tokens masked. The original tokens (the label where masked) and the original order give the
+    sentence pairs; :func:`ref_bert.unilm.pretraining_batch` then gives each example its mask kind
+    (1/3 bidirectional with the sentence-order loss, 1/3 seq2seq, 1/6 left-to-right, 1/6
+    right-to-left) and masks afresh (15%, 80/10/10, spans of 1 to 3 tokens). ``seed`` makes the
+    draw a function of (run seed, step, micro-batch), so a resumed run rebuilds the same batches.
+    UniLM's segment ids (6 types) are used when the config has ``type_vocab_size >= 6``.
+    """
+    original = np.where(albert_batch["mlm_labels"] != IGNORE_INDEX, albert_batch["mlm_labels"],
+                        albert_batch["input_ids"])
+    pairs = []
+    for row, types, mask, swapped in zip(original, albert_batch["token_type_ids"], albert_batch["attention_mask"],
+                                         albert_batch["sop_labels"]):
+        real = int(mask.sum())
+        first_sep = int(np.argmax(types[:real] == 1)) - 1      # the last token of type 0
+        a, b = row[1:first_sep].tolist(), row[first_sep + 1:real - 1].tolist()
+        pairs.append((b, a) if swapped == 1 else (a, b))
+    batch = unilm_pretraining_batch(pairs, albert_batch["input_ids"].shape[1], config.vocab_size,
+                                    seed=np.random.default_rng(list(seed)),
+                                    unilm_segments=config.type_vocab_size >= 6)
+    return {key: getattr(batch, key) for key in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
+                                                 "sop_labels")}
 
 
 # --- one step's gradient --------------------------------------------------------------------------------
@@ -673,8 +698,11 @@ def _train(job: _Job, on_step: OnStep) -> None:
         while job.step < stop:
             lr = learning_rate(cfg, job.step)
             host_batches = [job.dataset.next_batch() for _ in range(cfg.grad_accum)]
-            mlm_counts = [int((hb["mlm_labels"] != -100).sum()) for hb in host_batches]
-            step_tokens = sum(int(hb["attention_mask"].sum()) for hb in host_batches)
+            step_tokens = sum(int(hb["attention_mask"].sum()) for hb in host_batches)   # (B, T) padding masks
+            if cfg.objective == "unilm":
+                host_batches = [unilm_host_batch(hb, model.config, seed=(cfg.seed, job.step, i))
+                                for i, hb in enumerate(host_batches)]
+            mlm_counts = [int((hb["mlm_labels"] != IGNORE_INDEX).sum()) for hb in host_batches]
             # One transfer per array per step: the k micro-batches travel together, then are sliced
             # on the device.
             batch = {key: backend.from_host(np.concatenate([hb[key] for hb in host_batches]))
@@ -805,8 +833,8 @@ def add_arguments(parser) -> None:
       help="override a config field, e.g. --set hidden_dropout_prob=0 (repeatable; VALUE is JSON or a string)")
     a("--backend", default=None, help="numpy or cupy (default: $REF_BERT_BACKEND or numpy)")
     a("--dtype", default=d.dtype, choices=DTYPES, help=f"(default {d.dtype})")
-    a("--objective", default=d.objective, help=f"one of {', '.join(OBJECTIVES)}; only albert (MLM + SOP) is "
-                                               f"implemented so far (default {d.objective})")
+    a("--objective", default=d.objective, help=f"albert (MLM + SOP) or unilm (UniLM's mix of bidirectional + SOP, seq2seq, "
+                                               f"left-to-right and right-to-left masks; default {d.objective})")
     a("--sop-weight", type=float, default=d.sop_weight,
       help=f"weight of the SOP loss in MLM + w * SOP (ALBERT: 1; default {d.sop_weight})")
     a("--steps", type=int, default=d.steps, help=f"optimiser steps; the schedule spans them (default {d.steps})")
