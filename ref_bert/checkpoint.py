@@ -4,11 +4,17 @@ safetensors holds raw tensors and a JSON header, nothing executable, so loading 
 cannot run code (unlike pickle). Every file is written atomically: to a temporary file in the same
 directory, flushed and fsynced, then ``os.replace``-d over the target, so a crash leaves either the
 old file or the new one, never half of one.
+
+Whole directories (a training checkpoint: several files that only make sense together) are written
+the same way one level up: :func:`publish_directory` fills a hidden temporary directory next to the
+target and renames it into place when every file is complete; :func:`write_pointer` /
+:func:`read_pointer` keep a small file naming the newest complete one (``OUT/latest``).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,6 +41,110 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_directory(path) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where directories cannot be
+    opened (Windows)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path, obj) -> None:
+    """``obj`` as indented, key-sorted JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path, what: str = "JSON file"):
+    """Parse a JSON file; a missing or unparsable file is a ValueError naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+STAGING_SUFFIXES = (".tmp", ".old")
+
+
+def publish_directory(final, write) -> Path:
+    """Create directory ``final`` atomically: ``write(tmp)`` fills a hidden sibling ``.NAME.*.tmp``,
+    which is fsynced and renamed to ``final`` only when ``write`` returns. Until then ``final`` is
+    untouched; if ``write`` raises (KeyboardInterrupt included) the temporary directory is removed.
+
+    An existing ``final`` is first renamed aside (``.NAME.*.old``) and deleted after the new one is
+    in place, so ``final`` names a complete directory at every moment except between two renames.
+    Leftovers of a killed process are hidden names that :func:`remove_staging` deletes.
+    """
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=parent))
+    try:
+        write(tmp)
+        for entry in tmp.iterdir():  # atomic_write_bytes already fsynced each file's data
+            if entry.is_dir():
+                fsync_directory(entry)
+        fsync_directory(tmp)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_staging(parent) -> list:
+    """Delete the hidden temporary directories :func:`publish_directory` leaves behind when a process
+    is killed mid-write (names ``.*.tmp`` and ``.*.old``). Returns the paths removed."""
+    parent = Path(parent)
+    removed = []
+    if parent.is_dir():
+        for entry in parent.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(STAGING_SUFFIXES) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def write_pointer(path, target) -> None:
+    """Atomically write a one-line file naming ``target`` relative to the pointer's own directory."""
+    path = Path(path)
+    relative = os.path.relpath(Path(target), path.parent)
+    atomic_write_bytes(path, (Path(relative).as_posix() + "\n").encode())
+
+
+def read_pointer(path) -> Path:
+    """The directory a :func:`write_pointer` file names; ValueError if the file or the directory is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; expected a file naming a checkpoint directory")
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file naming a checkpoint directory: {e}") from e
+    if not name:
+        raise ValueError(f"{path} is empty; expected the name of a checkpoint directory")
+    target = path.parent / name
+    if not target.is_dir():
+        raise ValueError(f"{path} names {name!r}, but {target} is not a directory")
+    return target
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -101,7 +211,20 @@ def load_model(directory, backend=None, dtype=None):
     config = load_config(directory)
     tensors, metadata = load_tensors(directory / WEIGHTS_NAME)
     model = Model(config, backend=backend, dtype=dtype or metadata.get("dtype", "float32"))
-    check_state(model.params.shapes, tensors, str(directory / WEIGHTS_NAME))
+    _assign(model, tensors, directory / WEIGHTS_NAME)
+    return model
+
+
+def load_weights(model, directory) -> dict:
+    """Overwrite ``model``'s parameters with ``directory/model.safetensors`` (checked name by name and
+    shape by shape before anything is written). Returns the file's metadata."""
+    path = Path(directory) / WEIGHTS_NAME
+    tensors, metadata = load_tensors(path)
+    _assign(model, tensors, path)
+    return metadata
+
+
+def _assign(model, tensors: dict, path) -> None:
+    check_state(model.params.shapes, tensors, str(path))
     for name, view in model.params.items():
         view[...] = model.backend.from_host(tensors[name], dtype=model.dtype)
-    return model

@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("ref_bert.generate_cli", "seq2seq decoding (greedy or beam search) from a saved model"),
     "golden": ("ref_bert.golden", "write a golden file: inputs, parameters, every activation, losses, gradients, K steps"),
     "verify": ("ref_bert.verify", "divergence report: ref-bert vs transformers (--hf), or a candidate vs a golden file"),
+    "pretrain": ("ref_bert.train", "ALBERT pretraining (MLM + SOP) with LAMB, atomic resumable checkpoints"),
     "bench": ("benchmarks.bench", "time a training step and a forward pass against PyTorch (and the sgemm peak)"),
 }
 

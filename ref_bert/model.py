@@ -148,16 +148,20 @@ class Model:
     # --- loss and backward ---------------------------------------------------------------------
     def loss_and_grads(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
                        sop_labels=None, position_ids=None, *, training: bool = False, dropout_seed=None,
-                       return_parts: bool = False, trace: Trace = None, _backward: bool = True):
+                       return_parts: bool = False, trace: Trace = None, loss_weights=(1.0, 1.0),
+                       _backward: bool = True):
         """Loss = MLM + SOP (whichever labels are given; -100 marks ignored entries) and its gradient.
 
         Returns ``(loss, grads)``: ``loss`` a 0-d array on the backend, ``grads`` a dict with one
         fresh array per parameter name (same names and shapes as ``named_parameters()``), all views of
         one flat buffer laid out like the parameters. With ``return_parts=True`` a
-        third element ``{"mlm": ..., "sop": ...}`` holds the two losses.
+        third element ``{"mlm": ..., "sop": ...}`` holds the two (unweighted) losses.
+        ``loss_weights=(w_mlm, w_sop)`` returns ``w_mlm * MLM + w_sop * SOP`` and its gradient (ALBERT:
+        (1, 1)); gradient accumulation uses it to weight micro-batches in one pass.
         The MLM head runs only at labelled positions (that is where the vocabulary-sized work is).
         """
         xp, cfg = self.xp, self.config
+        w_mlm, w_sop = (float(w) for w in loss_weights)
         drop = self._dropout(training, dropout_seed)
         hidden_states, (emb_cache, enc_cache) = self._encode(
             input_ids, token_type_ids, attention_mask, position_ids, drop, trace)
@@ -176,17 +180,17 @@ class Model:
             logits, head_cache = mlm_head_forward(gathered, self.params, cfg)
             mlm_loss, ce_cache = cross_entropy_forward(logits, flat_labels[positions])
             if _backward:
-                dgathered = mlm_head_backward(cross_entropy_backward(1.0, ce_cache), head_cache, grads)
+                dgathered = mlm_head_backward(cross_entropy_backward(w_mlm, ce_cache), head_cache, grads)
                 dlast.reshape(B * T, H)[positions] += dgathered
         if sop_labels is not None:
             pooled, pool_cache = pooler_forward(last, self.params)
             logits, sop_cache = sop_head_forward(pooled, self.params, drop(pooled.shape, cfg.classifier_dropout_prob))
             sop_loss, ce_cache = cross_entropy_forward(logits, sop_labels)
             if _backward:
-                dpooled = sop_head_backward(cross_entropy_backward(1.0, ce_cache), sop_cache, grads)
+                dpooled = sop_head_backward(cross_entropy_backward(w_sop, ce_cache), sop_cache, grads)
                 dlast += pooler_backward(dpooled, pool_cache, grads, xp)
 
-        loss = mlm_loss + sop_loss
+        loss = w_mlm * mlm_loss + w_sop * sop_loss
         if not _backward:
             return loss, None, {"mlm": mlm_loss, "sop": sop_loss}
         dhidden = [None] * (len(hidden_states) - 1) + [dlast]

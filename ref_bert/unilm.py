@@ -95,10 +95,11 @@ def _check_ids(name: str, ids, vocab_size: int, allow_empty: bool) -> list[int]:
         raise ValueError(f"{name} must be a list of integer token ids, got {ids!r:.80}")
     if not ids and not allow_empty:
         raise ValueError(f"{name} is empty: expected at least one token id")
-    bad = [t for t in ids if not NUM_SPECIAL <= t < vocab_size]
+    # [UNK] is ordinary text as far as a sentence is concerned; the other specials are structure.
+    bad = [t for t in ids if not 0 <= t < vocab_size or t in (PAD_ID, CLS_ID, SEP_ID, MASK_ID)]
     if bad:
-        raise ValueError(f"{name} contains token id {bad[0]}, expected ids in [{NUM_SPECIAL}, {vocab_size}) "
-                         f"(ids below {NUM_SPECIAL} are the special tokens)")
+        raise ValueError(f"{name} contains token id {bad[0]}, expected ids in [0, {vocab_size}) other than "
+                         f"the structural specials PAD={PAD_ID}, CLS={CLS_ID}, SEP={SEP_ID}, MASK={MASK_ID}")
     return [int(t) for t in ids]
 
 
