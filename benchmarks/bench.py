@@ -505,8 +505,10 @@ def report_table(results: list[dict], peak: dict) -> str:
     for name, pair in by_config.items():
         if "ref-bert" in pair and "torch" in pair:
             ours, theirs = pair["ref-bert"], pair["torch"]
-            lines.append(f"{name}: ref-bert / torch time ratio: train {ours['train_median_s'] / theirs['train_median_s']:.2f}, "
-                         f"forward {ours['forward_median_s'] / theirs['forward_median_s']:.2f}; peak RSS train "
+            train_ratio = ours["train_median_s"] / theirs["train_median_s"]
+            forward_ratio = ours["forward_median_s"] / theirs["forward_median_s"]
+            lines.append(f"{name}: ref-bert / torch time ratio: train {train_ratio:.2f}, "
+                         f"forward {forward_ratio:.2f}; peak RSS train "
                          f"{ours['train_peak_rss_mib']:.0f} vs {theirs['train_peak_rss_mib']:.0f} MiB; eval loss "
                          f"{ours['eval_loss']:.6f} vs {theirs['eval_loss']:.6f}")
             if ours.get("train_device_pool_mib") is not None and theirs.get("train_device_peak_reserved_mib"):

@@ -11,7 +11,7 @@ import pytest
 import backends
 from benchmarks import bench
 from benchmarks.flops import forward_matmul_flops, step_flops
-from ref_bert import Config, Model
+from ref_bert import Config
 from ref_bert.optim import Lamb
 
 
