@@ -201,6 +201,16 @@ _cache: dict[str, Backend] = {}
 _PARALLEL_MIN_SIZE = 1 << 16
 
 
+def _forget_thread_pools() -> None:
+    """In a forked child the parent's pool threads do not exist: make a fresh pool on next use."""
+    for backend in _cache.values():
+        backend._thread_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_thread_pools)
+
+
 def _thread_count() -> int:
     """Threads for the NumPy backend's own parallel loops: what BLAS is told to use."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

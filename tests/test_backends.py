@@ -109,3 +109,27 @@ def test_malloc_tuning_can_be_turned_off(monkeypatch):
 
 def test_numpy_backend_has_no_fused_kernels():
     assert backends.get("numpy").fused is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_threaded_erf_works_in_a_forked_child(monkeypatch):
+    """The thread pool made before a fork is not inherited half-dead: the child makes its own."""
+    import multiprocessing
+
+    bk = backends.get("numpy")
+    monkeypatch.setattr(bk, "threads", 2)
+    x = np.linspace(-3, 3, 1 << 17)
+    bk.erf(x)                                              # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply(_erf_sum, (x,))
+    assert result is not None, "the forked child inherited the parent's thread pool"
+    assert result == pytest.approx(float(bk.erf(x).sum()))
+
+
+def _erf_sum(x):
+    bk = backends.get("numpy")
+    if bk._thread_pool is not None:   # the parent's pool, whose threads do not exist here: erf would hang
+        return None
+    bk.threads = 2
+    return float(bk.erf(x).sum())
