@@ -189,7 +189,8 @@ class Backend:
     def keep_mask(self, rng: np.random.Generator, shape, keep_prob: float, dtype):
         """Inverted-dropout multiplier: 1/keep_prob where kept (probability keep_prob), else 0.
 
-        Built in ``dtype`` directly (no float64 array of the mask's size): the kept value is
+        The uniform draws are float64 whatever ``dtype`` is, so a seed gives the same mask in float32
+        and float64 models; the mask itself is built in ``dtype`` directly, its kept value
         ``dtype(1 / keep_prob)``, exactly what casting a float64 ``keep / keep_prob`` would give."""
         keep = rng.random(shape) < keep_prob
         mask = keep.astype(dtype)

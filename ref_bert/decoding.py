@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import math
 
+from einops import rearrange
+
 import backends
 
 from .encoder import ffn_sublayer_forward
 from .ops import (additive_mask_from, embeddings_forward, layer_norm_forward, linear_forward, merge_heads,
-                  softmax_forward, split_heads)
+                  softmax_forward)
+from .ops.attention import fused_qkv
 
 
 def _no_dropout(shape, prob):
@@ -80,10 +83,8 @@ def cached_self_attention_forward(x_new, p, past_keys, past_values, additive_mas
     (N, h, n, L + n). Returns ``(context (N, n, H), new_keys (N, h, n, d), new_values (N, h, n, d))``.
     """
     xp = backends.of(x_new).xp
-    q, _ = linear_forward(x_new, p["query.weight"], p["query.bias"])
-    k, _ = linear_forward(x_new, p["key.weight"], p["key.bias"])
-    v, _ = linear_forward(x_new, p["value.weight"], p["value.bias"])
-    qh, kh, vh = (split_heads(t, num_heads) for t in (q, k, v))
+    qkv, _ = linear_forward(x_new, *fused_qkv(p))              # the training forward's projection
+    qh, kh, vh = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)
     keys = xp.concatenate([past_keys, kh], axis=2)       # (N, h, L + n, d)
     values = xp.concatenate([past_values, vh], axis=2)
     scale = 1.0 / math.sqrt(qh.shape[-1])

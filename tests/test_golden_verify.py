@@ -12,6 +12,7 @@ from ref_bert import Config, Model
 from ref_bert import golden, verify
 from ref_bert.cli import COMMANDS, main
 from ref_bert.optim import Lamb
+from tests._models import perturbed_model
 
 CONFIG = Config(vocab_size=50, embedding_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=24, max_position_embeddings=16, hidden_act="gelu_new", model_type="albert",
@@ -19,12 +20,7 @@ CONFIG = Config(vocab_size=50, embedding_size=12, hidden_size=16, num_hidden_lay
 
 
 def randomised(config, dtype="float64", seed=1):
-    """Weights large enough that activations are O(1) (where gelu and gelu_new differ by ~1e-4)."""
-    model = Model(config, dtype=dtype, seed=seed)
-    rng = np.random.default_rng(seed)
-    for view in model.params.views.values():
-        view[...] += rng.normal(0, 0.3, view.shape)
-    return model
+    return perturbed_model(config, dtype=dtype, seed=seed, std=0.3)
 
 
 def clone(model, config):

@@ -50,6 +50,7 @@ import torch
 
 from ref_bert import Config, Model
 from ref_bert.hf import PROJECTION_NAMES
+from tests._models import perturbed_model
 from tests._hf_models import (ALBERT_GROUPS, ALBERT_RELU, ALBERT_SHARED, BERT, BERT_GELU_NEW, batch, hf_model,
                               hf_run, rel_err)
 
@@ -178,12 +179,7 @@ def test_other_architectures_load_with_fresh_heads(arch, spec, fresh, tmp_path):
 
 
 def _randomised(config, dtype="float64", seed=3):
-    """A ref-bert model whose LayerNorm gammas and biases are not 1 and 0."""
-    model = Model(config, dtype=dtype, seed=seed)
-    rng = np.random.default_rng(seed)
-    for view in model.params.views.values():
-        view[...] += rng.normal(0, 0.2, view.shape)
-    return model
+    return perturbed_model(config, dtype=dtype, seed=seed, std=0.2)
 
 
 @pytest.mark.parametrize("config", [
