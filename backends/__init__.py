@@ -84,9 +84,33 @@ class Backend:
             flat_x, flat_out = x.reshape(-1), out.reshape(-1)
             bounds = np.linspace(0, x.size, self.threads + 1).astype(int)
             chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-            list(self._pool().map(lambda c: self._erf(flat_x[c], out=flat_out[c]), chunks))
+            self.parallel_map(lambda c: self._erf(flat_x[c], out=flat_out[c]), chunks)
             return out
         return self._erf(x) if out is None else self._erf(x, out=out)
+
+    def parallel_map(self, fn, items) -> list:
+        """``[fn(item) for item in items]``, the results in the items' order.
+
+        On NumPy, with more than one thread and more than one item, the calls are spread over the
+        backend's thread pool: NumPy releases the GIL inside its loops, so elementwise work on
+        separate slices runs on separate cores. ``fn`` must therefore write only memory that no other
+        item touches; then the results do not depend on the thread count. On CuPy the calls run one
+        after another (each only queues kernels on the device)."""
+        items = list(items)
+        if self.name != "numpy" or self.threads <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._pool().map(fn, items))
+
+    def set_threads(self, threads: int) -> None:
+        """Set how many threads the NumPy backend's own parallel loops use (erf, the optimisers'
+        pieces); by default the BLAS count from the environment. ``ref-bert pretrain`` sets it with
+        its BLAS limit. Results do not depend on it."""
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if threads != self.threads and self._thread_pool is not None:
+            self._thread_pool.shutdown(wait=True)
+            self._thread_pool = None
+        self.threads = threads
 
     def _pool(self):
         if self._thread_pool is None:

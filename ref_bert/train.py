@@ -769,7 +769,8 @@ def _progress_bar(cfg: PretrainConfig, initial: int):
 # --- command line ------------------------------------------------------------------------------------------
 def limit_blas_threads(threads: int) -> Optional[int]:
     """Set the BLAS libraries' thread count (threadpoolctl) and return the previous one; None where
-    threadpoolctl finds no BLAS library.
+    threadpoolctl finds no BLAS library. The NumPy backend's own threads (erf, the optimiser's
+    pieces) are set to the same count.
 
     Why: the tiny config's matrices (64 x 1024 and the like) are too small for BLAS threads to pay,
     and on a machine whose cores are busy with other work the threads wait on each other; measured on
@@ -779,6 +780,7 @@ def limit_blas_threads(threads: int) -> Optional[int]:
     """
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    backends.get("numpy").set_threads(int(threads))
     blas = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
     if not blas:
         return None

@@ -102,6 +102,35 @@ def test_threaded_erf_equals_scipy_erf(dtype, monkeypatch):
     assert np.array_equal(bk.erf(strided), scipy.special.erf(strided))
 
 
+def test_parallel_map_keeps_order_and_uses_threads(monkeypatch):
+    import threading
+
+    bk = backends.get("numpy")
+    monkeypatch.setattr(bk, "threads", 2)
+    seen = set()
+
+    def work(i):
+        seen.add(threading.current_thread().name)
+        return i * i
+
+    assert bk.parallel_map(work, range(50)) == [i * i for i in range(50)]
+    assert all(name.startswith("ref-bert-numpy") for name in seen)     # ran on the pool, not inline
+    monkeypatch.setattr(bk, "threads", 1)
+    seen.clear()
+    assert bk.parallel_map(work, range(5)) == [0, 1, 4, 9, 16]
+    assert seen == {threading.current_thread().name}                    # one thread: inline
+
+
+def test_set_threads_checks_its_argument(monkeypatch):
+    bk = backends.get("numpy")
+    monkeypatch.setattr(bk, "threads", bk.threads)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+            bk.set_threads(bad)
+    bk.set_threads(3)
+    assert bk.threads == 3 and bk.parallel_map(abs, [-1, 2, -3]) == [1, 2, 3]
+
+
 def test_malloc_tuning_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(backends.MALLOC_ENV_VAR, "0")
     assert backends._tune_malloc() is False

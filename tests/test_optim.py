@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import backends
+from ref_bert import optim
 from ref_bert.optim import (ADAMW_PRESETS, LAMB_PRESETS, AdamW, Lamb, albert_schedule, clip_factor,
                             global_grad_norm, linear_warmup_decay)
 
@@ -322,8 +323,20 @@ NAIVE_CASES = {
 }
 
 
+@pytest.fixture(params=["whole", "pieces"])
+def layout(request, monkeypatch):
+    """Run the test twice: with every tensor updated whole (as these small tensors are by default),
+    and with the NumPy path that large tensors take (ref_bert.optim._pieces): pieces of 7 elements
+    instead of 2^17, on two threads. 7 divides none of the sizes, so every split tensor ends in a short
+    piece, and the norms are sums over pieces."""
+    if request.param == "pieces":
+        monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
+        monkeypatch.setattr(backends.get("numpy"), "threads", 2)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(NAIVE_CASES))
-def test_preset_matches_naive_reference(case):
+def test_preset_matches_naive_reference(case, layout):
     # float64 on both sides, same formula up to rounding order -> 1e-10 relative on every step's update.
     make_opt, reference = NAIVE_CASES[case]
     ours, ref = run_ours(make_opt), reference()
@@ -362,7 +375,7 @@ def run_torch_optimizer(debias: bool, weight_decay: float):
 
 
 @pytest.mark.parametrize("debias", [False, True])
-def test_torch_optimizer_preset(debias):
+def test_torch_optimizer_preset(debias, layout):
     # float64 torch vs float64 NumPy, same formula up to rounding order -> 1e-10 relative per update.
     ref, clamped_norm = run_torch_optimizer(debias, weight_decay=0.01)
     assert clamped_norm == 10.0, "the test must exercise torch_optimizer's clamp of ||w|| at 10"
@@ -394,7 +407,7 @@ def run_optax(mask):
     return traj
 
 
-def test_optax_preset():
+def test_optax_preset(layout):
     # float64 JAX vs float64 NumPy, same formula up to rounding order -> 1e-10 relative per update.
     ref = run_optax(mask=None)
     ours = run_ours(lambda p: Lamb.from_preset("optax", p, weight_decay=0.01))
@@ -416,7 +429,7 @@ def test_optax_preset_with_mask_affects_decay_only():
     assert max_update_error(albert_like, ref) > 1e-3
 
 
-def test_adamw_matches_torch():
+def test_adamw_matches_torch(layout):
     # torch.optim.AdamW in float64 with a decay and a no-decay parameter group; 1e-10 relative per update
     # (identical formula; torch writes the decay as w * (1 - lr wd) before the Adam step).
     torch = pytest.importorskip("torch")
@@ -437,6 +450,31 @@ def test_adamw_matches_torch():
     assert max_update_error(ours, ref) < TOL
     without_exclusions = run_ours(lambda p: AdamW.from_preset("torch", p))
     assert max_update_error(without_exclusions, ref) > 1e-3
+
+
+def test_pieces_and_threads_do_not_change_the_numbers(monkeypatch):
+    """Large tensors are updated in pieces on the backend's threads (ref_bert.optim.PIECE_ELEMENTS):
+    the result is bit-identical whatever the thread count, because the pieces and the order of every
+    sum are fixed; and within rounding (1e-12 relative, float64, 12 steps) of updating whole tensors."""
+    numpy_backend = backends.get("numpy")
+
+    def run(piece_elements, threads):
+        monkeypatch.setattr(optim, "PIECE_ELEMENTS", piece_elements)
+        monkeypatch.setattr(numpy_backend, "threads", threads)
+        params = make_params()
+        opt = Lamb.from_preset("albert", params)
+        for grads, lr in zip(make_grads(), LRS):
+            opt.step(grads, lr=lr)
+        return params
+
+    one, two, whole = run(7, 1), run(7, 2), run(10 ** 9, 1)
+    for name in one:
+        assert np.array_equal(one[name], two[name]), name
+        np.testing.assert_allclose(one[name], whole[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
+    pieces = optim._pieces(numpy_backend, np.zeros((24, 24)))
+    assert [p[0].size for p in pieces] == [7] * 82 + [2]
+    assert len(optim._pieces(numpy_backend, np.zeros((24, 24)).T)) == 1   # not contiguous: whole
 
 
 # =============================================================================================

@@ -432,7 +432,10 @@ def test_cli_runs_and_resumes(small, capsys):
 
 
 def test_blas_thread_limit(monkeypatch):
+    numpy_backend = backends.get("numpy")
+    monkeypatch.setattr(numpy_backend, "threads", numpy_backend.threads)      # restored afterwards
     previous = train.limit_blas_threads(1)
+    assert numpy_backend.threads == 1     # the backend's own loops (erf, optimiser pieces) follow BLAS
     if previous is not None:   # NumPy's bundled OpenBLAS was found: the call took effect
         try:
             assert train.limit_blas_threads(previous) == 1
