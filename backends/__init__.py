@@ -127,7 +127,10 @@ class Backend:
         On NumPy ``numpy.add.at`` is exact but slow (one Python-level ufunc call per element
         internally), so we sort the ids once and sum runs of equal ids with ``add.reduceat``;
         the order of summation within a run is fixed by the stable sort, so the result is
-        deterministic. CuPy's ``scatter_add`` uses atomics (fast; order-dependent rounding only).
+        deterministic. CuPy's ``scatter_add`` uses atomics (fast; order-dependent rounding only); its
+        add accepts float32 and float64 tables (the note in its docstring, "float32" only, predates
+        float64 support). Newer CuPy sources deprecate ``ndarray.scatter_add`` (which it calls) in favour
+        of ``cupy.add.at``, the same kernel; CuPy 14.2 does not warn yet.
         """
         ids = ids.reshape(-1)
         values = values.reshape(ids.shape[0], -1)

@@ -6,7 +6,8 @@ elementwise kernel (or, for row-wise ops, a couple of reductions and one element
 arrays of either float dtype (``T`` is float or double). The readable reference for each is the
 NumPy code in ref_bert (named in the method's docstring), which is what runs on the NumPy backend;
 tests/test_fused_kernels.py checks every method against it on a GPU (``@pytest.mark.gpu``), and
-against a NumPy interpreter of the kernel source on any machine.
+against a NumPy interpreter of the kernel source on any machine; where the CUDA toolkit is installed
+it also compiles every kernel's source with nvcc (sm_90, T = float and double), no GPU needed.
 
 Only backends/ imports cupy: :func:`backends.get` builds one :class:`CupyKernels` for the CuPy
 backend (``backend.fused``); set ``REF_BERT_FUSED=0`` to run the plain ops on CuPy instead.

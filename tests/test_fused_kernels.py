@@ -5,12 +5,18 @@ Two ways:
   kernel on CuPy arrays against the NumPy op, float32 and float64; and a whole training step.
 * Everywhere: :class:`NumpyKernelInterpreter` runs the kernels' own source text (the C expressions
   given to ``ElementwiseKernel`` / ``ReductionKernel``) with NumPy, so the arithmetic, the argument
-  order of every call and the model's fused code paths are checked on any machine. What it cannot
-  check is that CUDA compiles the source: that is the GPU tests' job.
+  order of every call and the model's fused code paths are checked on any machine.
+* Where the CUDA toolkit is installed (``nvcc``; no GPU or driver needed): every kernel's source,
+  wrapped the way CuPy wraps it, compiles for sm_90 with T = float and T = double. Whether CuPy
+  accepts the calls (argument shapes, dtypes, broadcasting against passed outputs) is still the GPU
+  tests' job.
 """
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +102,187 @@ class NumpyKernelInterpreter:
     ElementwiseKernel = _Elementwise
     ReductionKernel = _Reduction
     empty_like = staticmethod(np.empty_like)
+
+
+# --- the kernel source compiled by nvcc, wrapped as CuPy wraps it ---------------------------------------
+# The wrappers below follow CuPy's code generators (cupy/_core/_kernel.pyx and _reduction.pyx, read at
+# cupy-cuda13x 14.2.0). They leave out CuPy's CArray/CIndexer indexing (carray.cuh), which does not
+# depend on the kernel source; what the kernel source sees (the names bound, their types and constness,
+# the macros, the scalars) is CuPy's. With that CuPy installed, the exact source it generates for these
+# kernels (from its internal _get_elementwise_kernel_code / _ReductionKernel_get_cached_function_code,
+# which need no device) also compiles, with NVRTC and with nvcc, for sm_90.
+class _RecordedKernel:
+    """The arguments one ``ElementwiseKernel`` / ``ReductionKernel`` constructor was given (the names
+    and defaults of CuPy's own signatures)."""
+
+    def __init__(self, kind, in_params, out_params, name, preamble="", **source):
+        self.kind, self.in_params, self.out_params, self.name, self.preamble = \
+            kind, in_params, out_params, name, preamble
+        self.source = source   # operation, or map_expr / reduce_expr / post_map_expr / identity / reduce_type
+
+
+class KernelSourceRecorder:
+    """Stands in for the cupy module: records every kernel's constructor arguments, compiles nothing."""
+
+    @staticmethod
+    def ElementwiseKernel(in_params, out_params, operation, name="kernel", reduce_dims=True, preamble="",
+                          **kwargs):
+        return _RecordedKernel("elementwise", in_params, out_params, name, preamble, operation=operation)
+
+    @staticmethod
+    def ReductionKernel(in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,
+                        name="reduce_kernel", reduce_type=None, reduce_dims=True, preamble="", options=()):
+        return _RecordedKernel("reduction", in_params, out_params, name, preamble, map_expr=map_expr,
+                               reduce_expr=reduce_expr, post_map_expr=post_map_expr, identity=identity,
+                               reduce_type=reduce_type)
+
+
+def recorded_kernels(kernels=None):
+    """Every kernel a :class:`CupyKernels` built, in definition order."""
+    kernels = CupyKernels(KernelSourceRecorder) if kernels is None else kernels
+    return [k for k in vars(kernels).values() if isinstance(k, _RecordedKernel)]
+
+
+# Named dtypes in parameter specs -> C types, as CuPy's cupy._core._scalar.get_typename names them.
+_C_TYPES = {"float64": "double", "float32": "float", "int64": "long long", "int32": "int", "bool": "bool"}
+
+
+def _cuda_params(spec: str, is_const: bool):
+    """A CuPy parameter spec ("T x, float64 eps") -> [(c_type, name, is_array)], parsed as CuPy's
+    ParameterInfo does: the last two words are type and name; a one-letter type is a type variable
+    (bound by a typedef), any other is a NumPy dtype name passed as a scalar."""
+    params = []
+    for item in filter(str.strip, spec.split(",")):
+        *keywords, type_, name = item.split()
+        if keywords:
+            raise NotImplementedError(f"parameter {item!r}: the nvcc wrapper knows no 'raw'/'_non_const'")
+        if len(type_) == 1:
+            params.append((type_, name, True))
+        else:
+            dtype = np.dtype(type_).name            # raises for an unknown dtype name, as CuPy does
+            if dtype not in _C_TYPES:
+                raise NotImplementedError(f"parameter {item!r}: add {dtype} to _C_TYPES")
+            params.append((_C_TYPES[dtype], name, False))
+    if is_const:
+        return [(f"const {t}", n, a) for t, n, a in params]
+    return params
+
+
+def _signature(ins, outs, extra):
+    """Kernel parameters: arrays as pointers named _raw_<name> (CuPy passes CArray<T, ...> _raw_<name>),
+    scalars by value under their own name."""
+    ps = [f"{t} *_raw_{n}" if is_array else f"{t} {n}" for t, n, is_array in ins + outs]
+    return ", ".join(ps + extra)
+
+
+def _cuda_elementwise(k) -> str:
+    """One ElementwiseKernel as CuPy expands it (cupy/_core/_kernel.pyx, _get_elementwise_kernel_code
+    and _get_simple_elementwise_kernel_code): inside a grid-stride loop over i (CuPy's CUPY_FOR, with
+    ptrdiff_t i), every input array element is bound as ``const T &x = _raw_x[...]`` and every output as
+    ``T &y = _raw_y[...]`` (so outputs can be read before they are written), then the operation."""
+    ins, outs = _cuda_params(k.in_params, True), _cuda_params(k.out_params, False)
+    names = [n for _, n, _ in ins + outs]
+    if "i" in names:   # CuPy's own check: the loop index is called i
+        raise ValueError(f"{k.name}: Can not use 'i' as a parameter name")
+    binds = [f"{t} &{n} = _raw_{n}[i];" for t, n, is_array in ins + outs if is_array]
+    return "\n".join([
+        k.preamble,
+        f'extern "C" __global__ void {k.name}({_signature(ins, outs, ["ptrdiff_t _size"])}) {{',
+        "  #pragma unroll 1",
+        "  for (ptrdiff_t i = static_cast<ptrdiff_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < _size;",
+        "       i += static_cast<ptrdiff_t>(blockDim.x) * gridDim.x) {",
+        *("    " + b for b in binds),
+        f"    {k.source['operation']};",
+        "  }",
+        "}",
+    ])
+
+
+def _cuda_reduction(k) -> str:
+    """One ReductionKernel as CuPy expands it (cupy/_core/_reduction.pyx, _create_reduction_function_code
+    and _ReductionKernel_get_cached_function_code): ``#define REDUCE(a, b) (reduce_expr)`` and
+    ``#define POST_MAP(a) (post_map_expr)``; ``_type_reduce`` is reduce_type (default: the first
+    output's type); the running value starts at ``_type_reduce(identity)``; per input element, inputs are
+    bound by value (``const T x = _raw_x[...]``) and ``_type_reduce _a = static_cast<_type_reduce>(map_expr)``
+    is folded in with REDUCE; partial results are combined with REDUCE(_a, _b) as in CuPy's shared-memory
+    step; then the output is bound as ``T &y = _raw_y[...]`` and POST_MAP(_s) runs. One thread per output
+    here (CuPy uses a block per output and shared memory): the same expressions in the same contexts."""
+    src = k.source
+    ins, outs = _cuda_params(k.in_params, True), _cuda_params(k.out_params, False)
+    reduce_type = src["reduce_type"] or outs[0][0]
+    in_binds = [f"{t} {n} = _raw_{n}[_j];" for t, n, is_array in ins if is_array]
+    out_binds = [f"{t} &{n} = _raw_{n}[_i];" for t, n, is_array in outs if is_array]
+    return "\n".join([
+        k.preamble,
+        f"#define REDUCE(a, b) ({src['reduce_expr']})",
+        f"#define POST_MAP(a) ({src['post_map_expr']})",
+        f'extern "C" __global__ void {k.name}({_signature(ins, outs, ["ptrdiff_t _in_size", "ptrdiff_t _out_size"])}) {{',
+        f"  typedef {reduce_type} _type_reduce;",
+        "  ptrdiff_t _i = static_cast<ptrdiff_t>(blockIdx.x) * blockDim.x + threadIdx.x;",
+        "  if (_i >= _out_size) return;",
+        f"  _type_reduce _s = _type_reduce({src['identity']});",
+        "  for (ptrdiff_t _j = _i; _j < _in_size; _j += _out_size) {",
+        *("    " + b for b in in_binds),
+        f"    _type_reduce _a = static_cast<_type_reduce>({src['map_expr']});",
+        "    _s = REDUCE(_s, _a);",
+        "  }",
+        "  { _type_reduce _a = _s, _b = _type_reduce(" + src["identity"] + "); _s = REDUCE(_a, _b); }",
+        *("  " + b for b in out_binds),
+        "  POST_MAP(_s);",
+        "}",
+        "#undef REDUCE",
+        "#undef POST_MAP",
+    ])
+
+
+def cuda_translation_unit(kernels, c_type: str) -> str:
+    """All ``kernels`` (recorded) in one .cu file, every type variable (T) bound to ``c_type``."""
+    type_vars = sorted({t.split()[-1] for k in kernels for spec in (k.in_params, k.out_params)
+                        for t, _, _ in _cuda_params(spec, False) if len(t.split()[-1]) == 1})
+    parts = [f"typedef {c_type} {v};" for v in type_vars]
+    for k in kernels:
+        parts.append(_cuda_elementwise(k) if k.kind == "elementwise" else _cuda_reduction(k))
+    return "\n\n".join(parts) + "\n"
+
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit) on PATH; no GPU needed")
+
+
+def nvcc_compile(source: str, directory) -> subprocess.CompletedProcess:
+    """Compile ``source`` to an sm_90 (H200) object: ptxas runs too, no device is touched."""
+    path = directory / "kernels.cu"
+    path.write_text(source)
+    # --std=c++17: what CuPy 14 passes to NVRTC (cupy/_core/_compile_with_cache.pyx, assemble_cupy_compiler_options).
+    return subprocess.run([NVCC, "-arch=sm_90", "--std=c++17", "-c", str(path), "-o", str(directory / "kernels.o")],
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("c_type", ["float", "double"])
+def test_kernel_source_compiles_with_nvcc(c_type, tmp_path):
+    """Every kernel of CupyKernels in one translation unit, compiled for sm_90 (one nvcc run)."""
+    kernels = recorded_kernels()
+    assert len(kernels) == 20, [k.name for k in kernels]
+    start = time.perf_counter()
+    result = nvcc_compile(cuda_translation_unit(kernels, c_type), tmp_path)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, f"nvcc failed for T = {c_type}:\n{result.stderr}"
+    print(f"nvcc: {len(kernels)} kernels, T = {c_type}, {seconds:.1f} s")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kind", ["elementwise", "reduction"])
+def test_nvcc_check_fails_on_a_broken_kernel(kind, tmp_path):
+    """The check can fail: an undeclared identifier planted in one kernel's body (elementwise operation,
+    or a reduction's map expression) makes nvcc reject the unit and name the identifier."""
+    kernel = next(k for k in recorded_kernels() if k.kind == kind)
+    field = "operation" if kind == "elementwise" else "map_expr"
+    kernel.source[field] = kernel.source[field].replace("x", "x_undeclared", 1)
+    assert "x_undeclared" in kernel.source[field], kernel.source[field]
+    result = nvcc_compile(cuda_translation_unit([kernel], "float"), tmp_path)
+    assert result.returncode != 0
+    assert "x_undeclared" in result.stderr and "undefined" in result.stderr, result.stderr
 
 
 # --- the comparisons, shared by both ways ------------------------------------------------------------
