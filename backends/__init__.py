@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,8 @@ class Backend:
         item touches; then the results do not depend on the thread count. On CuPy the calls run one
         after another (each only queues kernels on the device)."""
         items = list(items)
-        if self.name != "numpy" or self.threads <= 1 or len(items) <= 1:
+        if (self.name != "numpy" or self.threads <= 1 or len(items) <= 1
+                or threading.current_thread().name.startswith(_POOL_PREFIX)):   # no nesting: run inline
             return [fn(item) for item in items]
         return list(self._pool().map(fn, items))
 
@@ -116,7 +118,7 @@ class Backend:
         if self._thread_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ref-bert-numpy")
+            self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix=_POOL_PREFIX)
         return self._thread_pool
 
     def scatter_add(self, table, ids, values) -> None:
@@ -226,7 +228,8 @@ class Backend:
 
 
 _cache: dict[str, Backend] = {}
-_PARALLEL_MIN_SIZE = 1 << 16
+_PARALLEL_MIN_SIZE = 1 << 16      # elements: below this, a thread pool's hand-off costs more than it saves
+_POOL_PREFIX = "ref-bert-numpy"
 
 
 def _forget_thread_pools() -> None:

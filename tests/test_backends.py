@@ -115,6 +115,9 @@ def test_parallel_map_keeps_order_and_uses_threads(monkeypatch):
 
     assert bk.parallel_map(work, range(50)) == [i * i for i in range(50)]
     assert all(name.startswith("ref-bert-numpy") for name in seen)     # ran on the pool, not inline
+    # A call made from a pool thread runs inline: with every worker waiting on inner calls queued
+    # behind them, a nested submit would deadlock.
+    assert bk.parallel_map(lambda i: sum(bk.parallel_map(abs, [-i, i])), range(4)) == [0, 2, 4, 6]
     monkeypatch.setattr(bk, "threads", 1)
     seen.clear()
     assert bk.parallel_map(work, range(5)) == [0, 1, 4, 9, 16]
