@@ -171,7 +171,12 @@ class CupyKernels:
 
     # --- LAMB ---------------------------------------------------------------------------------------------
     def sum_of_squares(self, x):
-        """sum(x^2) over every element, a 0-d array (one kernel, no x^2 temporary)."""
+        """sum(x^2) over every element, a 0-d array, with no x^2 temporary. A matrix is reduced row by
+        row first and the row sums then: CuPy's reduction kernels give each output element one thread
+        block, so a whole-tensor reduction in one call would run a 23M-element embedding table
+        through a single block (one streaming multiprocessor, a sequential float32 sum per thread)."""
+        if x.ndim > 1:
+            return self._sum(self._sum_sq(x.reshape(-1, x.shape[-1]), axis=-1))
         return self._sum_sq(x)
 
     def lamb_direction(self, g, w, m, v, clip, b1, b2, bias1, bias2, eps, wd_l2, wd_inside):

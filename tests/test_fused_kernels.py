@@ -341,7 +341,8 @@ def compare_kernels(kernels, dtype, to_device=np.asarray, to_host=np.asarray):
             dscores_ref = ops.softmax_backward(ops.dropout_backward(dd, keep_mask), probs_ref) * dtype(scale)
             dscores = kernels.softmax_backward(dev(dd), probs, scale, None if keep_mask is None else dev(keep_mask))
             close(dscores, dscores_ref, dtype, to_host)
-    close(kernels.sum_of_squares(dev(x)), np.asarray((x * x).sum()), dtype, to_host)
+    close(kernels.sum_of_squares(dev(x)), np.asarray((x * x).sum()), dtype, to_host)    # rows, then their sums
+    close(kernels.sum_of_squares(dev(w)), np.asarray((w * w).sum()), dtype, to_host)    # a vector: one reduction
 
 
 def lamb_steps(model_params, grads, backend_fused, monkeypatch, **preset):
