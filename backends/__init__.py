@@ -99,7 +99,7 @@ class Backend:
         after another (each only queues kernels on the device)."""
         items = list(items)
         if (self.name != "numpy" or self.threads <= 1 or len(items) <= 1
-                or threading.current_thread().name.startswith(_POOL_PREFIX)):   # no nesting: run inline
+                or getattr(_pool_thread, "active", False)):   # called from the pool itself: run inline
             return [fn(item) for item in items]
         return list(self._pool().map(fn, items))
 
@@ -118,7 +118,8 @@ class Backend:
         if self._thread_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix=_POOL_PREFIX)
+            self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix=_POOL_PREFIX,
+                                                   initializer=_mark_pool_thread)
         return self._thread_pool
 
     def scatter_add(self, table, ids, values) -> None:
@@ -230,6 +231,11 @@ class Backend:
 _cache: dict[str, Backend] = {}
 _PARALLEL_MIN_SIZE = 1 << 16      # elements: below this, a thread pool's hand-off costs more than it saves
 _POOL_PREFIX = "ref-bert-numpy"
+_pool_thread = threading.local()     # .active is True in the pool's own threads
+
+
+def _mark_pool_thread() -> None:
+    _pool_thread.active = True
 
 
 def _forget_thread_pools() -> None:

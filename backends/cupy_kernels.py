@@ -175,7 +175,7 @@ class CupyKernels:
         row first and the row sums then: CuPy's reduction kernels give each output element one thread
         block, so a whole-tensor reduction in one call would run a 23M-element embedding table
         through a single block (one streaming multiprocessor, a sequential float32 sum per thread)."""
-        if x.ndim > 1:
+        if x.ndim > 1 and x.size:
             return self._sum(self._sum_sq(x.reshape(-1, x.shape[-1]), axis=-1))
         return self._sum_sq(x)
 

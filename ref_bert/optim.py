@@ -30,11 +30,13 @@ Schedules are plain functions of the step returning Python floats; pass their va
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
+import operator
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -110,9 +112,10 @@ def _sum_of_squares(x, xp):
 
 # On NumPy the optimisers work on each tensor in pieces of this many elements (512 KiB of float32),
 # spread over the backend's threads (Backend.parallel_map). A piece's temporaries stay in cache, and
-# a large tensor's update no longer runs on one core: LAMB over bert-base's 110M parameters took 1.0 s
-# a step on one core, 0.5 s on two. The piece size is fixed, not derived from the thread count, so
-# the numbers (the order of every sum) are the same whatever the thread count.
+# a large tensor's update no longer runs on one core: LAMB over bert-base's 110M parameters took
+# 1.1 s a step whole, 0.63 s in pieces on one core, 0.45 s on two (docs/performance.md). The piece
+# size is fixed, not derived from the thread count, so the numbers (the order of every sum) are the
+# same whatever the thread count.
 PIECE_ELEMENTS = 1 << 17
 
 
@@ -145,7 +148,20 @@ def global_grad_norm(grads, xp=None):
     if xp is None:
         xp = backend.xp
     pieces = [piece for g in grads for (piece,) in _pieces(backend, g)]
-    return xp.sqrt(sum(backend.parallel_map(lambda g: _sum_of_squares(g, xp), pieces)))
+    return xp.sqrt(_total(backend.parallel_map(lambda g: _sum_of_squares(g, xp), pieces)))
+
+
+def _total(values):
+    """values[0] + values[1] + ..., in order (unlike ``sum``, no ``0 +`` first: one kernel fewer on CuPy)."""
+    return functools.reduce(operator.add, values)
+
+
+class _Direction(NamedTuple):
+    """What Lamb.step computes for one piece before the trust ratio: u, and the piece's sums of
+    squares of w and u (None for tensors excluded from layer adaptation)."""
+    u: Any
+    w_sq: Any
+    u_sq: Any
 
 
 def clip_factor(norm, max_norm: float, xp):
@@ -510,46 +526,51 @@ class Lamb(_AdamFamily):
         """One LAMB update of every parameter, in place. ``grads``: name -> array with exactly the
         parameters' names, shapes and dtypes (not modified). ``lr``: this step's learning rate.
 
-        Per tensor: u piece by piece (:func:`_pieces`; one piece on CuPy), the two norms from the
-        pieces' sums of squares, the trust ratio, then the update piece by piece."""
+        Per tensor: u piece by piece (:func:`_pieces`; one piece on CuPy and for small tensors),
+        the tensor's two norms from the pieces' sums of squares, its trust ratio, then the update
+        piece by piece."""
         lr, t, clip = self._begin_step(grads, lr)
         b1, b2 = self.betas
         bias1, bias2 = 1.0 - b1 ** t, 1.0 - b2 ** t          # host floats: t is a host integer
         step_size = lr * math.sqrt(bias2) / bias1 if self.bias_correction == "step_size" else lr
-        xp, backend, fused = self.xp, self.backend, self.backend.fused
+        backend = self.backend
         for name, w in self.params.items():
             wd = self.tensor_weight_decay[name]
             adapt = self.layer_adaptation[name]
             pieces = _pieces(backend, grads[name], w, self.exp_avg[name], self.exp_avg_sq[name])
-
-            def direction(piece):
-                g_, w_, m_, v_ = piece
-                u_ = self._direction(g_, w_, m_, v_, wd, clip, bias1, bias2)
-                if not adapt:
-                    return u_, None, None
-                return u_, _sum_of_squares(w_, xp), _sum_of_squares(u_, xp)
-
-            directions = backend.parallel_map(direction, pieces)
+            directions = backend.parallel_map(
+                functools.partial(self._piece_direction, wd=wd, adapt=adapt, clip=clip, bias1=bias1, bias2=bias2),
+                pieces)
             if adapt:
-                ratio = self._trust_ratio(sum(d[1] for d in directions), sum(d[2] for d in directions))
+                ratio = self._trust_ratio(_total([d.w_sq for d in directions]), _total([d.u_sq for d in directions]))
             else:
                 ratio = 1.0
             self.trust_ratios[name] = ratio
-            scale = step_size * ratio
             decay_outside = lr * wd if self.weight_decay_mode == "outside_ratio" else 0.0
+            backend.parallel_map(
+                functools.partial(self._piece_apply, scale=step_size * ratio, decay_outside=decay_outside),
+                [(piece[1], d.u) for piece, d in zip(pieces, directions)])
 
-            def apply(piece_and_direction):
-                (_, w_, _, _), (u_, _, _) = piece_and_direction
-                if fused is not None:
-                    # w <- w - scale * u - decay_outside * w in one kernel.
-                    fused.lamb_apply(w_, u_, xp.asarray(scale, dtype=w_.dtype), decay_outside)
-                    return
-                delta = scale * u_
-                if decay_outside:
-                    delta += decay_outside * w_
-                w_ -= delta
+    def _piece_direction(self, piece, wd, adapt, clip, bias1, bias2) -> _Direction:
+        """u for one piece ``(g, w, m, v)`` (updating its m and v), with its sums of squares."""
+        g, w, m, v = piece
+        u = self._direction(g, w, m, v, wd, clip, bias1, bias2)
+        if not adapt:
+            return _Direction(u, None, None)
+        return _Direction(u, _sum_of_squares(w, self.xp), _sum_of_squares(u, self.xp))
 
-            backend.parallel_map(apply, zip(pieces, directions))
+    def _piece_apply(self, w_and_u, scale, decay_outside) -> None:
+        """In place, for one piece: w <- w - scale * u [- decay_outside * w]; ``scale`` is
+        lr x step factor x the whole tensor's trust ratio."""
+        w, u = w_and_u
+        fused = self.backend.fused
+        if fused is not None:   # CuPy: one kernel
+            fused.lamb_apply(w, u, self.xp.asarray(scale, dtype=w.dtype), decay_outside)
+            return
+        delta = scale * u
+        if decay_outside:
+            delta += decay_outside * w
+        w -= delta
 
 
 class AdamW(_AdamFamily):
@@ -598,7 +619,7 @@ class AdamW(_AdamFamily):
         for name, w in self.params.items():
             wd = self.tensor_weight_decay[name]
 
-            def update_piece(piece):   # every line is elementwise: a tensor, or a piece of it
+            def update_piece(piece):   # called for this tensor's pieces before the loop moves on
                 g, w_, m, v = piece
                 if clip is not None:
                     g = g * clip

@@ -878,8 +878,8 @@ def run(args) -> int:
         if threads < 0:
             raise ValueError(f"--blas-threads={threads} is invalid: expected 0 (leave alone) or a positive count")
         if threads and limit_blas_threads(threads) is None:
-            print(f"note: no BLAS library found, --blas-threads {threads} has no effect "
-                  f"(set OMP_NUM_THREADS before starting Python instead)", file=sys.stderr)
+            print(f"note: no BLAS library found: --blas-threads {threads} set only ref-bert's own threads "
+                  f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
         result = pretrain(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -102,11 +102,20 @@ def test_threaded_erf_equals_scipy_erf(dtype, monkeypatch):
     assert np.array_equal(bk.erf(strided), scipy.special.erf(strided))
 
 
-def test_parallel_map_keeps_order_and_uses_threads(monkeypatch):
+@pytest.fixture
+def numpy_threads():
+    """The NumPy backend, its thread count (and pool) restored after the test."""
+    bk = backends.get("numpy")
+    before = bk.threads
+    yield bk
+    bk.set_threads(before)
+
+
+def test_parallel_map_keeps_order_and_uses_threads(numpy_threads):
     import threading
 
-    bk = backends.get("numpy")
-    monkeypatch.setattr(bk, "threads", 2)
+    bk = numpy_threads
+    bk.set_threads(2)
     seen = set()
 
     def work(i):
@@ -118,15 +127,14 @@ def test_parallel_map_keeps_order_and_uses_threads(monkeypatch):
     # A call made from a pool thread runs inline: with every worker waiting on inner calls queued
     # behind them, a nested submit would deadlock.
     assert bk.parallel_map(lambda i: sum(bk.parallel_map(abs, [-i, i])), range(4)) == [0, 2, 4, 6]
-    monkeypatch.setattr(bk, "threads", 1)
+    bk.set_threads(1)
     seen.clear()
     assert bk.parallel_map(work, range(5)) == [0, 1, 4, 9, 16]
     assert seen == {threading.current_thread().name}                    # one thread: inline
 
 
-def test_set_threads_checks_its_argument(monkeypatch):
-    bk = backends.get("numpy")
-    monkeypatch.setattr(bk, "threads", bk.threads)
+def test_set_threads_checks_its_argument(numpy_threads):
+    bk = numpy_threads
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads must be an integer >= 1"):
             bk.set_threads(bad)

@@ -433,14 +433,16 @@ def test_cli_runs_and_resumes(small, capsys):
 
 def test_blas_thread_limit(monkeypatch):
     numpy_backend = backends.get("numpy")
-    monkeypatch.setattr(numpy_backend, "threads", numpy_backend.threads)      # restored afterwards
-    previous = train.limit_blas_threads(1)
-    assert numpy_backend.threads == 1     # the backend's own loops (erf, optimiser pieces) follow BLAS
-    if previous is not None:   # NumPy's bundled OpenBLAS was found: the call took effect
-        try:
+    threads_before, previous = numpy_backend.threads, None
+    try:
+        previous = train.limit_blas_threads(1)
+        assert numpy_backend.threads == 1   # the backend's own loops (erf, optimiser pieces) follow BLAS
+        if previous is not None:            # NumPy's bundled OpenBLAS was found: the call took effect
             assert train.limit_blas_threads(previous) == 1
-        finally:
+    finally:
+        if previous is not None:
             train.limit_blas_threads(previous)
+        numpy_backend.set_threads(threads_before)
     args = cli.build_parser().parse_args(["pretrain"])
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
