@@ -299,7 +299,7 @@ def _make(name: str) -> Backend:
     except ImportError as e:
         raise BackendUnavailable(
             "backend 'cupy' was requested but CuPy is not installed "
-            "(pip install 'ref-bert[gpu]', or cupy-cuda12x matching your CUDA); "
+            "(pip install 'ref-bert[gpu]' for CUDA 12, 'ref-bert[gpu-cuda13]' for CUDA 13); "
             "no fallback to numpy is made"
         ) from e
     try:
