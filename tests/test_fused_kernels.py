@@ -255,7 +255,7 @@ def nvcc_compile(source: str, directory) -> subprocess.CompletedProcess:
     path.write_text(source)
     # --std=c++17: what CuPy 14 passes to NVRTC (cupy/_core/_compile_with_cache.pyx, assemble_cupy_compiler_options).
     return subprocess.run([NVCC, "-arch=sm_90", "--std=c++17", "-c", str(path), "-o", str(directory / "kernels.o")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True)
 
 
 @needs_nvcc
