@@ -615,25 +615,27 @@ class AdamW(_AdamFamily):
         lr, t, clip = self._begin_step(grads, lr)
         b1, b2 = self.betas
         bias1, bias2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        xp = self.xp
         for name, w in self.params.items():
-            wd = self.tensor_weight_decay[name]
+            pieces = _pieces(self.backend, grads[name], w, self.exp_avg[name], self.exp_avg_sq[name])
+            self.backend.parallel_map(
+                functools.partial(self._piece_update, wd=self.tensor_weight_decay[name], lr=lr, clip=clip,
+                                  bias1=bias1, bias2=bias2),
+                pieces)
 
-            def update_piece(piece):   # called for this tensor's pieces before the loop moves on
-                g, w_, m, v = piece
-                if clip is not None:
-                    g = g * clip
-                m, v = self._update_moments(m, v, g)
-                if self.bias_correction:
-                    update = (m / bias1) / (xp.sqrt(v / bias2) + self.eps)
-                else:
-                    update = m / (xp.sqrt(v) + self.eps)
-                if wd:
-                    update += wd * w_
-                w_ -= lr * update
-
-            self.backend.parallel_map(update_piece, _pieces(self.backend, grads[name], w, self.exp_avg[name],
-                                                               self.exp_avg_sq[name]))
+    def _piece_update(self, piece, wd, lr, clip, bias1, bias2) -> None:
+        """The whole AdamW update, in place, for one piece ``(g, w, m, v)`` (every line is elementwise)."""
+        g, w, m, v = piece
+        xp = self.xp
+        if clip is not None:
+            g = g * clip
+        m, v = self._update_moments(m, v, g)
+        if self.bias_correction:
+            update = (m / bias1) / (xp.sqrt(v / bias2) + self.eps)
+        else:
+            update = m / (xp.sqrt(v) + self.eps)
+        if wd:
+            update += wd * w
+        w -= lr * update
 
 
 def _merge_overrides(cls, preset: dict, overrides: dict) -> dict:
