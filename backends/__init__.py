@@ -32,14 +32,16 @@ silent fallback to the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "ENV_VAR", "MALLOC_ENV_VAR", "FUSED_ENV_VAR"]
+__all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "fast_path", "ENV_VAR", "MALLOC_ENV_VAR",
+           "FUSED_ENV_VAR"]
 
 ENV_VAR = "REF_BERT_BACKEND"
 _NAMES = ("numpy", "cupy")
@@ -67,6 +69,10 @@ class Backend:
         # Fused kernels for the elementwise and row-wise ops (CuPy only; see backends/cupy_kernels.py).
         # None on NumPy, where the ops' own code is both the reference and what runs.
         self.fused = None
+        # Fast variants of reference ops, chosen here and nowhere else: the key is the reference
+        # function's "module.name" (see :func:`fast_path`), the value a function with the same
+        # signature and the same results up to rounding. Empty means every op runs its reference code.
+        self.fast: dict[str, Callable] = {}
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -335,6 +341,26 @@ def of(array) -> Backend:
     if type(array).__module__.split(".")[0] == "cupy":
         return get("cupy")
     return get("numpy")
+
+
+def fast_path(reference: Callable) -> Callable:
+    """Mark ``reference`` (a readable op whose first argument is an array) as one a backend may replace.
+
+    The returned function looks up the backend of its first argument and calls that backend's fast
+    variant registered under ``"module.name"`` of ``reference`` (``Backend.fast``), or ``reference``
+    itself when the backend has none. The choice is the backend's alone: the op's module holds only
+    the reference code. ``op.reference`` is the reference (tests compare the two), ``op.fast_key``
+    the key.
+    """
+    key = f"{reference.__module__}.{reference.__name__}"
+
+    @functools.wraps(reference)
+    def op(first, *args, **kwargs):
+        return of(first).fast.get(key, reference)(first, *args, **kwargs)
+
+    op.reference = reference
+    op.fast_key = key
+    return op
 
 
 def available(name: str) -> bool:
