@@ -302,7 +302,7 @@ def _worker_ref_bert(spec: dict) -> dict:
     opt = Lamb.from_preset("albert", model.named_parameters())
 
     def step():
-        _, grads = model.loss_and_grads(**batch, training=True)
+        grads = model.loss_and_grads(**batch, training=True).grads
         opt.step(grads)
 
     def forward():

@@ -104,23 +104,21 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
         put("params", name, view)
 
     model.forward(*args, position_ids=dev["position_ids"], trace=lambda name, x: put("forward", name, x))
-    loss, grads, parts = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"],
-                                              position_ids=dev["position_ids"], return_parts=True)
-    put("loss", "mlm", parts["mlm"])
-    put("loss", "sop", parts["sop"])
-    put("loss", "total", loss)
+    result = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
+    put("loss", "mlm", result.parts["mlm"])
+    put("loss", "sop", result.parts["sop"])
+    put("loss", "total", result.loss)
     for name in model.params.shapes:
-        put("grads", name, grads[name])
+        put("grads", name, result.grads[name])
 
     saved = model.params.flat.copy()
     opt = make_optimizer(model.named_parameters())
     losses = []
     try:
         for _ in range(steps):
-            step_loss, step_grads = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"],
-                                                         position_ids=dev["position_ids"])
-            losses.append(float(step_loss))
-            opt.step(step_grads)
+            step = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
+            losses.append(float(step.loss))
+            opt.step(step.grads)
         put("steps", "loss", np.array(losses, dtype=model.dtype))
         for name, view in model.params.items():
             put("after_steps", name, view)
@@ -132,7 +130,7 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
 def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, source: str = "") -> dict:
     """Write the golden file for ``model`` on ``inputs``; returns its metadata (strings only)."""
     from . import __version__
-    from .checkpoint import save_tensors
+    from .files import save_tensors
 
     tensors, info = golden_tensors(model, inputs, steps)
     metadata = {
@@ -167,7 +165,7 @@ def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, sourc
 
 def read_golden(path) -> tuple["OrderedDict[str, np.ndarray]", dict]:
     """Read a golden file: ``(tensors in file order, metadata)`` with JSON fields decoded."""
-    from .checkpoint import load_tensors
+    from .files import load_tensors
 
     tensors, metadata = load_tensors(path)
     if metadata.get("format") != FORMAT:

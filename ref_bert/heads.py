@@ -50,10 +50,13 @@ def mlm_head_forward(x, p, config, trace=None):
 
 
 def mlm_head_backward(dlogits, cache, g):
+    """dlogits: (N, V), or (B, T, V) when the head ran on every position; returns dx of x's shape."""
     dense_cache, act_cache, ln_cache, t, word = cache
-    g["embeddings.word_embeddings"] += dlogits.T @ t      # tied decoder: adds to the lookup's gradient
-    g["mlm.bias"] += dlogits.sum(axis=0)
-    dt = dlogits @ word
+    V, E = word.shape
+    rows, t_rows = dlogits.reshape(-1, V), t.reshape(-1, E)      # (N, V), (N, E): views
+    g["embeddings.word_embeddings"] += rows.T @ t_rows    # tied decoder: adds to the lookup's gradient
+    g["mlm.bias"] += rows.sum(axis=0)
+    dt = (rows @ word).reshape(t.shape)
     dact = layer_norm_backward(dt, ln_cache, g["mlm.layer_norm.weight"], g["mlm.layer_norm.bias"])
     dpre = activation_backward(dact, act_cache)
     return linear_backward(dpre, dense_cache, g["mlm.dense.weight"], g["mlm.dense.bias"])

@@ -46,22 +46,29 @@ Behaviour differences that are *not* in the tensors, and how they map onto :clas
   dropout -> ``classifier_dropout_prob=0`` for BERT.
 * HF ALBERT always has ``embedding_hidden_mapping_in``, even when E == H; ref-bert has no projection then.
   Such a checkpoint loads only if that projection is exactly the identity with zero bias (what
-  :func:`save_hf` writes for an E == H ALBERT model); otherwise it is a ValueError.
+  :func:`write_hf` writes for an E == H ALBERT model); otherwise it is a ValueError.
 * Masked attention: HF adds the dtype's most negative number, ref-bert ``attention_mask_value``
   (-10000); the softmax is identical whenever a query row sees at least one key.
 * ``nn.Embedding(padding_idx=pad_token_id)`` gives the pad row of the word embeddings no gradient from
   the lookup (ref-bert does give it one); forward results are unaffected.
+
+Where this module sits: it knows files, configs and names, never a :class:`ref_bert.Model`. It reads
+a directory into a :class:`Config` and host arrays under our names (:func:`read_hf`) and writes such
+arrays back (:func:`write_hf`); ``Model.from_hf`` / ``Model.save_hf`` / ``Model.hf_state_dict`` are
+the thin methods that move them onto and off the model's backend. So ``model`` imports ``hf``, and
+nothing here imports ``model``: no import circle.
 """
 from __future__ import annotations
 
-import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_bytes, load_tensors, save_tensors
 from .config import Config
+from .files import atomic_write_json, load_tensors, parse_json, read_json, save_tensors
+from .params import parameter_shapes
 
 ARCHITECTURES = {
     # name: (family, has pooler, has MLM head, has SOP/NSP head)
@@ -196,24 +203,23 @@ def _to_hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(array.T if transpose else array)
 
 
-def hf_state_dict(model, tensors=None) -> dict:
-    """Map ``tensors`` (default: the model's parameters; any dict with our names and shapes, such as
-    the gradients of ``loss_and_grads``) to Hugging Face names and layouts, as host NumPy arrays.
+def to_hf_names(config: Config, tensors: dict) -> dict:
+    """Map host arrays under our names (all parameters of ``config``'s model with heads; any dict with
+    our names and shapes, such as the gradients of ``loss_and_grads``) to Hugging Face names and layouts.
 
     Keys are those of ``dict(Albert/BertForPreTrainingModel.named_parameters())``: the tied decoder
     appears once, as the word embeddings and ``predictions.bias``. For an E == H ALBERT model the
-    identity ``embedding_hidden_mapping_in`` that :func:`save_hf` writes is not included (ref-bert has
+    identity ``embedding_hidden_mapping_in`` that :func:`write_hf` adds is not included (ref-bert has
     no such parameter, so it has no gradient either).
     """
-    tensors = model.params if tensors is None else tensors
+    shapes = parameter_shapes(config, heads=True)
     out = {}
-    for ours, hf, transpose in hf_name_map(model.config):
+    for ours, hf, transpose in hf_name_map(config):
         if ours not in tensors:
             raise ValueError(f"hf_state_dict: tensor {ours!r} is missing from the given dict")
-        array = model.backend.to_host(tensors[ours])
-        expected = model.params.shapes[ours]
-        if tuple(array.shape) != tuple(expected):
-            raise ValueError(f"hf_state_dict: tensor {ours!r} has shape {tuple(array.shape)}, expected {expected}")
+        array = np.asarray(tensors[ours])
+        if tuple(array.shape) != tuple(shapes[ours]):
+            raise ValueError(f"hf_state_dict: tensor {ours!r} has shape {tuple(array.shape)}, expected {shapes[ours]}")
         out[hf] = _to_hf_layout(array, transpose)
     return out
 
@@ -307,10 +313,7 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
         n = int.from_bytes(raw, "little")
         if n > 100_000_000:
             raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file (header is not JSON: {e})") from e
+        header = parse_json(f.read(n), f"{path} is not a safetensors file: its header")
     return header, 8 + n
 
 
@@ -386,10 +389,11 @@ def read_hf_tensors(directory) -> dict:
         if (directory / weights).is_file():
             return reader(directory / weights)
         if (directory / index).is_file():
+            index_json = read_json(directory / index, "shard index")
             try:
-                weight_map = json.loads((directory / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{directory / index} is not a valid shard index ({e})") from e
+                weight_map = index_json["weight_map"]
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{directory / index} is not a valid shard index (no weight_map: {e})") from e
             out = {}
             for shard in sorted(set(weight_map.values())):
                 out.update(reader(_safe_shard_name(directory, shard)))
@@ -403,10 +407,7 @@ def _read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} has no config.json (expected a Hugging Face model directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return read_json(path, "Hugging Face config")
 
 
 def _normalise_names(tensors: dict) -> dict:
@@ -463,28 +464,44 @@ def detect_architecture(hf_config: dict, tensors: dict) -> tuple[str, str, bool]
 
 
 def architecture_of(directory) -> tuple[str, str]:
-    """(architecture, family) of a Hugging Face model directory, as :func:`load_hf` detects them."""
+    """(architecture, family) of a Hugging Face model directory, as :func:`read_hf` detects them."""
     directory = Path(directory)
     arch, family, _ = detect_architecture(_read_hf_config(directory), _normalise_names(read_hf_tensors(directory)))
     return arch, family
 
 
 # --- loading -----------------------------------------------------------------------------------
-def load_hf(path, backend="numpy", dtype="float32", seed: int = 0):
-    """Build a :class:`ref_bert.Model` from a Hugging Face ALBERT/BERT directory.
+@dataclass
+class HfCheckpoint:
+    """What :func:`read_hf` finds in a Hugging Face directory.
 
-    Tensors the architecture lacks (the pooler of *ForMaskedLM, the heads of *Model) keep the fresh
-    initialisation from ``seed``, with a warning. A missing encoder tensor, an unexpected tensor, a
-    tensor of the wrong shape or an unsupported config is a ValueError.
+    config:  the :class:`Config` its config.json describes.
+    tensors: host arrays under our names and in our layout, every parameter the checkpoint has.
+    missing: our names of the head parameters the architecture lacks (the pooler of *ForMaskedLM, the
+             heads of *Model); a model built from ``config`` keeps its fresh initialisation for them.
+    architecture, family: e.g. ("AlbertForPreTraining", "albert").
     """
-    from .model import Model
 
+    config: Config
+    tensors: dict
+    missing: list
+    architecture: str
+    family: str
+    directory: Path
+
+
+def read_hf(path) -> HfCheckpoint:
+    """Read a Hugging Face ALBERT/BERT directory into a config and host arrays under our names.
+
+    A missing encoder tensor, an unexpected tensor, a tensor of the wrong shape or an unsupported
+    config is a ValueError naming the directory and the tensor.
+    """
     directory = Path(path)
     hf_config = _read_hf_config(directory)
     tensors = _normalise_names(read_hf_tensors(directory))
     arch, family, prefixed = detect_architecture(hf_config, tensors)
     config = config_from_hf(hf_config, family, name=str(hf_config.get("_name_or_path") or directory.name))
-    model = Model(config, backend=backend, dtype=dtype, seed=seed)
+    shapes = parameter_shapes(config, heads=True)
     base = BASE_PREFIX[family]
     decoder_bias = DECODER_NAMES[family][1]
     if _mlm_bias_name(family) not in tensors and decoder_bias in tensors:  # some checkpoints keep only this copy
@@ -493,20 +510,20 @@ def load_hf(path, backend="numpy", dtype="float32", seed: int = 0):
     def file_name(hf_name: str) -> str:
         return hf_name if prefixed or not hf_name.startswith(base) else hf_name[len(base):]
 
-    used, fresh = set(), []
+    ours_found, used, missing = {}, set(), []
     for ours, hf, transpose in hf_name_map(config):
         key = file_name(hf)
         if key not in tensors:
             if ours.startswith(("mlm.", "sop.", "pooler.")):
-                fresh.append(ours)
+                missing.append(ours)
                 continue
             raise ValueError(f"{directory}: tensor {key!r} (ref-bert {ours!r}) is missing from the {arch} checkpoint")
         array = tensors[key]
-        expected = tuple(reversed(model.params.shapes[ours])) if transpose else tuple(model.params.shapes[ours])
+        expected = tuple(reversed(shapes[ours])) if transpose else tuple(shapes[ours])
         if tuple(array.shape) != expected:
             raise ValueError(f"{directory}: tensor {key!r} has shape {tuple(array.shape)}, expected {expected} "
                              f"from config.json")
-        model.params[ours] = model.backend.from_host(array.T if transpose else array, dtype=model.dtype)
+        ours_found[ours] = array.T if transpose else array
         used.add(key)
 
     if family == "albert" and not config.has_projection:
@@ -517,11 +534,7 @@ def load_hf(path, backend="numpy", dtype="float32", seed: int = 0):
     if unexpected:
         raise ValueError(f"{directory}: tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} are not "
                          f"part of {arch}; ref-bert cannot represent them")
-    if fresh:
-        groups = sorted({n.split(".")[0] for n in fresh})
-        warnings.warn(f"{directory}: the {arch} checkpoint has no {', '.join(groups)} weights; they are freshly "
-                      f"initialised (seed {seed})", stacklevel=3)
-    return model
+    return HfCheckpoint(config, ours_found, missing, arch, family, directory)
 
 
 def _mlm_bias_name(family: str) -> str:
@@ -557,24 +570,25 @@ def _check_tied_decoder(tensors: dict, word_name: str, bias_name: str, decoder_n
 
 
 # --- saving ------------------------------------------------------------------------------------
-def save_hf(model, path) -> Path:
+def write_hf(path, config: Config, tensors: dict, dtype: str) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers loads as Albert/BertForPreTraining.
 
-    Tensors keep the model's dtype; the tied decoder is left out (as ``save_pretrained`` does). An
-    E == H ALBERT model gets the identity ``embedding_hidden_mapping_in`` HF requires.
-    ``load_hf(save_hf(m))`` reproduces every parameter bit for bit.
+    ``tensors``: host arrays under our names (every parameter, heads included), kept in ``dtype``; the
+    tied decoder is left out (as ``save_pretrained`` does). An E == H ALBERT model gets the identity
+    ``embedding_hidden_mapping_in`` HF requires. Reading it back with :func:`read_hf` gives every
+    parameter bit for bit.
     """
     directory = Path(path)
-    hf_config = config_to_hf(model.config, dtype=model.dtype.name)
-    tensors = hf_state_dict(model)
-    if model.config.model_type == "albert" and not model.config.has_projection:
-        H = model.config.hidden_size
-        tensors[PROJECTION_NAMES[0]] = np.eye(H, dtype=model.dtype)
-        tensors[PROJECTION_NAMES[1]] = np.zeros(H, dtype=model.dtype)
-    save_tensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_bytes(directory / "config.json", (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
+    hf_config = config_to_hf(config, dtype=dtype)
+    out = to_hf_names(config, tensors)
+    if config.model_type == "albert" and not config.has_projection:
+        H = config.hidden_size
+        out[PROJECTION_NAMES[0]] = np.eye(H, dtype=dtype)
+        out[PROJECTION_NAMES[1]] = np.zeros(H, dtype=dtype)
+    save_tensors(directory / "model.safetensors", out, metadata={"format": "pt"})
+    atomic_write_json(directory / "config.json", hf_config)
     return directory
 
 
-__all__ = ["ARCHITECTURES", "hf_name_map", "hf_state_dict", "config_from_hf", "config_to_hf", "read_hf_tensors",
-           "detect_architecture", "architecture_of", "load_hf", "save_hf"]
+__all__ = ["ARCHITECTURES", "HfCheckpoint", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
+           "read_hf_tensors", "detect_architecture", "architecture_of", "read_hf", "write_hf"]

@@ -86,6 +86,7 @@ import numpy as np
 import backends
 
 from . import checkpoint as ckpt
+from . import files
 from .config import PRESETS, Config
 from .data import PretrainingDataset, Tokenizer, default_corpus_path, read_corpus
 from .model import DTYPES, Model
@@ -225,7 +226,7 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
         if path.is_dir():
             base = ckpt.load_config(path)
         elif path.is_file():
-            base = Config.from_dict(ckpt.read_json(path, "config file"))
+            base = Config.from_dict(files.read_json(path, "config file"))
         else:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
                              f"config.json file or directory")
@@ -306,9 +307,8 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     if len(mlm_counts) != k:
         raise ValueError(f"mlm_counts has {len(mlm_counts)} entries, expected one per micro-batch ({k})")
     if k == 1:
-        loss, grads, parts = model.loss_and_grads(**micro_batches[0], training=training, return_parts=True,
-                                                  loss_weights=(1.0, sop_weight))
-        return grads, {"loss": loss, "mlm": parts["mlm"], "sop": parts["sop"]}
+        result = model.loss_and_grads(**micro_batches[0], training=training, loss_weights=(1.0, sop_weight))
+        return result.grads, {"loss": result.loss, **result.parts}
 
     xp = model.xp
     total_masks = int(sum(mlm_counts))
@@ -320,11 +320,11 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     for micro_batch, n_masks, n_examples in zip(micro_batches, mlm_counts, sizes):
         mlm_share = n_masks / total_masks if total_masks else 0.0   # no masks: MLM loss 0, weight 0
         sop_share = n_examples / total_examples
-        _, grads, parts = model.loss_and_grads(**micro_batch, training=training, return_parts=True,
-                                               loss_weights=(mlm_share, sop_weight * sop_share))
-        _accumulate(accumulated, grads)
-        mlm = mlm + mlm_share * parts["mlm"]
-        sop = sop + sop_share * parts["sop"]
+        result = model.loss_and_grads(**micro_batch, training=training,
+                                      loss_weights=(mlm_share, sop_weight * sop_share))
+        _accumulate(accumulated, result.grads)
+        mlm = mlm + mlm_share * result.parts["mlm"]
+        sop = sop + sop_share * result.parts["sop"]
     return dict(accumulated.items()), {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
 
 
@@ -372,16 +372,16 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, dataset: Pret
 
     def write(directory: Path) -> None:
         ckpt.save_model(model, directory)
-        ckpt.save_tensors(directory / OPTIMIZER_NAME, opt_tensors,
+        files.save_tensors(directory / OPTIMIZER_NAME, opt_tensors,
                           metadata={"format": "ref-bert-optimizer", "step": str(opt_state["step"])})
-        ckpt.atomic_write_bytes(directory / TOKENIZER_NAME, tokenizer.model_proto)
-        ckpt.atomic_write_json(directory / STATE_NAME, state)
+        files.atomic_write_bytes(directory / TOKENIZER_NAME, tokenizer.model_proto)
+        files.atomic_write_json(directory / STATE_NAME, state)
 
-    final = ckpt.publish_directory(out / CHECKPOINTS_DIR / checkpoint_name(step), write)
-    ckpt.write_pointer(out / LATEST_NAME, final)
+    final = files.publish_directory(out / CHECKPOINTS_DIR / checkpoint_name(step), write)
+    files.write_pointer(out / LATEST_NAME, final)
     # OUT itself stays a model directory (config.json + model.safetensors + spiece.model).
     ckpt.save_model(model, out)
-    ckpt.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
+    files.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
     return final
 
 
@@ -403,7 +403,7 @@ def resolve_resume(out: Path, resume) -> Path:
         if not (out / LATEST_NAME).is_file():
             raise ValueError(f"--resume: {out / LATEST_NAME} does not exist, so {out} holds no complete checkpoint "
                              f"to resume from; expected the output directory of an earlier pretrain run")
-        return ckpt.read_pointer(out / LATEST_NAME)
+        return files.read_pointer(out / LATEST_NAME)
     path = Path(resume)
     if not path.is_dir():
         raise ValueError(f"--resume {str(path)!r} is not a directory; expected a checkpoint directory "
@@ -414,7 +414,7 @@ def resolve_resume(out: Path, resume) -> Path:
 def load_checkpoint_state(directory) -> dict:
     """Read and check a checkpoint's ``state.json`` (the cheap part of a resume)."""
     directory = Path(directory)
-    state = ckpt.read_json(directory / STATE_NAME, "checkpoint state")
+    state = files.read_json(directory / STATE_NAME, "checkpoint state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{directory / STATE_NAME} has format {got!r}, expected {STATE_FORMAT!r}")
@@ -522,7 +522,7 @@ def write_plot(out: Path, records: list) -> Optional[Path]:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    ckpt.atomic_write_bytes(out / PLOT_NAME, buffer.getvalue())
+    files.atomic_write_bytes(out / PLOT_NAME, buffer.getvalue())
     return out / PLOT_NAME
 
 
@@ -657,7 +657,7 @@ def _restore(job: _Job, state: dict) -> None:
     where = job.resume_dir
     try:
         ckpt.load_weights(job.model, where)
-        opt_tensors, _ = ckpt.load_tensors(where / OPTIMIZER_NAME)
+        opt_tensors, _ = files.load_tensors(where / OPTIMIZER_NAME)
         job.optimizer.load_state_dict({"step": state["optimizer"]["step"], "tensors": opt_tensors,
                                        "hyper": state["optimizer"]["hyper"]})
         _set_rng_state(job.model.dropout_rng, state["dropout_rng"], str(where))
@@ -673,15 +673,15 @@ def _open_output(job: _Job) -> None:
     """Create OUT, clear staging leftovers, write the metrics history, tokenizer and config."""
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_staging(out / CHECKPOINTS_DIR)
-    ckpt.atomic_write_bytes(out / METRICS_NAME, _metrics_bytes(job.history))
-    ckpt.atomic_write_bytes(out / TOKENIZER_NAME, job.tokenizer.model_proto)
-    ckpt.atomic_write_bytes(out / ckpt.CONFIG_NAME, job.model.config.to_json().encode())
+    files.remove_staging(out / CHECKPOINTS_DIR)
+    files.atomic_write_bytes(out / METRICS_NAME, _metrics_bytes(job.history))
+    files.atomic_write_bytes(out / TOKENIZER_NAME, job.tokenizer.model_proto)
+    files.atomic_write_bytes(out / ckpt.CONFIG_NAME, job.model.config.to_json().encode())
     if job.resume_dir is not None and job.resume_dir.resolve().parent == (out / CHECKPOINTS_DIR).resolve():
         # The run continues from resume_dir: it is now the newest checkpoint of the run's line, even
         # if OUT/latest named a later one (a resume from an explicit earlier checkpoint). Later
         # checkpoints are then never named by OUT/latest while this run replaces them.
-        ckpt.write_pointer(out / LATEST_NAME, job.resume_dir)
+        files.write_pointer(out / LATEST_NAME, job.resume_dir)
         job.newest = job.resume_dir
 
 

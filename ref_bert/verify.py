@@ -359,8 +359,9 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
         notes.append(f"note: {arch} does not compute {len(skipped)} of ref-bert's activations (not compared): "
                      f"{', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
     if full:
-        loss, grads = ours.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
-                                          x["sop_labels"], x["position_ids"])
+        result = ours.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
+                                     x["sop_labels"], x["position_ids"])
+        loss, grads = result.loss, result.grads
         reference["loss/total"] = out.loss.detach().cpu().numpy()
         candidate["loss/total"] = np.asarray(loss)
         hf_grads = {n: p.grad.detach().cpu().numpy() for n, p in hf.named_parameters() if p.grad is not None}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ref_bert import Config, Model
-from ref_bert import checkpoint
+from ref_bert import checkpoint, files
 from ref_bert.checkpoint import load_model, save_model
 
 
@@ -63,13 +63,13 @@ def test_bad_config_json(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "file.bin"
-    checkpoint.atomic_write_bytes(target, b"old contents")
+    files.atomic_write_bytes(target, b"old contents")
 
     def failing_replace(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_write_bytes(target, b"new contents")
+        files.atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old contents"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # no temporary left behind

@@ -43,8 +43,9 @@ def run_on(backend: str, config: Config, dtype: str, training: bool) -> "Ordered
     args = (x["input_ids"], x["token_type_ids"], x["attention_mask"])
     model.forward(*args, position_ids=x["position_ids"], training=training, dropout_seed=7,
                   trace=lambda name, a: out.__setitem__(f"forward/{name}", bk.to_host(a).copy()))
-    loss, grads, parts = model.loss_and_grads(*args, x["mlm_labels"], x["sop_labels"], x["position_ids"],
-                                              training=training, dropout_seed=7, return_parts=True)
+    _result = model.loss_and_grads(*args, x["mlm_labels"], x["sop_labels"], x["position_ids"],
+                                              training=training, dropout_seed=7)
+    loss, grads, parts = _result.loss, _result.grads, _result.parts
     for name, value in (("total", loss), ("mlm", parts["mlm"]), ("sop", parts["sop"])):
         out[f"loss/{name}"] = bk.to_host(value).copy()
     for name, g in grads.items():

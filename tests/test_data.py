@@ -387,7 +387,8 @@ def test_batch_layout(tokenizer, config):
 def test_batch_feeds_the_model(tokenizer, config):
     dataset = PretrainingDataset(tokenizer=tokenizer, batch_size=2, max_seq_length=32, config=config, seed=0)
     model = Model(config, backend="numpy", dtype="float64", seed=0)
-    loss, grads, parts = model.loss_and_grads(**next(dataset), return_parts=True)
+    _result = model.loss_and_grads(**next(dataset))
+    loss, grads, parts = _result.loss, _result.grads, _result.parts
     # Untrained: MLM loss near ln(V) = 6.9, SOP near ln 2 = 0.69.
     assert 6.0 < float(parts["mlm"]) < 8.0 and 0.4 < float(parts["sop"]) < 1.0
     assert all(np.isfinite(g).all() for g in grads.values())

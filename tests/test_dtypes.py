@@ -74,9 +74,10 @@ def test_float32_training_step_has_no_float64_arrays(watch, act, optimizer):
     mask[1, 15:] = 0
     token_types = (np.arange(20) >= 10).astype(np.int64)[None].repeat(4, axis=0)
     labels = np.where(rng.random((4, 20)) < 0.3, ids, -100)
-    loss, grads = model.loss_and_grads(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
+    _result = model.loss_and_grads(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
                                        mlm_labels=labels, sop_labels=np.array([0, 1, 0, 1]), training=True,
                                        dropout_seed=1)
+    loss, grads = _result.loss, _result.grads
     make = (lambda p: Lamb.from_preset("albert", p)) if optimizer == "lamb" else (lambda p: AdamW.from_preset("bert", p))
     make(model.named_parameters()).step(grads)
     assert np.asarray(loss).dtype == np.float32

@@ -393,7 +393,8 @@ def test_model_training_step_through_the_fused_paths(monkeypatch):
     for fused in (None, CupyKernels(NumpyKernelInterpreter)):
         monkeypatch.setattr(backends.get("numpy"), "fused", fused)
         model = Model(config, dtype="float64", seed=0)
-        loss, grads = model.loss_and_grads(**inputs)
+        _result = model.loss_and_grads(**inputs)
+        loss, grads = _result.loss, _result.grads
         Lamb.from_preset("albert", model.named_parameters()).step(grads)
         results.append((float(loss), grads, {k: v.copy() for k, v in model.named_parameters().items()}))
     monkeypatch.setattr(backends.get("numpy"), "fused", None)
@@ -430,7 +431,8 @@ def test_cupy_training_step_matches_numpy():
     for name in ("numpy", "cupy"):
         model = Model(config, backend=name, dtype="float64", seed=0)
         inputs = {k: model.backend.from_host(v) for k, v in host.items()}
-        loss, grads = model.loss_and_grads(**inputs, training=True, dropout_seed=5)
+        _result = model.loss_and_grads(**inputs, training=True, dropout_seed=5)
+        loss, grads = _result.loss, _result.grads
         Lamb.from_preset("albert", model.named_parameters()).step(grads)
         out.append((float(loss), {k: model.backend.to_host(g) for k, g in grads.items()},
                     {k: model.backend.to_host(p) for k, p in model.named_parameters().items()}))

@@ -261,7 +261,8 @@ def test_seq2seq_fine_tuning_learns_to_reverse_digit_strings():
     for step in range(1, LEARNING_STEPS + 1):
         sources = [s for s in digit_strings(rng, 72) if tuple(s) not in held_out_set][:64]
         batch = seq2seq_finetune_batch([(s, s[::-1]) for s in sources], 16, cfg.vocab_size, seed=[LEARNING_SEED, step])
-        loss, grads = model.loss_and_grads(**batch.model_inputs(model.backend))
+        _result = model.loss_and_grads(**batch.model_inputs(model.backend))
+        loss, grads = _result.loss, _result.grads
         gradient = np.concatenate([grads[name].reshape(-1) for name in model.params.keys()])
         first_moment = beta1 * first_moment + (1 - beta1) * gradient
         second_moment = beta2 * second_moment + (1 - beta2) * gradient * gradient

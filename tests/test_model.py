@@ -44,7 +44,8 @@ def test_loss_equals_independent_cross_entropy_of_forward_logits():
     sel = labels != -100
     mlm = -np.mean(lp[sel, labels[sel]])
     sop_loss = -np.mean(log_softmax(out.sop_logits)[np.arange(3), sop])
-    loss, grads, parts = model.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop, return_parts=True)
+    _result = model.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop)
+    loss, grads, parts = _result.loss, _result.grads, _result.parts
     # float64, same arithmetic up to summation order: agreement to ~1e-15 relative.
     np.testing.assert_allclose(float(parts["mlm"]), mlm, rtol=1e-13)
     np.testing.assert_allclose(float(parts["sop"]), sop_loss, rtol=1e-13)
@@ -64,8 +65,10 @@ def test_float32_forward_agrees_with_float64():
         assert a.dtype == np.float32
         rel = np.abs(a - b).max() / np.abs(b).max()
         assert rel < 1e-5, rel
-    l32, g32 = m32.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop)
-    l64, g64 = m64.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop)
+    _result = m32.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop)
+    l32, g32 = _result.loss, _result.grads
+    _result = m64.loss_and_grads(**inputs, mlm_labels=labels, sop_labels=sop)
+    l64, g64 = _result.loss, _result.grads
     assert l32.dtype == np.float32 and all(g.dtype == np.float32 for g in g32.values())
     assert abs(float(l32) - float(l64)) / float(l64) < 1e-5
     # Gradients: relative to each tensor's largest entry, but never to less than 1e-3 of the largest

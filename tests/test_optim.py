@@ -871,7 +871,8 @@ def test_lamb_trains_tiny_model_in_place():
     opt = Lamb.from_preset("albert", params)
     losses = []
     for step in range(8):
-        loss, grads = model.loss_and_grads(ids, mlm_labels=labels, sop_labels=sop)
+        _result = model.loss_and_grads(ids, mlm_labels=labels, sop_labels=sop)
+        loss, grads = _result.loss, _result.grads
         losses.append(float(loss))
         opt.step(grads, lr=albert_schedule(step + 1, 2e-2, 100))
     assert losses[-1] < 0.9 * losses[0], losses

@@ -16,6 +16,7 @@ import pytest
 
 import backends
 from ref_bert import checkpoint as ckpt
+from ref_bert import files
 from ref_bert import cli, train
 from ref_bert.config import Config
 from ref_bert.data import PretrainingDataset, Tokenizer, default_corpus_path
@@ -46,7 +47,7 @@ def small(spiece, tmp_path):
 
 
 def _tensors(directory, name):
-    return ckpt.load_tensors(Path(directory) / name)[0]
+    return files.load_tensors(Path(directory) / name)[0]
 
 
 def _assert_same_tensors(a: dict, b: dict):
@@ -126,7 +127,7 @@ def test_resume_from_an_explicit_earlier_checkpoint(small):
     resumed = pretrain(small("again", resume=str(again.out_dir / "checkpoints" / "step-000004")))
     assert resumed.step == 8
     _assert_same_run(straight.out_dir, resumed.out_dir, 8)
-    assert ckpt.read_pointer(again.out_dir / "latest").name == "step-000008"
+    assert files.read_pointer(again.out_dir / "latest").name == "step-000008"
 
 
 # --- interruption ---------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
     with pytest.raises(KeyboardInterrupt):
         pretrain(small("interrupted"), on_step=interrupt_at_6)
     out = Path(small("interrupted").out)
-    latest = ckpt.read_pointer(out / "latest")
+    latest = files.read_pointer(out / "latest")
     assert latest.name == "step-000004"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
     # Both the checkpoint and OUT itself are model directories.
@@ -161,7 +162,7 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
 def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(small, monkeypatch):
     straight = pretrain(small("straight"))
     out = Path(small("interrupted").out)
-    real_write = ckpt.atomic_write_bytes
+    real_write = files.atomic_write_bytes
 
     def write(path, data):
         # Die in the middle of the step-8 checkpoint: its model file is written, its optimiser file not.
@@ -169,7 +170,7 @@ def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(small, monk
             raise KeyboardInterrupt
         real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", write)
+    monkeypatch.setattr(files, "atomic_write_bytes", write)
     before = None
 
     def remember(step, metrics):
@@ -182,7 +183,7 @@ def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(small, monk
     monkeypatch.undo()
     # No half-written step-8 (its temporary directory was removed), step 4 untouched and still latest.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
-    assert ckpt.read_pointer(out / "latest").name == "step-000004"
+    assert files.read_pointer(out / "latest").name == "step-000004"
     assert _digest(out / "checkpoints" / "step-000004") == before
     ckpt.load_model(out / "checkpoints" / "step-000004")
     # A process killed outright leaves its temporary directory; the next run removes it.
@@ -275,7 +276,8 @@ def test_accumulated_gradient_equals_one_big_batch(float64_batch, case):
     batch["mlm_labels"][0, np.flatnonzero(batch["mlm_labels"][0] != -100)[:2]] = -100
     batch["mlm_labels"][11, np.flatnonzero(batch["mlm_labels"][11] != -100)[:1]] = -100
     model = Model(config, backend="numpy", dtype="float64", seed=1)
-    loss, grads, parts = model.loss_and_grads(**batch, training=True, return_parts=True)
+    _result = model.loss_and_grads(**batch, training=True)
+    loss, grads, parts = _result.loss, _result.grads, _result.parts
     micro = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
     counts = [int((m["mlm_labels"] != -100).sum()) for m in micro]
     assert len(set(counts)) == 3
@@ -290,7 +292,7 @@ def test_accumulated_gradient_equals_one_big_batch(float64_batch, case):
         assert abs(float(acc_parts[key]) - float(whole)) <= 1e-12 * abs(float(whole)), key
     # The check can fail: averaging the micro-batches' combined gradients (weight 1/k for both
     # losses) is visibly wrong when the mask counts differ.
-    per_micro = [model.loss_and_grads(**m, training=True)[1] for m in micro]
+    per_micro = [model.loss_and_grads(**m, training=True).grads for m in micro]
     naive = {name: sum(g[name] for g in per_micro) / len(micro) for name in grads}
     assert max(np.max(np.abs(naive[name] - grads[name])) for name in grads) > 1e-4 * scale
 

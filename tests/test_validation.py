@@ -49,8 +49,8 @@ def test_loss_rejects_bad_labels(kwargs, message):
 
 
 def test_ignore_label_is_allowed_and_all_ignored_gives_zero_mlm_loss():
-    loss, grads, parts = MODEL.loss_and_grads(IDS, mlm_labels=np.full((2, 6), -100), sop_labels=np.array([0, -100]),
-                                              return_parts=True)
+    _result = MODEL.loss_and_grads(IDS, mlm_labels=np.full((2, 6), -100), sop_labels=np.array([0, -100]))
+    loss, grads, parts = _result.loss, _result.grads, _result.parts
     assert float(parts["mlm"]) == 0.0 and float(parts["sop"]) > 0
     assert not np.any(grads["mlm.bias"])
 

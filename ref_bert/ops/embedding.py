@@ -52,7 +52,8 @@ def embeddings_forward(p, input_ids, token_type_ids, position_ids, eps: float, d
 
 
 def embeddings_backward(dout, cache, g):
-    """Accumulate every embedding-layer gradient into ``g`` (same keys as ``p``)."""
+    """Accumulate every embedding-layer gradient into ``g`` (same keys as ``p``). Returns the gradient
+    with respect to the sum ``e`` (B, T, E), which is also each lookup's upstream gradient."""
     word_cache, pos_cache, typ_cache, ln_cache, drop_cache, proj_cache = cache
     if proj_cache is not None:
         dout = linear_backward(dout, proj_cache, g["projection.weight"], g["projection.bias"])
@@ -61,3 +62,4 @@ def embeddings_backward(dout, cache, g):
     embedding_backward(dsummed, word_cache, g["word_embeddings"])
     embedding_backward(dsummed, pos_cache, g["position_embeddings"])
     embedding_backward(dsummed, typ_cache, g["token_type_embeddings"])
+    return dsummed
