@@ -12,7 +12,7 @@ round-off error (~eps |f| / h ~ 1e-12 |f|); but on a network with large weights 
 is large too, and h = 1e-3 with the plain stencil measured 5e-4 relative error on a correct gradient
 of 24. Richardson at h = 1e-3 brought that case to 2e-6 and keeps round-off near 1e-11.
 
-Two kinds of check (shared/REFERENCE.md section 5):
+Two kinds of check (docs/reference.md §8):
 
 * element-wise: perturb one entry at a time (every entry of a small tensor, a sample of a large one,
   half of the sample drawn among entries whose analytic gradient is non-zero so that sparse gradients

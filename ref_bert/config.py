@@ -57,7 +57,7 @@ class Config:
     group_rule: str = "hf"
     pad_token_id: int = 0
     # Dropout after the FFN output projection: TF ALBERT and BERT apply it, HF's AlbertLayer defines
-    # it but never applies it (shared/REFERENCE.md section 2).
+    # it but never applies it (docs/reference.md §1.2).
     ffn_output_dropout: bool = True
     # Added to attention scores at masked keys. -10000 is TF ALBERT's and UniLM's value. HF now uses
     # the dtype's most negative number; both give identical softmax outputs whenever a query row has

@@ -1,4 +1,4 @@
-"""UniLM self-attention masks (Dong et al. 2019, section 2; shared/REFERENCE.md section 3).
+"""UniLM self-attention masks (Dong et al. 2019, section 2; docs/reference.md §3.1).
 
 One network, four language-modelling objectives: what changes is only which keys each query may see.
 Entry ``[i, j]`` is True (1) when query ``i`` may attend key ``j``. With ``n`` the number of real

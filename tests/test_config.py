@@ -3,7 +3,7 @@ import pytest
 
 from ref_bert import Config, Model, count_parameters
 
-# shared/REFERENCE.md section 1: AlbertModel / BertModel (with pooler, heads excluded) and
+# docs/reference.md §1.8: AlbertModel / BertModel (with pooler, heads excluded) and
 # AlbertForPreTraining (unique parameters, tied decoder counted once).
 EXPECTED = {
     "albert-base": (11_683_584, 11_813_810),
@@ -73,7 +73,7 @@ def test_round_trip_through_dict():
 
 
 def test_group_rules_hf_and_tf_disagree_somewhere_and_schedule_follows_the_rule():
-    # HF int(i / (L / G)) and TF int(i / L * G) are different float expressions (REFERENCE.md s.1).
+    # HF int(i / (L / G)) and TF int(i / L * G) are different float expressions (docs/reference.md §1.7).
     differing = [(L, G, i) for L in range(1, 40) for G in range(1, L + 1) for i in range(L)
                  if int(i / (L / G)) != int(i / L * G)]
     assert differing, "expected at least one (L, G) where the two rules disagree"

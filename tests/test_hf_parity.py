@@ -31,7 +31,7 @@ Measured on this machine (transformers 5.24, torch 2.13, the configs of tests/_h
                             float32  5.4e-07  1.1e-06  8.7e-07     3.3e-07  0        2.0e-06    8.9e-07
 ("grads/own" leaves out the key biases, whose own scale is noise.)
 
-The pad row (REFERENCE.md section 2): ``nn.Embedding(padding_idx=pad)`` gives the pad row of the word
+The pad row (docs/reference.md §2.3): ``nn.Embedding(padding_idx=pad)`` gives the pad row of the word
 embeddings no gradient from the lookup; ref-bert does. The main batches therefore keep the pad id out of
 real (attended) positions and put it only at padded positions, whose lookup gradient is exactly zero on
 both sides (masked keys get probability exactly 0, and no loss reads a padded position), so *every*

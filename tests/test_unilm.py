@@ -28,7 +28,7 @@ IGNORE = -100
 
 # --- the definition, written independently of ref_bert.masks ------------------------------------
 def may_attend(kind: str, i: int, j: int, num_real: int, source_len: int) -> bool:
-    """Can query i see key j? Rules in words (REFERENCE.md section 3), not the library's formula."""
+    """Can query i see key j? Rules in words (docs/reference.md §3.1), not the library's formula."""
     if i >= num_real or j >= num_real:          # padding: never attended, pad queries see nothing
         return False
     if kind == "bidirectional":
