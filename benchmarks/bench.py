@@ -156,33 +156,6 @@ def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) 
                 sop_labels=rng.integers(0, 2, batch, dtype=np.int64))
 
 
-def hf_model(ours, device: str):
-    """A transformers *ForPreTraining model (eager attention, float32) holding the weights of the
-    ref-bert model ``ours``, through ref-bert's one name map (:mod:`ref_bert.hf`)."""
-    import torch
-    import transformers
-
-    from ref_bert.hf import config_to_hf
-
-    hf = config_to_hf(ours.config)
-    architecture = hf.pop("architectures")[0]
-    for key in ("model_type", "dtype", "torch_dtype"):
-        hf.pop(key, None)
-    config_class = transformers.AlbertConfig if ours.config.model_type == "albert" else transformers.BertConfig
-    model = getattr(transformers, architecture)(config_class(**hf, attn_implementation="eager"))
-    state = {k: torch.from_numpy(v) for k, v in ours.hf_state_dict().items()}
-    result = model.load_state_dict(state, strict=False)
-    untied = [k for k in result.missing_keys if ".decoder." not in k]
-    if untied or result.unexpected_keys:
-        raise RuntimeError(f"weights do not map onto {architecture}: missing {untied}, "
-                           f"unexpected {result.unexpected_keys}")
-    model.tie_weights()
-    model = model.to(device=device, dtype=torch.float32)
-    if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        raise RuntimeError("the MLM decoder is not tied to the word embeddings in the torch model")
-    return model
-
-
 class TorchAlbertLamb:
     """``Lamb.from_preset("albert")`` in PyTorch, with ``torch._foreach_*`` ops (one step):
 
@@ -331,7 +304,7 @@ def _worker_ref_bert(spec: dict) -> dict:
 def _worker_torch(spec: dict) -> dict:
     import torch
 
-    from ref_bert import Model
+    from ref_bert import Model, hf_torch
 
     torch.set_num_threads(spec["threads"])
     device = "cuda" if spec["backend"] == "cupy" else "cpu"
@@ -342,12 +315,11 @@ def _worker_torch(spec: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # full float32, as CuPy's default matmul
         torch.backends.cudnn.allow_tf32 = False
     config = bench_config(spec["config"])
-    model = hf_model(Model(config, backend="numpy", dtype="float32", seed=spec["seed"]), device)
+    # the same weights, through ref-bert's one name map (ref_bert.hf), in an eager-attention *ForPreTraining
+    model = hf_torch.from_model(Model(config, backend="numpy", dtype="float32", seed=spec["seed"]),
+                                dtype="float32", device=device)
     host = make_batch(config, spec["batch"], spec["seq"], spec["masked_fraction"], spec["seed"])
-    t = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
-    order_key = "sentence_order_label" if config.model_type == "albert" else "next_sentence_label"
-    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
-                  labels=t["mlm_labels"], **{order_key: t["sop_labels"]})
+    kwargs = hf_torch.forward_kwargs(host, config.model_type, labels=True, device=device)
     model.eval()
     with torch.no_grad():
         eval_loss = float(model(**kwargs).loss)

@@ -181,166 +181,45 @@ def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missin
 
 
 # --- transformers vs ref-bert ----------------------------------------------------------------------
-def _hf_capture_hooks(hf_model, family: str, inner_group_num: int, store: dict) -> list:
-    """Forward hooks that record transformers' activations under ref-bert's trace names (eager attention,
-    eval mode). Returns the hook handles."""
-    handles = []
-    base = getattr(hf_model, hf_model.base_model_prefix, hf_model)
-    state = {"prefix": "", "calls": 0}
-
-    def grab(x):
-        x = x[0] if isinstance(x, tuple) else x
-        return x.detach().cpu().numpy().copy()
-
-    def out_hook(module, name, index=None):
-        def hook(mod, args, output):
-            value = output[index] if index is not None else output
-            if value is not None:
-                store[state["prefix"] + name] = grab(value)
-        handles.append(module.register_forward_hook(hook))
-
-    def in_hook(module, name):
-        def hook(mod, args):
-            store[state["prefix"] + name] = grab(args[0])
-        handles.append(module.register_forward_pre_hook(hook))
-
-    def global_out(module, name):
-        def hook(mod, args, output):
-            store[name] = grab(output)
-        handles.append(module.register_forward_hook(hook))
-
-    def global_in(module, name):
-        def hook(mod, args):
-            store[name] = grab(args[0])
-        handles.append(module.register_forward_pre_hook(hook))
-
-    def block_start(layer_index_fn):
-        def hook(mod, args):
-            i, m = layer_index_fn(mod)
-            state["prefix"] = f"encoder.layer.{i}.block.{m}."
-        return hook
-
-    emb = base.embeddings
-    global_in(emb.LayerNorm, "embeddings.sum")
-    global_out(emb.LayerNorm, "embeddings.layer_norm")
-    if family == "albert":
-        global_out(base.encoder.embedding_hidden_mapping_in, "embeddings.output")
-        K = inner_group_num
-
-        def albert_index(mod):
-            n = state["calls"]
-            state["calls"] += 1
-            return divmod(n, K)
-
-        for group in base.encoder.albert_layer_groups:
-            for layer in group.albert_layers:
-                handles.append(layer.register_forward_pre_hook(block_start(albert_index)))
-                att = layer.attention
-                for part in ("query", "key", "value"):
-                    out_hook(getattr(att, part), f"attention.{part}")
-                in_hook(att.dense, "attention.context")
-                out_hook(att.dense, "attention.output_projection")
-                out_hook(att, "attention.probs", index=1)
-                out_hook(att, "attention_output", index=0)
-                out_hook(layer.ffn, "ffn.intermediate")
-                out_hook(layer.activation, "ffn.activation")
-                out_hook(layer.ffn_output, "ffn.output_projection")
-                out_hook(layer, "ffn_output")
-        if getattr(base, "pooler", None) is not None:
-            global_out(base.pooler, "pooler.dense")
-            global_out(base.pooler_activation, "pooled_output")
-        if hasattr(hf_model, "sop_classifier"):
-            global_out(hf_model.sop_classifier, "sop_logits")
-        if hasattr(hf_model, "predictions"):
-            head = hf_model.predictions
-            global_out(head.dense, "mlm.dense")
-            global_out(head.activation, "mlm.activation")
-            global_out(head.LayerNorm, "mlm.layer_norm")
-            global_out(head, "mlm_logits")
-    else:
-        global_out(emb.LayerNorm, "embeddings.output")
-        for l, layer in enumerate(base.encoder.layer):
-            handles.append(layer.register_forward_pre_hook(block_start(lambda mod, l=l: (l, 0))))
-            sa = layer.attention.self
-            for part in ("query", "key", "value"):
-                out_hook(getattr(sa, part), f"attention.{part}")
-            out_hook(sa, "attention.probs", index=1)
-            out_hook(sa, "attention.context", index=0)
-            out_hook(layer.attention.output.dense, "attention.output_projection")
-            out_hook(layer.attention, "attention_output", index=0)
-            out_hook(layer.intermediate.dense, "ffn.intermediate")
-            out_hook(layer.intermediate.intermediate_act_fn, "ffn.activation")
-            out_hook(layer.output.dense, "ffn.output_projection")
-            out_hook(layer, "ffn_output")
-        if getattr(base, "pooler", None) is not None:
-            global_out(base.pooler.dense, "pooler.dense")
-            global_out(base.pooler, "pooled_output")
-        cls = getattr(hf_model, "cls", None)
-        if cls is not None:
-            transform = cls.predictions.transform
-            global_out(transform.dense, "mlm.dense")
-            global_out(transform.transform_act_fn, "mlm.activation")
-            global_out(transform.LayerNorm, "mlm.layer_norm")
-            global_out(cls.predictions, "mlm_logits")
-            if hasattr(cls, "seq_relationship"):
-                global_out(cls.seq_relationship, "sop_logits")
-    return handles
-
-
 def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None) -> Report:
     """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
     activation, the loss and every gradient (the last two for *ForPreTraining checkpoints)."""
     try:
-        import torch
+        import torch  # noqa: F401  (only to say early, and plainly, that it is missing)
         import transformers
     except ImportError as e:
         raise ValueError(f"ref-bert verify --hf needs torch and transformers ({e}); "
                          f"install them with pip install 'ref-bert[test]'") from None
+    from . import hf_torch
     from .golden import make_inputs
     from .hf import ARCHITECTURES, architecture_of
     from .model import Model
 
     directory = Path(directory)
-    torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
     arch, family = architecture_of(directory)
     _, _, has_mlm, has_sop = ARCHITECTURES[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
         ours = Model.from_hf(directory, dtype=dtype, seed=seed)
-    hf = getattr(transformers, arch).from_pretrained(directory, attn_implementation="eager", dtype=torch_dtype)
-    hf.eval()
+    hf = hf_torch.from_pretrained(directory, dtype=dtype)
     cfg = ours.config
     x = make_inputs(cfg, batch, seq_len, seed)
 
     # transformers, with hooks
-    captured: dict = {}
-    handles = _hf_capture_hooks(hf, family, cfg.inner_group_num, captured)
-    t = {k: torch.from_numpy(v) for k, v in x.items()}
-    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
-                  position_ids=t["position_ids"])
     full = has_mlm and has_sop
-    if full:
-        kwargs["labels"] = t["mlm_labels"]
-        kwargs["sentence_order_label" if family == "albert" else "next_sentence_label"] = t["sop_labels"]
-    try:
+    with hf_torch.capture(hf) as captured:
         hf.zero_grad(set_to_none=True)
-        out = hf(**kwargs)
+        out = hf(**hf_torch.forward_kwargs(x, family, labels=full))
         if full:
             out.loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
 
     # ref-bert, in the same order
     reference: OrderedDict = OrderedDict()
     candidate: dict = {}
-    hf_params = {n: p.detach().cpu().numpy() for n, p in hf.named_parameters()}
-    ours_params = ours.hf_state_dict()
-    base = f"{hf.base_model_prefix}."
-    for name, value in ours_params.items():
-        key = name if name in hf_params else name[len(base):] if name.startswith(base) else name
-        if key in hf_params:
-            reference[f"params/{name}"] = hf_params[key]
+    hf_params = hf_torch.parameters(hf)
+    for name, value in ours.hf_state_dict().items():
+        if name in hf_params:
+            reference[f"params/{name}"] = hf_params[name]
             candidate[f"params/{name}"] = value
 
     order = []
@@ -364,7 +243,7 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
         loss, grads = result.loss, result.grads
         reference["loss/total"] = out.loss.detach().cpu().numpy()
         candidate["loss/total"] = np.asarray(loss)
-        hf_grads = {n: p.grad.detach().cpu().numpy() for n, p in hf.named_parameters() if p.grad is not None}
+        hf_grads = hf_torch.parameters(hf, grads=True)
         for name, g in ours.hf_state_dict(grads).items():
             if name in hf_grads:
                 reference[f"grads/{name}"] = hf_grads[name]
