@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ref_bert import hf_torch
+
 torch.set_num_threads(1)
 
 ALBERT_SHARED = dict(family="albert", vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3,
@@ -25,33 +27,27 @@ BERT = dict(family="bert", vocab_size=64, hidden_size=32, num_hidden_layers=2, n
             intermediate_size=48, hidden_act="gelu", max_position_embeddings=24, type_vocab_size=2)
 BERT_GELU_NEW = dict(BERT, hidden_act="gelu_new", num_hidden_layers=1, layer_norm_eps=1e-5)
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def hf_config(spec: dict):
-    from transformers import AlbertConfig, BertConfig
+def hf_config_dict(spec: dict) -> dict:
+    """The config.json keys of ``spec`` (its "family" as "model_type")."""
+    return dict({k: v for k, v in spec.items() if k != "family"}, model_type=spec["family"])
 
-    kwargs = {k: v for k, v in spec.items() if k != "family"}
-    cls = AlbertConfig if spec["family"] == "albert" else BertConfig
-    return cls(**kwargs, attn_implementation="eager")
+
+def _redraw(model):
+    for pname, p in model.named_parameters():
+        if pname.endswith("LayerNorm.weight"):
+            p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        elif pname.endswith("bias"):
+            p.copy_(0.2 * torch.randn_like(p))
+        else:
+            p.copy_(0.3 * torch.randn_like(p))
 
 
 def hf_model(spec: dict, arch: str = "ForPreTraining", dtype: str = "float64", seed: int = 0):
-    """A randomly initialised transformers model (eval mode: dropout off), e.g. arch "ForMaskedLM"."""
-    import transformers
-
-    torch.manual_seed(seed)
-    name = ("Albert" if spec["family"] == "albert" else "Bert") + arch
-    model = getattr(transformers, name)(hf_config(spec))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("LayerNorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif pname.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.3 * torch.randn_like(p))
-    return model.to(TORCH_DTYPES[dtype]).eval()
+    """A randomly initialised transformers model (eval mode: dropout off), e.g. arch "ForMaskedLM".
+    The weights are drawn in float32 from ``torch.manual_seed(seed)``, then cast to ``dtype``."""
+    return hf_torch.from_config(hf_config_dict(spec), arch, dtype=dtype, seed=seed, init=_redraw)
 
 
 def batch(spec: dict, seed: int = 0, lengths=(10, 8, 6), pad_at_real_positions: bool = False) -> dict:
@@ -85,18 +81,15 @@ def batch(spec: dict, seed: int = 0, lengths=(10, 8, 6), pad_at_real_positions: 
 def hf_run(model, inputs: dict, family: str, backward: bool = True):
     """Forward (and backward of the pretraining loss) through transformers. Returns the output and a
     dict of gradients by HF parameter name."""
-    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    kwargs = dict(input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"],
-                  output_hidden_states=True)
-    if backward:
-        kwargs["labels"] = t["mlm_labels"]
-        kwargs["sentence_order_label" if family == "albert" else "next_sentence_label"] = t["sop_labels"]
+    kwargs = hf_torch.forward_kwargs(inputs, family, labels=backward, output_hidden_states=True)
     model.zero_grad(set_to_none=True)
     out = model(**kwargs)
     grads = {}
     if backward:
         out.loss.backward()
-        grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+        grads = hf_torch.parameters(model, grads=True)
+        without = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not without, f"no gradient for {without}"
     return out, grads
 
 

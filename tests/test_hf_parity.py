@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import torch
 
-from ref_bert import Config, Model
+from ref_bert import Config, Model, hf_torch
 from ref_bert.hf import PROJECTION_NAMES
 from tests._models import perturbed_model
 from tests._hf_models import (ALBERT_GROUPS, ALBERT_RELU, ALBERT_SHARED, BERT, BERT_GELU_NEW, batch, hf_model,
@@ -81,10 +81,9 @@ def block_outputs(model, inputs):
 
 
 def hf_pooled(hf, inputs):
-    base = getattr(hf, hf.base_model_prefix)
     with torch.no_grad():
-        return base(**{k: torch.from_numpy(inputs[k]) for k in ("input_ids", "token_type_ids", "attention_mask")}
-                    ).pooler_output.numpy()
+        return hf.base_model(**hf_torch.forward_kwargs(inputs, hf.config.model_type, labels=False)
+                             ).pooler_output.numpy()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -127,6 +126,34 @@ def assert_grads_close(ours, ref, rtol, atol, skip=()):
         assert err <= rtol * np.abs(r).max() + atol * largest, f"{key}: error {err:.2e}, scale {np.abs(r).max():.2e}"
 
 
+@pytest.mark.parametrize("name", ["albert_groups", "bert"])
+def test_capture_hooks_record_every_activation_ref_bert_traces(name, tmp_path):
+    """hf_torch.capture names transformers' activations as ref-bert's trace does: the same set of names
+    (every block of every layer, heads included), and each one equal in float64."""
+    spec = CONFIGS[name]
+    hf, model = load_pair(spec, tmp_path)
+    inputs = batch(spec)
+    traced = {}
+
+    def trace(tname, x):
+        assert tname not in traced, f"{tname} traced twice"
+        traced[tname] = np.array(x)
+
+    model.forward(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"], trace=trace)
+    with hf_torch.capture(hf) as captured, torch.no_grad():
+        hf(**hf_torch.forward_kwargs(inputs, spec["family"], labels=False))
+    assert set(traced) == set(captured), (sorted(set(traced) - set(captured)), sorted(set(captured) - set(traced)))
+    L, K = spec["num_hidden_layers"], spec.get("inner_group_num", 1)
+    assert f"encoder.layer.{L - 1}.block.{K - 1}.attention.probs" in captured
+    for tname, ours in traced.items():
+        assert rel_err(ours, captured[tname]) <= TOL["float64"], f"{tname}: {rel_err(ours, captured[tname]):.2e}"
+    # the hooks are gone after the block
+    with hf_torch.capture(hf) as again:
+        pass
+    hf(**hf_torch.forward_kwargs(inputs, spec["family"], labels=False))
+    assert again == {}
+
+
 def test_pad_row_differs_exactly_by_its_lookup_gradient(tmp_path):
     spec = ALBERT_SHARED
     hf, model = load_pair(spec, tmp_path)
@@ -134,17 +161,9 @@ def test_pad_row_differs_exactly_by_its_lookup_gradient(tmp_path):
     pad = hf.config.pad_token_id
     assert (inputs["input_ids"][inputs["attention_mask"] == 1] == pad).any()
 
-    lookup = {}  # gradient reaching the word-embedding lookup output, measured in torch
-    emb = hf.albert.embeddings.word_embeddings
-
-    def keep(module, args, out):
-        out.retain_grad()
-        lookup["out"] = out
-
-    handle = emb.register_forward_hook(keep)
-    _, hf_grads = hf_run(hf, inputs, "albert")
-    handle.remove()
-    pad_lookup_grad = lookup["out"].grad.numpy()[inputs["input_ids"] == pad].sum(axis=0)
+    with hf_torch.word_lookup(hf) as lookup:  # gradient reaching the word-embedding lookup output, in torch
+        _, hf_grads = hf_run(hf, inputs, "albert")
+    pad_lookup_grad = lookup["output"].grad.numpy()[inputs["input_ids"] == pad].sum(axis=0)
     assert np.abs(pad_lookup_grad).max() > 1e-3  # the rule really bites in this batch
 
     _result = model.loss_and_grads(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"],
@@ -196,16 +215,12 @@ def _randomised(config, dtype="float64", seed=3):
            intermediate_size=30, max_position_embeddings=16, hidden_act="relu", model_type="albert"),
 ], ids=["albert_groups", "bert", "albert_e_equals_h"])
 def test_save_hf_loads_in_transformers_and_round_trips_bit_for_bit(config, tmp_path):
-    import transformers
-
     model = _randomised(config)
     model.save_hf(tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
-    cls = getattr(transformers, hf_config["architectures"][0])
-    hf, info = cls.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager",
-                                   dtype=torch.float64)
+    assert hf_config["architectures"] == [("Albert" if config.model_type == "albert" else "Bert") + "ForPreTraining"]
+    hf, info = hf_torch.from_pretrained(tmp_path, dtype="float64", output_loading_info=True)  # eval mode
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    hf.eval()
     spec = dict(family=config.model_type, vocab_size=config.vocab_size, type_vocab_size=config.type_vocab_size,
                 pad_token_id=config.pad_token_id)
     inputs = batch(spec, lengths=(9, 5))
@@ -316,7 +331,7 @@ def test_from_hf_accepts_old_names_bf16_and_pytorch_bin_without_unpickling_code(
     # bfloat16 safetensors (NumPy has no bfloat16: widened exactly to float32)
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model = Model.from_hf(tmp_path / "bf16")
-    word = hf.albert.embeddings.word_embeddings.weight.detach().float().numpy()
+    word = hf.get_input_embeddings().weight.detach().float().numpy()
     assert not np.array_equal(word, reference["albert.embeddings.word_embeddings.weight"])  # really rounded
     assert np.array_equal(model.params["embeddings.word_embeddings"], word)
 
