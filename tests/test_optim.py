@@ -326,11 +326,11 @@ NAIVE_CASES = {
 @pytest.fixture(params=["whole", "pieces"])
 def layout(request, monkeypatch):
     """Run the test twice: with every tensor updated whole (as these small tensors are by default),
-    and with the NumPy path that large tensors take (ref_bert.optim._pieces): pieces of 7 elements
+    and with the NumPy path that large tensors take (``Backend.pieces``): pieces of 7 elements
     instead of 2^17, on two threads. 7 divides none of the sizes, so every split tensor ends in a short
     piece, and the norms are sums over pieces."""
     if request.param == "pieces":
-        monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
+        monkeypatch.setattr(backends.get("numpy"), "piece_elements", 7)
         monkeypatch.setattr(backends.get("numpy"), "threads", 2)
     return request.param
 
@@ -453,13 +453,13 @@ def test_adamw_matches_torch(layout):
 
 
 def test_pieces_and_threads_do_not_change_the_numbers(monkeypatch):
-    """Large tensors are updated in pieces on the backend's threads (ref_bert.optim.PIECE_ELEMENTS):
+    """Large tensors are updated in pieces on the backend's threads (``Backend.pieces``, 2^17 elements):
     the result is bit-identical whatever the thread count, because the pieces and the order of every
     sum are fixed; and within rounding (1e-12 relative, float64, 12 steps) of updating whole tensors."""
     numpy_backend = backends.get("numpy")
 
     def run(piece_elements, threads):
-        monkeypatch.setattr(optim, "PIECE_ELEMENTS", piece_elements)
+        monkeypatch.setattr(numpy_backend, "piece_elements", piece_elements)
         monkeypatch.setattr(numpy_backend, "threads", threads)
         params = make_params()
         opt = Lamb.from_preset("albert", params)
@@ -471,10 +471,10 @@ def test_pieces_and_threads_do_not_change_the_numbers(monkeypatch):
     for name in one:
         assert np.array_equal(one[name], two[name]), name
         np.testing.assert_allclose(one[name], whole[name], rtol=1e-12, atol=1e-15, err_msg=name)
-    monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
-    pieces = optim._pieces(numpy_backend, np.zeros((24, 24)))
+    monkeypatch.setattr(numpy_backend, "piece_elements", 7)
+    pieces = numpy_backend.pieces(np.zeros((24, 24)))
     assert [p[0].size for p in pieces] == [7] * 82 + [2]
-    assert len(optim._pieces(numpy_backend, np.zeros((24, 24)).T)) == 1   # not contiguous: whole
+    assert len(numpy_backend.pieces(np.zeros((24, 24)).T)) == 1   # not contiguous: whole
 
 
 # =============================================================================================
