@@ -59,8 +59,8 @@ class _AdamFamily:
             if not isinstance(name, str):
                 raise ValueError(f"parameter names must be strings, got {name!r}")
             if backends.of(p) is not self.backend:
-                raise ValueError(f"parameter {name!r} lives on {backends.of(p).name}, expected "
-                                 f"{self.backend.name} like the first parameter")
+                raise ValueError(f"parameter {name!r} lives on {backends.of(p)!r}, expected "
+                                 f"{self.backend!r} like the first parameter")
             if not hasattr(p, "shape") or np.dtype(p.dtype).kind != "f":
                 raise ValueError(f"parameter {name!r} must be a floating-point array, got "
                                  f"{getattr(p, 'dtype', type(p).__name__)}")
@@ -99,7 +99,7 @@ class _AdamFamily:
                 raise ValueError(f"grads[{name!r}] has dtype {np.dtype(g.dtype)}, expected {np.dtype(p.dtype)} "
                                  f"(the parameter's; no silent casting)")
             if backends.of(g) is not self.backend:
-                raise ValueError(f"grads[{name!r}] lives on {backends.of(g).name}, expected {self.backend.name}")
+                raise ValueError(f"grads[{name!r}] lives on {backends.of(g)!r}, expected {self.backend!r}")
 
     def _begin_step(self, grads, lr):
         """Validate, advance the global step, and return (lr, t, clip) with ``clip`` the 0-d clip
