@@ -485,7 +485,8 @@ PURE_LAMB_CASES = {name: dict(weight_decay=0.01) for name in LAMB_PRESETS}
 PURE_LAMB_CASES.update({
     "torch_optimizer-debias": dict(weight_decay=0.01, bias_correction="step_size"),
     "apex-l2-mode": dict(weight_decay_mode="l2"),
-    "outside-ratio-clamp-pair": dict(weight_decay=0.02, weight_decay_mode="outside_ratio", weight_norm_clamp=(0.5, 2.0)),
+    "outside-ratio-clamp-pair": dict(weight_decay=0.02, weight_decay_mode="outside_ratio",
+                                     weight_norm_clamp=(0.5, 2.0)),
     "zero-norm-ratio": dict(zero_norm_ratio=0.5),
 })
 
