@@ -22,7 +22,8 @@ from decay):
     w  <- w - lr * s_t * ratio * u   [ - lr * wd * w   only weight_decay_mode="outside_ratio" ]
     s_t = sqrt(1 - b2^t) / (1 - b1^t)    bias_correction="step_size" (torch_optimizer's debias=True); 1 otherwise
 
-Norms are per tensor (Frobenius for matrices). The zero-norm rule matters: a naive ``||w|| / ||u||``
+Which published implementation uses which variant: presets.py (their sources: docs/reference.md,
+LAMB variants). Norms are per tensor (Frobenius for matrices). The zero-norm rule matters: a naive ``||w|| / ||u||``
 would be 0 for an all-zero tensor, freezing a zero-initialised weight forever.
 
 Why three functions and not one: every line is elementwise except the trust ratio, which needs ||w||
