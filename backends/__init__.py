@@ -66,6 +66,10 @@ class Backend:
         self.malloc_tuned = False
         self.threads = _thread_count()
         self._thread_pool = None
+        # How large tensors are split for elementwise work on the threads (:meth:`pieces`): runs of this
+        # many elements on NumPy (512 KiB of float32: a piece's temporaries stay in cache, and one
+        # large tensor no longer runs on one core); None on CuPy, where a tensor is one piece.
+        self.piece_elements = PIECE_ELEMENTS if name == "numpy" else None
         # Fused kernels for the elementwise and row-wise ops (CuPy only; see backends/cupy_kernels.py).
         # None on NumPy, where the ops' own code is both the reference and what runs.
         self.fused = None
@@ -108,6 +112,23 @@ class Backend:
                 or getattr(_pool_thread, "active", False)):   # called from the pool itself: run inline
             return [fn(item) for item in items]
         return list(self._pool().map(fn, items))
+
+    def pieces(self, *arrays) -> list[tuple]:
+        """Split same-shaped arrays into matching pieces: a list of tuples of views, one tuple per piece,
+        for elementwise work spread over the threads with :meth:`parallel_map`.
+
+        Consecutive runs of ``piece_elements`` elements of the flattened arrays (the last run shorter)
+        on NumPy; one piece, the arrays themselves, on CuPy, for arrays of at most ``piece_elements``
+        elements, and when any array is not C-contiguous (its flattened view would be a copy, and
+        in-place updates of it would be lost). The piece size is fixed, never derived from the thread
+        count, so that work summed piece by piece in a fixed order gives the same numbers whatever the
+        thread count."""
+        size = arrays[0].size
+        step = self.piece_elements
+        if step is None or size <= step or not all(a.flags.c_contiguous for a in arrays):
+            return [arrays]
+        flat = [a.reshape(-1) for a in arrays]
+        return [tuple(f[start:start + step] for f in flat) for start in range(0, size, step)]
 
     def set_threads(self, threads: int) -> None:
         """Set how many threads the NumPy backend's own parallel loops use (erf, the optimisers'
@@ -235,6 +256,7 @@ class Backend:
 
 
 _cache: dict[str, Backend] = {}
+PIECE_ELEMENTS = 1 << 17         # Backend.pieces on NumPy
 _PARALLEL_MIN_SIZE = 1 << 16      # elements: below this, a thread pool's hand-off costs more than it saves
 _POOL_PREFIX = "ref-bert-numpy"
 _pool_thread = threading.local()     # .active is True in the pool's own threads
@@ -319,6 +341,8 @@ def _make(name: str) -> Backend:
         from .cupy_kernels import CupyKernels
 
         backend.fused = CupyKernels(cupy)
+        from .cupy_optim_fast import optimizer_fast_table
+        backend.fast.update(optimizer_fast_table(backend.fused))
     return backend
 
 

@@ -93,7 +93,7 @@ class CupyKernels:
             "T dd, T keep, T p, T dot, float64 scale", "T dx",
             "dx = p * (dd * keep - dot) * (T)scale;",
             "ref_bert_softmax_dx_drop")
-        # --- LAMB (ref_bert/optim.py, Lamb.step) ----------------------------------------------------
+        # --- LAMB (ref_bert/optim/lamb.py; the adapters: backends/cupy_optim_fast.py) ----------------
         self._lamb_direction = ek(
             "T g, T w, T clip, float64 b1, float64 b2, float64 bias1, float64 bias2, float64 eps, "
             "float64 wd_l2, float64 wd_in",

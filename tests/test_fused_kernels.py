@@ -24,9 +24,11 @@ import scipy.special
 
 import backends
 from backends.cupy_kernels import CupyKernels
+from backends.cupy_optim_fast import optimizer_fast_table
 from ref_bert import Config, Model
 from ref_bert import ops
-from ref_bert.optim import Lamb
+from ref_bert.optim import Lamb, lamb
+from ref_bert.optim.norms import sum_of_squares
 
 # --- a NumPy interpreter for the kernel source -----------------------------------------------------
 _FUNCTIONS = {"tanh": np.tanh, "exp": np.exp, "sqrt": np.sqrt, "erf": scipy.special.erf}
@@ -345,15 +347,43 @@ def compare_kernels(kernels, dtype, to_device=np.asarray, to_host=np.asarray):
     close(kernels.sum_of_squares(dev(w)), np.asarray((w * w).sum()), dtype, to_host)    # a vector: one reduction
 
 
-def lamb_steps(model_params, grads, backend_fused, monkeypatch, **preset):
-    """Three LAMB steps with the given ``fused`` object on the NumPy backend (None = the plain code)."""
-    monkeypatch.setattr(backends.get("numpy"), "fused", backend_fused)
+def optimizer_fast(kernels):
+    """The NumPy backend's ``fast`` table with the optimisers' fused adapters around ``kernels``
+    (None: empty, the reference code), to install with monkeypatch."""
+    return {} if kernels is None else optimizer_fast_table(kernels)
+
+
+def lamb_steps(model_params, grads, kernels, monkeypatch, **preset):
+    """Three LAMB steps with the optimisers' fused adapters around ``kernels`` installed in the NumPy
+    backend's ``fast`` table (None = the reference code)."""
+    monkeypatch.setattr(backends.get("numpy"), "fast", optimizer_fast(kernels))
     params = {k: v.copy() for k, v in model_params.items()}
     opt = Lamb.from_preset(**preset, params=params)
     for step in range(3):
         opt.step({k: g * (1 + step) for k, g in grads.items()})
-    monkeypatch.setattr(backends.get("numpy"), "fused", None)
+    monkeypatch.setattr(backends.get("numpy"), "fast", {})
     return params, opt
+
+
+def test_optimizer_fast_table_keys_are_the_reference_functions(monkeypatch):
+    """The table's string keys (backends/ never imports ref_bert) are the references' fast_path keys,
+    and a LAMB step with the table installed calls every adapter."""
+    refs = [sum_of_squares, lamb.lamb_direction, lamb.lamb_apply]
+    table = optimizer_fast_table(CupyKernels(NumpyKernelInterpreter))
+    assert set(table) == {f.fast_key for f in refs}
+    assert all(f.reference.__module__ + "." + f.reference.__name__ == f.fast_key for f in refs)
+    calls = {key: 0 for key in table}
+
+    def counted(key, fn):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(backends.get("numpy"), "fast", {k: counted(k, fn) for k, fn in table.items()})
+    params = {"encoder.w": np.ones((3, 2)), "encoder.bias": np.zeros(2)}
+    Lamb.from_preset("albert", params).step({k: np.full(v.shape, 0.5) for k, v in params.items()})
+    assert all(n > 0 for n in calls.values()), calls
 
 
 # --- everywhere: the kernel source, interpreted ----------------------------------------------------------
@@ -392,12 +422,14 @@ def test_model_training_step_through_the_fused_paths(monkeypatch):
     results = []
     for fused in (None, CupyKernels(NumpyKernelInterpreter)):
         monkeypatch.setattr(backends.get("numpy"), "fused", fused)
+        monkeypatch.setattr(backends.get("numpy"), "fast", optimizer_fast(fused))
         model = Model(config, dtype="float64", seed=0)
         _result = model.loss_and_grads(**inputs)
         loss, grads = _result.loss, _result.grads
         Lamb.from_preset("albert", model.named_parameters()).step(grads)
         results.append((float(loss), grads, {k: v.copy() for k, v in model.named_parameters().items()}))
     monkeypatch.setattr(backends.get("numpy"), "fused", None)
+    monkeypatch.setattr(backends.get("numpy"), "fast", {})
     (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-12)
     for name in grads_a:

@@ -26,6 +26,7 @@ import pytest
 
 import backends
 from ref_bert import optim
+from ref_bert.optim import adamw, lamb
 from ref_bert.optim import (ADAMW_PRESETS, LAMB_PRESETS, AdamW, Lamb, albert_schedule, clip_factor,
                             global_grad_norm, linear_warmup_decay)
 
@@ -326,11 +327,11 @@ NAIVE_CASES = {
 @pytest.fixture(params=["whole", "pieces"])
 def layout(request, monkeypatch):
     """Run the test twice: with every tensor updated whole (as these small tensors are by default),
-    and with the NumPy path that large tensors take (ref_bert.optim._pieces): pieces of 7 elements
+    and with the NumPy path that large tensors take (``Backend.pieces``): pieces of 7 elements
     instead of 2^17, on two threads. 7 divides none of the sizes, so every split tensor ends in a short
     piece, and the norms are sums over pieces."""
     if request.param == "pieces":
-        monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
+        monkeypatch.setattr(backends.get("numpy"), "piece_elements", 7)
         monkeypatch.setattr(backends.get("numpy"), "threads", 2)
     return request.param
 
@@ -453,13 +454,13 @@ def test_adamw_matches_torch(layout):
 
 
 def test_pieces_and_threads_do_not_change_the_numbers(monkeypatch):
-    """Large tensors are updated in pieces on the backend's threads (ref_bert.optim.PIECE_ELEMENTS):
+    """Large tensors are updated in pieces on the backend's threads (``Backend.pieces``, 2^17 elements):
     the result is bit-identical whatever the thread count, because the pieces and the order of every
     sum are fixed; and within rounding (1e-12 relative, float64, 12 steps) of updating whole tensors."""
     numpy_backend = backends.get("numpy")
 
     def run(piece_elements, threads):
-        monkeypatch.setattr(optim, "PIECE_ELEMENTS", piece_elements)
+        monkeypatch.setattr(numpy_backend, "piece_elements", piece_elements)
         monkeypatch.setattr(numpy_backend, "threads", threads)
         params = make_params()
         opt = Lamb.from_preset("albert", params)
@@ -471,10 +472,126 @@ def test_pieces_and_threads_do_not_change_the_numbers(monkeypatch):
     for name in one:
         assert np.array_equal(one[name], two[name]), name
         np.testing.assert_allclose(one[name], whole[name], rtol=1e-12, atol=1e-15, err_msg=name)
-    monkeypatch.setattr(optim, "PIECE_ELEMENTS", 7)
-    pieces = optim._pieces(numpy_backend, np.zeros((24, 24)))
+    monkeypatch.setattr(numpy_backend, "piece_elements", 7)
+    pieces = numpy_backend.pieces(np.zeros((24, 24)))
     assert [p[0].size for p in pieces] == [7] * 82 + [2]
-    assert len(optim._pieces(numpy_backend, np.zeros((24, 24)).T)) == 1   # not contiguous: whole
+    assert len(numpy_backend.pieces(np.zeros((24, 24)).T)) == 1   # not contiguous: whole
+
+
+# =============================================================================================
+# The pure per-tensor functions alone reproduce the optimisers
+# =============================================================================================
+PURE_LAMB_CASES = {name: dict(weight_decay=0.01) for name in LAMB_PRESETS}
+PURE_LAMB_CASES.update({
+    "torch_optimizer-debias": dict(weight_decay=0.01, bias_correction="step_size"),
+    "apex-l2-mode": dict(weight_decay_mode="l2"),
+    "outside-ratio-clamp-pair": dict(weight_decay=0.02, weight_decay_mode="outside_ratio",
+                                     weight_norm_clamp=(0.5, 2.0)),
+    "zero-norm-ratio": dict(zero_norm_ratio=0.5),
+})
+
+
+def _one_piece_updates(opt, params, grads, update_one):
+    """Run ``update_one(name, w, g, m, v, t, clip)`` on copies of every tensor (one whole tensor, no
+    pieces, no class), with the clip factor the optimiser would use; return the new w, m, v."""
+    clip = None
+    if opt.max_grad_norm is not None:
+        clip = clip_factor(global_grad_norm(grads[n] for n in params), opt.max_grad_norm, np)
+    out = {}
+    for name in params:
+        w, m, v = params[name].copy(), opt.exp_avg[name].copy(), opt.exp_avg_sq[name].copy()
+        update_one(name, w, grads[name], m, v, opt.step_count + 1, clip)
+        out[name] = (w, m, v)
+    return out
+
+
+@pytest.mark.parametrize("case", list(PURE_LAMB_CASES))
+def test_lamb_update_alone_reproduces_lamb_step(case):
+    """lamb_update on each whole tensor gives exactly (bit for bit: the same operations in the same
+    order) what Lamb.step does, its trust ratio included, on three consecutive steps (t = 1, 2, 3,
+    so the bias corrections and non-zero moments are exercised)."""
+    preset = case.split("-")[0] if case.split("-")[0] in LAMB_PRESETS else "tfa"
+    params = make_params()
+    opt = Lamb.from_preset(preset, params, **PURE_LAMB_CASES[case])
+    ratios = {}
+
+    def update_one(name, w, g, m, v, t, clip):
+        ratios[name] = lamb.lamb_update(
+            w, g, m, v, lr=lr, t=t, betas=opt.betas, eps=opt.eps, wd=opt.tensor_weight_decay[name],
+            bias_correction=opt.bias_correction, weight_decay_mode=opt.weight_decay_mode,
+            weight_norm_clamp=opt.weight_norm_clamp, zero_norm_ratio=opt.zero_norm_ratio,
+            adapt=opt.layer_adaptation[name], clip=clip)
+
+    for grads, lr in list(zip(make_grads(), LRS))[:3]:
+        expected = _one_piece_updates(opt, params, grads, update_one)
+        opt.step(grads, lr=lr)
+        for name, (w, m, v) in expected.items():
+            assert np.array_equal(w, params[name]), f"{case}: {name}"
+            assert np.array_equal(m, opt.exp_avg[name]) and np.array_equal(v, opt.exp_avg_sq[name]), name
+            assert np.array_equal(ratios[name], opt.trust_ratios[name]), name
+
+
+@pytest.mark.parametrize("preset", list(ADAMW_PRESETS))
+def test_adamw_update_alone_reproduces_adamw_step(preset):
+    """adamw_update on each whole tensor gives exactly what AdamW.step does, on three steps."""
+    params = make_params()
+    opt = AdamW.from_preset(preset, params)
+
+    def update_one(name, w, g, m, v, t, clip):
+        adamw.adamw_update(w, g, m, v, lr=lr, t=t, betas=opt.betas, eps=opt.eps,
+                           wd=opt.tensor_weight_decay[name], bias_correction=opt.bias_correction, clip=clip)
+
+    for grads, lr in list(zip(make_grads(), LRS))[:3]:
+        expected = _one_piece_updates(opt, params, grads, update_one)
+        opt.step(grads, lr=lr)
+        for name, (w, m, v) in expected.items():
+            assert np.array_equal(w, params[name]), f"{preset}: {name}"
+            assert np.array_equal(m, opt.exp_avg[name]) and np.array_equal(v, opt.exp_avg_sq[name]), name
+
+
+def test_make_optimizer_names():
+    # ref-bert pretrain's names: "lamb" is ALBERT's LAMB, the LAMB presets, "adamw" torch's, "adamw-<preset>".
+    params = make_params()
+    assert optim.OPTIMIZERS == ("lamb", *LAMB_PRESETS, "adamw", *(f"adamw-{k}" for k in ADAMW_PRESETS))
+    for name in optim.OPTIMIZERS:
+        opt = optim.make_optimizer(name, params, lr=0.02)
+        preset = {"lamb": "albert", "adamw": "torch"}.get(name, name.removeprefix("adamw-"))
+        expected = (AdamW if name.startswith("adamw") else Lamb).from_preset(preset, params, lr=0.02)
+        assert type(opt) is type(expected) and opt.state_dict()["hyper"] == expected.state_dict()["hyper"], name
+    golden = optim.make_optimizer("lamb", params)           # no lr: the preset's (the golden files' optimiser)
+    assert golden.state_dict()["hyper"] == Lamb.from_preset("albert", params).state_dict()["hyper"]
+    with pytest.raises(ValueError, match=r"optimizer='sgd' is invalid: expected one of \('lamb', 'albert'"):
+        optim.make_optimizer("sgd", params, lr=0.1)
+    with pytest.raises(ValueError, match="is invalid"):
+        optim.make_optimizer("adamw-nope", params, lr=0.1)
+
+
+def test_optimiser_never_asks_which_backend():
+    # The backend chooses pieces and fused kernels (Backend.pieces, backends.fast_path); the optimiser
+    # code names no backend and no fused kernel object.
+    import pathlib
+
+    for path in pathlib.Path(optim.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        for word in ('"numpy"', '"cupy"', ".fused", "backend.name"):
+            assert word not in source, f"{path.name} mentions {word}"
+
+
+def test_backend_pieces():
+    # NumPy: fixed-size runs (views: writes reach the arrays); None (CuPy's policy): one piece.
+    numpy_backend = backends.get("numpy")
+    assert numpy_backend.piece_elements == 2 ** 17
+    a, b = np.arange(20.0), np.zeros(20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(numpy_backend, "piece_elements", 8)
+        pieces = numpy_backend.pieces(a, b)
+        assert [len(p) for p in pieces] == [2, 2, 2] and [p[0].size for p in pieces] == [8, 8, 4]
+        for pa, pb in pieces:
+            pb += pa
+        assert np.array_equal(a, b)
+        mp.setattr(numpy_backend, "piece_elements", None)
+        (whole,) = numpy_backend.pieces(a, b)
+        assert whole[0] is a and whole[1] is b
 
 
 # =============================================================================================
