@@ -71,7 +71,7 @@ class ModelOutput:
 class Gradients:
     """What ``Model.backward`` returns.
 
-    params:        parameter name -> gradient, the names and shapes of ``Model.parameters()``; all
+    params:        parameter name -> gradient, the names and shapes of ``Model.named_parameters()``; all
                    views of one flat buffer laid out like the parameters.
     inputs_embeds: (B, T, E), the gradient with respect to the word-embedding lookup's output (what
                    Hugging Face calls ``inputs_embeds``; position and token-type embeddings are added to
