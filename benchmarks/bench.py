@@ -135,25 +135,17 @@ def bench_config(name: str):
 
 def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) -> dict:
     """A host batch: random ids (never the pad id), two segments, ``round(masked_fraction * seq)``
-    labelled positions per sequence (never position 0), random SOP/NSP labels. int64 everywhere."""
-    import numpy as np
+    labelled positions per sequence (never position 0), random SOP/NSP labels. int64 everywhere.
+    :func:`ref_bert.examples.make_batch`'s ``"counted"`` recipe, without position ids (both systems use
+    their default positions)."""
+    from ref_bert.examples import make_batch as make_example_batch
 
     if seq > config.max_position_embeddings:
         raise ValueError(f"--seq {seq} exceeds max_position_embeddings={config.max_position_embeddings} "
                          f"of {config.name}")
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(5, config.vocab_size, (batch, seq), dtype=np.int64)
-    token_type_ids = np.zeros((batch, seq), dtype=np.int64)
-    if config.type_vocab_size > 1:
-        token_type_ids[:, seq // 2:] = 1
-    masked = min(seq - 1, max(1, round(masked_fraction * seq))) if seq > 1 else 1
-    mlm_labels = np.full((batch, seq), -100, dtype=np.int64)
-    for b in range(batch):
-        where = rng.choice(np.arange(1 if seq > 1 else 0, seq), size=masked, replace=False)
-        mlm_labels[b, where] = rng.integers(5, config.vocab_size, masked)
-    return dict(input_ids=input_ids, token_type_ids=token_type_ids,
-                attention_mask=np.ones((batch, seq), dtype=np.int64), mlm_labels=mlm_labels,
-                sop_labels=rng.integers(0, 2, batch, dtype=np.int64))
+    x = make_example_batch(config, batch, seq, seed, recipe="counted", label_rate=masked_fraction)
+    del x["position_ids"]
+    return x
 
 
 def hf_model(ours, device: str):

@@ -14,8 +14,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from .core import DEFAULT_FLOOR, DEFAULT_RTOL
 
 # name -> Config overrides on top of BASE (all tiny, float64)
@@ -42,17 +40,15 @@ MODEL_CASES = {
 
 
 def model_inputs(config, seed: int, B: int = 3, T: int = 7) -> dict:
-    """A padded batch with token types, MLM labels on about half the real positions, SOP labels."""
-    rng = np.random.default_rng(seed)
-    attention_mask = np.ones((B, T), dtype=np.int64)
-    attention_mask[1, 5:] = 0
-    attention_mask[2, 3:] = 0
-    mlm_labels = np.where((rng.random((B, T)) < 0.5) & (attention_mask == 1),
-                          rng.integers(0, config.vocab_size, (B, T)), -100)
-    mlm_labels[0, 1] = 3
-    return dict(input_ids=rng.integers(0, config.vocab_size, (B, T)),
-                token_type_ids=rng.integers(0, config.type_vocab_size, (B, T)), attention_mask=attention_mask,
-                mlm_labels=mlm_labels, sop_labels=rng.integers(0, 2, B), training=True, dropout_seed=seed)
+    """A padded batch with token types, MLM labels on about half the real positions, SOP labels:
+    :func:`ref_bert.examples.make_batch`'s ``"matrix"`` recipe (rows 1 and 2 padded after 5 and 3 tokens),
+    with one label forced so that the MLM loss is never empty."""
+    from ref_bert.examples import make_batch
+
+    x = make_batch(config, B, T, seed, recipe="matrix", lengths=[T, 5, 3], label_rate=0.5)
+    del x["position_ids"]           # the model's default positions, as before
+    x["mlm_labels"][0, 1] = 3
+    return dict(x, training=True, dropout_seed=seed)
 
 
 def run_battery(seed: int = 0, rtol: float = DEFAULT_RTOL, floor: float = DEFAULT_FLOOR, verbose: bool = False,

@@ -26,38 +26,17 @@ INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask", "position_ids", 
 
 # --- inputs --------------------------------------------------------------------------------------
 def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
-    """A deterministic padded pretraining batch as host int64 arrays.
+    """A deterministic padded pretraining batch as host int64 arrays: :func:`ref_bert.examples.make_batch`
+    with the ``"rows"`` recipe drawn from ``default_rng([seed, 2])``.
 
     Row 0 is full length, the others are padded: random lengths in [max(2, T // 2), T - 1]; real tokens avoid
     ``pad_token_id`` (so Hugging Face's pad-row gradient rule does not apply), padded positions hold
     it. Token type 0 for the first half of the real tokens, 1 after (when type_vocab_size > 1). MLM
     labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
     """
-    if batch < 1 or seq_len < 2:
-        raise ValueError(f"need batch >= 1 and seq_len >= 2, got batch={batch}, seq_len={seq_len}")
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
-    if config.vocab_size < 2:
-        raise ValueError(f"vocab_size={config.vocab_size} leaves no id besides the pad id")
-    rng = np.random.default_rng([seed, 2])
-    B, T, V, pad = batch, seq_len, config.vocab_size, config.pad_token_id
-    shortest = max(2, T // 2)
-    lengths = [T] + [int(rng.integers(shortest, max(shortest, T - 1) + 1)) for _ in range(B - 1)]
-    x = dict(input_ids=np.full((B, T), pad, np.int64), token_type_ids=np.zeros((B, T), np.int64),
-             attention_mask=np.zeros((B, T), np.int64),
-             position_ids=np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
-             mlm_labels=np.full((B, T), -100, np.int64))
-    for b, n in enumerate(lengths):
-        ids = rng.integers(0, V - 1, size=n)
-        x["input_ids"][b, :n] = ids + (ids >= pad)          # skip the pad id
-        x["attention_mask"][b, :n] = 1
-        if config.type_vocab_size > 1:
-            x["token_type_ids"][b, n // 2:n] = 1
-        chosen = rng.random(n) < 0.15
-        chosen[rng.integers(n)] = True
-        x["mlm_labels"][b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
-    x["sop_labels"] = rng.integers(0, 2, size=B).astype(np.int64)
-    return x
+    from .examples import make_batch
+
+    return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
 
 
 # --- the K optimiser steps --------------------------------------------------------------------------
