@@ -1,6 +1,6 @@
 """The whole battery: every op and every parameter of the full model, gradient-checked in float64.
 
-    python -m gradcheck            # or: ref-bert gradcheck
+    python -m gradcheck            # or: ref-bert gradcheck (the command is ref_bert/cli/gradcheck.py)
     python -m gradcheck --verbose  # per-tensor tables
 
 Prints one row per check (what was checked, how many tensors, the largest relative error, pass or
@@ -10,9 +10,7 @@ and dropout (masks frozen by a dropout seed).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 
 from .core import DEFAULT_FLOOR, DEFAULT_RTOL
 
@@ -90,24 +88,3 @@ def run_battery(seed: int = 0, rtol: float = DEFAULT_RTOL, floor: float = DEFAUL
         if not report.passed:
             print("\n" + report.table(), file=out)
     return not failed
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and directions")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance (default 1e-6)")
-    parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR,
-                        help="relative-error floor (default 1e-4: absolute 1e-10 for ~zero gradients)")
-    parser.add_argument("--verbose", action="store_true", help="print every tensor's result")
-
-
-def run(args) -> int:
-    start = time.perf_counter()
-    ok = run_battery(seed=args.seed, rtol=args.rtol, floor=args.floor, verbose=args.verbose)
-    print(f"({time.perf_counter() - start:.1f} s)")
-    return 0 if ok else 1
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradcheck", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
