@@ -1,5 +1,6 @@
+"""``python -m benchmarks``: the benchmark, through the one command-line layer (``ref-bert bench``)."""
 import sys
 
-from .bench import main
+from ref_bert.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -5,6 +5,8 @@
     python -m benchmarks --steps 3 --warmup 1         # the same harness without installing
     ref-bert bench --backend cupy                     # GPU: CuPy against PyTorch CUDA
 
+(the command is ref_bert/cli/bench.py; this module measures: :func:`run_benchmark`).
+
 One run measures, on the same machine, with the same config, weights and batch:
 
 * ref-bert: ``model.loss_and_grads(..., training=True)`` then ``Lamb.from_preset("albert").step``;
@@ -31,7 +33,6 @@ pretraining model computes MLM logits at every position, ref-bert only at labell
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -135,25 +136,17 @@ def bench_config(name: str):
 
 def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) -> dict:
     """A host batch: random ids (never the pad id), two segments, ``round(masked_fraction * seq)``
-    labelled positions per sequence (never position 0), random SOP/NSP labels. int64 everywhere."""
-    import numpy as np
+    labelled positions per sequence (never position 0), random SOP/NSP labels. int64 everywhere.
+    :func:`ref_bert.examples.make_batch`'s ``"counted"`` recipe, without position ids (both systems use
+    their default positions)."""
+    from ref_bert.examples import make_batch as make_example_batch
 
     if seq > config.max_position_embeddings:
         raise ValueError(f"--seq {seq} exceeds max_position_embeddings={config.max_position_embeddings} "
                          f"of {config.name}")
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(5, config.vocab_size, (batch, seq), dtype=np.int64)
-    token_type_ids = np.zeros((batch, seq), dtype=np.int64)
-    if config.type_vocab_size > 1:
-        token_type_ids[:, seq // 2:] = 1
-    masked = min(seq - 1, max(1, round(masked_fraction * seq))) if seq > 1 else 1
-    mlm_labels = np.full((batch, seq), -100, dtype=np.int64)
-    for b in range(batch):
-        where = rng.choice(np.arange(1 if seq > 1 else 0, seq), size=masked, replace=False)
-        mlm_labels[b, where] = rng.integers(5, config.vocab_size, masked)
-    return dict(input_ids=input_ids, token_type_ids=token_type_ids,
-                attention_mask=np.ones((batch, seq), dtype=np.int64), mlm_labels=mlm_labels,
-                sop_labels=rng.integers(0, 2, batch, dtype=np.int64))
+    x = make_example_batch(config, batch, seq, seed, recipe="counted", label_rate=masked_fraction)
+    del x["position_ids"]
+    return x
 
 
 class TorchAlbertLamb:
@@ -407,52 +400,7 @@ def worker_main(kind: str, spec_json: str) -> int:
     return 0
 
 
-# --- the command -----------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ref_bert.config import PRESETS
-
-    parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(PRESETS),
-                        help="preset(s) to measure (default albert-base); tiny, albert-base and bert-base are the "
-                             "documented points")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
-    parser.add_argument("--masked-fraction", type=float, default=0.15,
-                        help="labelled MLM positions per sequence, as a fraction of --seq (default 0.15)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run each system this many times, alternating (fresh process each); the median is "
-                             "over every timed step of every round (default 1)")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
-                        help="what to measure (default both)")
-    parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
-                        help="numpy (CPU, against PyTorch CPU) or cupy (GPU, against PyTorch CUDA)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for BLAS and PyTorch (default: all cores, os.cpu_count())")
-    parser.add_argument("--peak-size", type=int, default=None,
-                        help="matrix size n of the n^3 sgemm peak (default 2048 on CPU, 8192 on GPU)")
-    parser.add_argument("--peak-repeats", type=int, default=5, help="sgemm repetitions; the best counts")
-    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="LENGTH",
-                        help="also time cached decoding per token at these target lengths (benchmarks/decode_cache.py)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="print a cProfile of this many ref-bert training steps (to stderr) before timing")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
-    parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
-
-
-def _check_args(args) -> None:
-    for name in ("batch", "seq", "steps", "peak_repeats", "rounds"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0.0 < args.masked_fraction <= 1.0:
-        raise ValueError(f"--masked-fraction must be in (0, 1], got {args.masked_fraction}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-
-
+# --- the run ---------------------------------------------------------------------------------------------
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -490,58 +438,49 @@ def report_table(results: list[dict], peak: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    if args.worker is not None:
-        return worker_main(*args.worker)
-    try:
-        _check_args(args)
-    except ValueError as e:
-        print(f"ref-bert bench: error: {e}", file=sys.stderr)
-        return 2
-    import backends
-
-    if args.backend == "cupy":
-        try:
-            backends.get("cupy")
-        except backends.BackendUnavailable as e:
-            print(f"ref-bert bench: error: --backend cupy cannot run here: {e}", file=sys.stderr)
-            return 2
+def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, masked_fraction: float = 0.15,
+                  warmup: int = 2, steps: int = 5, rounds: int = 1, systems=SYSTEMS, backend: str = "numpy",
+                  threads: int | None = None, peak_size: int | None = None, peak_repeats: int = 5,
+                  decode=None, profile: int = 0, seed: int = 0, json_path=None) -> dict:
+    """Measure every system on every config (each in fresh subprocesses), print the progress and the
+    table, write ``json_path`` when given, and return the record (every number). ``decode``: None, or
+    the target lengths of the cached-decoding timing (empty: 16, 64, 256)."""
     from .flops import step_flops
 
-    threads = args.threads or os.cpu_count() or 1
-    peak_n = args.peak_size or (8192 if args.backend == "cupy" else 2048)
+    threads = threads or os.cpu_count() or 1
+    peak_n = peak_size or (8192 if backend == "cupy" else 2048)
     record = {"argv": list(sys.argv),
-              "machine": machine_info(), "backend": args.backend, "threads": threads, "loadavg_start": loadavg(),
-              "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "results": []}
-    print(f"# ref-bert bench: backend {args.backend}, {threads} threads, batch {args.batch}, seq {args.seq}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps; load average {record['loadavg_start']}", flush=True)
-    peak_spec = {"n": peak_n, "repeats": args.peak_repeats, "backend": args.backend, "threads": threads,
-                 "torch": "torch" in args.systems}
+              "machine": machine_info(), "backend": backend, "threads": threads, "loadavg_start": loadavg(),
+              "batch": batch, "seq": seq, "warmup": warmup, "steps": steps, "results": []}
+    print(f"# ref-bert bench: backend {backend}, {threads} threads, batch {batch}, seq {seq}, "
+          f"{warmup} warm-up + {steps} timed steps; load average {record['loadavg_start']}", flush=True)
+    peak_spec = {"n": peak_n, "repeats": peak_repeats, "backend": backend, "threads": threads,
+                 "torch": "torch" in systems}
     peaks = [_run_worker("peak", peak_spec, threads)]
     print(f"sgemm peak {peaks[0]['sgemm_gflops']:.1f} GFLOP/s (measured again at the end; the best counts)",
           flush=True)
-    for name in args.config:
+    for name in configs:
         config = bench_config(name)
-        labelled = int((make_batch(config, args.batch, args.seq, args.masked_fraction, args.seed)["mlm_labels"]
+        labelled = int((make_batch(config, batch, seq, masked_fraction, seed)["mlm_labels"]
                         != -100).sum())
-        runs: dict[str, list] = {system: [] for system in args.systems}
-        for round_index in range(args.rounds):   # systems alternate, so that both see the same load
-            for system in args.systems:
-                spec = dict(config=name, batch=args.batch, seq=args.seq, masked_fraction=args.masked_fraction,
-                            warmup=args.warmup, steps=args.steps, backend=args.backend, threads=threads,
-                            seed=args.seed, profile=args.profile if system == "ref-bert" and round_index == 0 else 0)
+        runs: dict[str, list] = {system: [] for system in systems}
+        for round_index in range(rounds):   # systems alternate, so that both see the same load
+            for system in systems:
+                spec = dict(config=name, batch=batch, seq=seq, masked_fraction=masked_fraction,
+                            warmup=warmup, steps=steps, backend=backend, threads=threads,
+                            seed=seed, profile=profile if system == "ref-bert" and round_index == 0 else 0)
                 run_result = _run_worker(system, spec, threads)
                 runs[system].append(run_result)
-                print(f"{name} {system} (round {round_index + 1}/{args.rounds}): train "
+                print(f"{name} {system} (round {round_index + 1}/{rounds}): train "
                       f"{run_result['train_median_s']:.3f} s, forward {run_result['forward_median_s']:.3f} s, "
                       f"peak RSS {run_result['train_peak_rss_mib']:.0f} MiB; load {run_result['loadavg_after']}",
                       flush=True)
-        for system, rounds in runs.items():
-            result = merge_rounds(rounds)
+        for system, system_rounds in runs.items():
+            result = merge_rounds(system_rounds)
             # ref-bert's loss gathers the labelled rows before the MLM head, forward-only too;
             # Hugging Face's pretraining forward computes logits at every position.
-            mlm_rows = labelled if system == "ref-bert" else args.batch * args.seq
-            train = step_flops(config, args.batch, args.seq, mlm_rows)
+            mlm_rows = labelled if system == "ref-bert" else batch * seq
+            train = step_flops(config, batch, seq, mlm_rows)
             result.update(config=name, system=system, mlm_rows=mlm_rows, flops=train,
                           train_gflop=train["train_step"] / 1e9, forward_gflop=train["forward"] / 1e9)
             result["train_gflops"] = result["train_gflop"] / result["train_median_s"]
@@ -554,11 +493,11 @@ def run(args) -> int:
     for result in record["results"]:
         result["train_pct_peak"] = 100 * result["train_gflops"] / peak["sgemm_gflops"]
         result["forward_pct_peak"] = 100 * result["forward_gflops"] / peak["sgemm_gflops"]
-    if args.decode is not None:
+    if decode is not None:
         from .decode_cache import measure
 
-        lengths = args.decode or [16, 64, 256]
-        record["decode"] = measure(lengths, backend=args.backend)
+        lengths = decode or [16, 64, 256]
+        record["decode"] = measure(lengths, backend=backend)
     record["loadavg_end"] = loadavg()
     print()
     print(report_table(record["results"], peak))
@@ -567,18 +506,14 @@ def run(args) -> int:
             f"length {row['length']}: {row['ms_per_token_cache']:.2f} (no cache {row['ms_per_token_no_cache']:.2f})"
             for row in record["decode"]))
     print(f"\nload average at start {record['loadavg_start']}, at end {record['loadavg_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+        print(f"wrote {json_path}")
+    return record
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # a worker: python -m benchmarks.bench --worker KIND SPEC_JSON (see _run_worker)
+    if len(sys.argv) != 4 or sys.argv[1] != "--worker":
+        sys.exit("usage: python -m benchmarks.bench --worker KIND SPEC_JSON (the command is ref-bert bench)")
+    sys.exit(worker_main(sys.argv[2], sys.argv[3]))

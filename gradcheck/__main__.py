@@ -1,5 +1,6 @@
+"""``python -m gradcheck``: the battery, through the one command-line layer (``ref-bert gradcheck``)."""
 import sys
 
-from .battery import main
+from ref_bert.cli import main
 
-sys.exit(main())
+sys.exit(main(["gradcheck", *sys.argv[1:]]))

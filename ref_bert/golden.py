@@ -3,6 +3,9 @@
     ref-bert golden --config tiny --out tiny.golden.safetensors [--seed 0 --dtype float64 --batch 2 --seq-len 16 --steps 2]
     ref-bert golden --hf path/to/hf-model --out model.golden.safetensors
 
+(the command is :mod:`ref_bert.cli.golden`; this module is its library: :func:`make_inputs`,
+:func:`write_golden`, :func:`read_golden`).
+
 The file holds, in order (metadata "tensor_order"): the inputs, the parameters, every intermediate
 activation of the forward pass (the model's trace hook), the losses, every gradient, and the loss
 before and the parameters after K optimiser steps on the same batch. The format is specified in
@@ -26,38 +29,17 @@ INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask", "position_ids", 
 
 # --- inputs --------------------------------------------------------------------------------------
 def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
-    """A deterministic padded pretraining batch as host int64 arrays.
+    """A deterministic padded pretraining batch as host int64 arrays: :func:`ref_bert.examples.make_batch`
+    with the ``"rows"`` recipe drawn from ``default_rng([seed, 2])``.
 
     Row 0 is full length, the others are padded: random lengths in [max(2, T // 2), T - 1]; real tokens avoid
     ``pad_token_id`` (so Hugging Face's pad-row gradient rule does not apply), padded positions hold
     it. Token type 0 for the first half of the real tokens, 1 after (when type_vocab_size > 1). MLM
     labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
     """
-    if batch < 1 or seq_len < 2:
-        raise ValueError(f"need batch >= 1 and seq_len >= 2, got batch={batch}, seq_len={seq_len}")
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
-    if config.vocab_size < 2:
-        raise ValueError(f"vocab_size={config.vocab_size} leaves no id besides the pad id")
-    rng = np.random.default_rng([seed, 2])
-    B, T, V, pad = batch, seq_len, config.vocab_size, config.pad_token_id
-    shortest = max(2, T // 2)
-    lengths = [T] + [int(rng.integers(shortest, max(shortest, T - 1) + 1)) for _ in range(B - 1)]
-    x = dict(input_ids=np.full((B, T), pad, np.int64), token_type_ids=np.zeros((B, T), np.int64),
-             attention_mask=np.zeros((B, T), np.int64),
-             position_ids=np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy(),
-             mlm_labels=np.full((B, T), -100, np.int64))
-    for b, n in enumerate(lengths):
-        ids = rng.integers(0, V - 1, size=n)
-        x["input_ids"][b, :n] = ids + (ids >= pad)          # skip the pad id
-        x["attention_mask"][b, :n] = 1
-        if config.type_vocab_size > 1:
-            x["token_type_ids"][b, n // 2:n] = 1
-        chosen = rng.random(n) < 0.15
-        chosen[rng.integers(n)] = True
-        x["mlm_labels"][b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
-    x["sop_labels"] = rng.integers(0, 2, size=B).astype(np.int64)
-    return x
+    from .examples import make_batch
+
+    return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
 
 
 # --- the K optimiser steps --------------------------------------------------------------------------
@@ -182,36 +164,3 @@ def read_golden(path) -> tuple["OrderedDict[str, np.ndarray]", dict]:
     if sorted(order) != sorted(tensors):
         raise ValueError(f"{path}: tensor_order does not list exactly the tensors in the file")
     return OrderedDict((name, tensors[name]) for name in order), meta
-
-
-# --- command line --------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", metavar="PRESET", help="a ref-bert preset (e.g. tiny, albert-base)")
-    src.add_argument("--hf", metavar="DIR", help="a Hugging Face ALBERT/BERT model directory")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the golden .safetensors file to write")
-    parser.add_argument("--seed", type=int, default=0, help="weights (presets) and inputs seed (default 0)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="default float64")
-    parser.add_argument("--backend", default="numpy", help="numpy (default) or cupy")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    parser.add_argument("--seq-len", type=int, default=16, help="sequence length (default 16)")
-    parser.add_argument("--steps", type=int, default=1, help="optimiser steps K (default 1)")
-
-
-def run(args) -> int:
-    from .config import Config
-    from .model import Model
-
-    if args.config is not None:
-        model = Model(Config.preset(args.config), backend=args.backend, dtype=args.dtype, seed=args.seed)
-        source = f"preset:{args.config}"
-    else:
-        model = Model.from_hf(args.hf, backend=args.backend, dtype=args.dtype, seed=args.seed)
-        source = f"hf:{args.hf}"
-    inputs = make_inputs(model.config, args.batch, args.seq_len, args.seed)
-    meta = write_golden(args.out, model, inputs, steps=args.steps, seed=args.seed, source=source)
-    order = json.loads(meta["tensor_order"])
-    print(f"wrote {args.out}: {len(order)} tensors ({sum(n.startswith('forward/') for n in order)} activations, "
-          f"{sum(n.startswith('grads/') for n in order)} gradients, {args.steps} optimiser steps), "
-          f"{args.dtype}, {source}")
-    return 0

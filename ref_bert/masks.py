@@ -129,5 +129,39 @@ def format_mask(mask: np.ndarray, labels: Sequence[str], allowed: str = "1", blo
     return "\n".join(lines)
 
 
+def teaching_mask(kind: str, source_tokens: int, target_tokens: int, pad: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``(mask, labels)`` of one kind in the teaching layout [CLS] s1..sN [SEP] t1..tM [SEP] [PAD]*pad
+    (what ``ref-bert masks`` prints)."""
+    labels = token_labels(kind, source_tokens, target_tokens, pad)
+    num_real = source_tokens + target_tokens + 3
+    mask = unilm_mask(kind, len(labels), num_real, source_len=source_tokens + 2)
+    return mask, labels
+
+
+def draw_masks_png(path: str, source_tokens: int, target_tokens: int, pad: int = 0) -> None:
+    """Draw every kind's teaching mask side by side into the image ``path`` (needs matplotlib; a
+    ValueError when it is not installed)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--png needs matplotlib, which is not installed (pip install 'ref-bert[plot]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MASK_KINDS), figsize=(4.2 * len(MASK_KINDS), 5.0))
+    for ax, kind in zip(axes, MASK_KINDS):
+        mask, labels = teaching_mask(kind, source_tokens, target_tokens, pad)
+        ax.imshow(mask, cmap="Greys", vmin=0, vmax=1.6)  # allowed = grey, blocked = white
+        ax.set_title(kind.replace("_", "-"))
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.suptitle("UniLM self-attention masks (shaded: query may attend key)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 __all__ = ["MASK_KINDS", "normalize_kind", "unilm_mask", "batch_masks", "additive_mask", "token_labels",
-           "format_mask"]
+           "format_mask", "teaching_mask", "draw_masks_png"]

@@ -4,6 +4,9 @@ that differs.
     ref-bert verify --hf DIR                              transformers vs ref-bert on the same inputs and weights
     ref-bert verify --golden FILE --candidate FILE        another implementation's dump vs a golden file
 
+(the command is :mod:`ref_bert.cli.verify`; this module is its library: :func:`verify_hf`,
+:func:`verify_files`, :func:`compare`, :func:`format_report`).
+
 The table lists each tensor with its shape, max abs error, max rel error (= max abs error / max |reference|)
 and whether it is within tolerance; the first failing row is marked, a summary line follows, and the
 exit status is 1 when anything is out of tolerance (0 when all match, 2 for a usage error).
@@ -32,7 +35,6 @@ large models may need --rtol 1e-4.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -254,41 +256,3 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
     report.notes = [f"reference: transformers {transformers.__version__} {arch} (eager attention); "
                     f"candidate: ref-bert; batch {batch} x {seq_len}, seed {seed}"] + notes
     return report
-
-
-# --- command line --------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--hf", metavar="DIR", help="compare ref-bert with transformers on this HF model directory")
-    parser.add_argument("--golden", metavar="FILE", help="a golden file (ref-bert golden)")
-    parser.add_argument("--candidate", metavar="FILE", help="another implementation's dump in the golden format")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64",
-                        help="--hf only: the dtype both sides run in (default float64)")
-    parser.add_argument("--seed", type=int, default=0, help="--hf only: inputs seed (default 0)")
-    parser.add_argument("--batch", type=int, default=2, help="--hf only: batch size (default 2)")
-    parser.add_argument("--seq-len", type=int, default=16, help="--hf only: sequence length (default 16)")
-    parser.add_argument("--rtol", type=float, default=None,
-                        help="relative tolerance (default: 1e-10 float64, 1e-5 float32)")
-    parser.add_argument("--atol", type=float, default=None,
-                        help="absolute tolerance, times the section's largest value (default: 1e-12 / 1e-6)")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="--golden only: candidate tensors that are absent do not fail the check")
-    parser.add_argument("--failures-only", action="store_true", help="print only the rows out of tolerance")
-
-
-def run(args) -> int:
-    try:
-        if args.hf is not None:
-            if args.golden or args.candidate:
-                raise ValueError("give either --hf DIR or --golden FILE --candidate FILE, not both")
-            report = verify_hf(args.hf, args.dtype, args.seed, args.batch, args.seq_len, args.rtol, args.atol)
-            title = f"ref-bert verify --hf {args.hf}"
-        elif args.golden and args.candidate:
-            report = verify_files(args.golden, args.candidate, args.rtol, args.atol, args.allow_missing)
-            title = f"ref-bert verify --golden {args.golden} --candidate {args.candidate}"
-        else:
-            raise ValueError("give --hf DIR, or both --golden FILE and --candidate FILE")
-    except ValueError as e:
-        print(f"ref-bert verify: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report, title, show="failures" if args.failures_only else "all"))
-    return 0 if report.ok else 1

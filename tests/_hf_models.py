@@ -7,10 +7,13 @@ activation cannot hide).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
 from ref_bert import hf_torch
+from ref_bert.examples import make_batch
 
 torch.set_num_threads(1)
 
@@ -51,31 +54,24 @@ def hf_model(spec: dict, arch: str = "ForPreTraining", dtype: str = "float64", s
 
 
 def batch(spec: dict, seed: int = 0, lengths=(10, 8, 6), pad_at_real_positions: bool = False) -> dict:
-    """A padded batch with two segments, MLM labels on ~30% of real tokens and SOP/NSP labels.
+    """A padded batch with two segments, MLM labels on ~30% of real tokens and SOP/NSP labels: the
+    ``"rows"`` recipe of :func:`ref_bert.examples.make_batch` with these ``lengths``, second segments
+    typed 1 or 2 alternately by row (where the type vocabulary allows), and no position ids.
 
     Real tokens avoid the pad id (unless ``pad_at_real_positions``): see the pad-row note in
     test_hf_parity.py. Padded positions hold the pad id, token type 0 and label -100.
     """
-    rng = np.random.default_rng(seed)
-    V, pad = spec["vocab_size"], spec.get("pad_token_id", 0)
-    B, T = len(lengths), max(lengths)
-    real_ids = np.array([v for v in range(V) if v != pad])
-    input_ids = np.full((B, T), pad, dtype=np.int64)
-    token_type_ids = np.zeros((B, T), dtype=np.int64)
-    attention_mask = np.zeros((B, T), dtype=np.int64)
-    mlm_labels = np.full((B, T), -100, dtype=np.int64)
+    lengths = tuple(lengths)
+    shape = SimpleNamespace(vocab_size=spec["vocab_size"], pad_token_id=spec.get("pad_token_id", 0),
+                            type_vocab_size=spec["type_vocab_size"],
+                            max_position_embeddings=spec["max_position_embeddings"])
+    x = make_batch(shape, len(lengths), max(lengths), seed, recipe="rows", lengths=lengths, label_rate=0.3)
+    del x["position_ids"]
     for b, n in enumerate(lengths):
-        input_ids[b, :n] = rng.choice(real_ids, size=n)
         if pad_at_real_positions:
-            input_ids[b, 1] = pad
-        token_type_ids[b, n // 2:n] = min(1 + b % 2, spec["type_vocab_size"] - 1)
-        attention_mask[b, :n] = 1
-        chosen = rng.random(n) < 0.3
-        chosen[rng.integers(n)] = True
-        mlm_labels[b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
-    sop_labels = rng.integers(0, 2, size=B).astype(np.int64)
-    return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                mlm_labels=mlm_labels, sop_labels=sop_labels)
+            x["input_ids"][b, 1] = shape.pad_token_id
+        x["token_type_ids"][b, n // 2:n] = min(1 + b % 2, spec["type_vocab_size"] - 1)
+    return x
 
 
 def hf_run(model, inputs: dict, family: str, backward: bool = True):

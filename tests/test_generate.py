@@ -3,6 +3,7 @@ end-to-end learning test (seq2seq fine-tuning on digit-string reversal, then gre
 from __future__ import annotations
 
 import io
+import re
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -223,14 +224,15 @@ def test_generate_command_with_source_ids(tmp_path):
     assert uncached.splitlines() == [line.split("\t")[1] for line in lines]
 
 
-def test_generate_command_errors(tmp_path):
+def test_generate_command_errors(tmp_path, capsys):
     save_model(decoding_model(), tmp_path)
-    with pytest.raises(ValueError, match="needs a tokenizer at .*spiece.model"):
-        run_cli("generate", "--checkpoint", tmp_path, "--source", "hello")
-    with pytest.raises(ValueError, match="--source-ids '5 x' is invalid"):
-        run_cli("generate", "--checkpoint", tmp_path, "--source-ids", "5 x")
-    with pytest.raises(ValueError, match="beam_size=0"):
-        run_cli("generate", "--checkpoint", tmp_path, "--source-ids", "5", "--beam-size", 0)
+    for argv, message in [(["--source", "hello"], r"needs a tokenizer at .*spiece.model"),
+                          (["--source-ids", "5 x"], r"--source-ids '5 x' is invalid"),
+                          (["--source-ids", "5", "--beam-size", 0], r"beam_size=0")]:
+        assert cli_main(["generate", "--checkpoint", str(tmp_path), *(str(a) for a in argv)]) == 2
+        captured = capsys.readouterr()
+        assert re.match(r"error: .*" + message, captured.err) and "Traceback" not in captured.err, captured.err
+        assert captured.out == ""
 
 
 # --- learning ---------------------------------------------------------------------------------------

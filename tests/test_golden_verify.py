@@ -11,6 +11,8 @@ import pytest
 from ref_bert import Config, Model
 from ref_bert import golden, verify
 from ref_bert.cli import COMMANDS, main
+from ref_bert.cli import golden as golden_cli
+from ref_bert.cli import verify as verify_cli
 from ref_bert.optim import Lamb
 from tests._models import perturbed_model
 
@@ -37,15 +39,24 @@ def write(model, path, steps=1, seed=0):
 
 
 def cli(module, argv) -> int:
+    """``ref-bert golden|verify ARGV`` through the one command-line layer (its error reporting included)."""
+    name = {golden_cli: "golden", verify_cli: "verify"}[module]
+    return main([name, *(str(a) for a in argv)])
+
+
+def run_module(module, argv) -> int:
+    """A subcommand module on its own: its parser and ``run`` (errors propagate as exceptions)."""
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
     return module.run(parser.parse_args([str(a) for a in argv]))
 
 
 def test_commands_are_registered():
-    assert COMMANDS["golden"][0] == "ref_bert.golden" and COMMANDS["verify"][0] == "ref_bert.verify"
-    for module in (golden, verify):
+    assert COMMANDS["golden"][0] == "ref_bert.cli.golden" and COMMANDS["verify"][0] == "ref_bert.cli.verify"
+    for module in (golden_cli, verify_cli):
         assert callable(module.add_arguments) and callable(module.run)
+    for module in (golden, verify):   # the library modules have no command line
+        assert not hasattr(module, "add_arguments") and not hasattr(module, "run")
 
 
 def test_verify_module_imports_no_heavy_dependency():
@@ -108,7 +119,7 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
 def test_golden_cli_and_determinism(tmp_path, capsys):
     args = ["--config", "tiny", "--batch", 2, "--seq-len", 8, "--steps", 1, "--dtype", "float32"]
     assert main(["golden"] + [str(a) for a in args] + ["--out", str(tmp_path / "a.safetensors")]) == 0  # ref-bert golden
-    assert cli(golden, args + ["--out", tmp_path / "b.safetensors"]) == 0
+    assert run_module(golden_cli, args + ["--out", tmp_path / "b.safetensors"]) == 0
     assert "wrote" in capsys.readouterr().out
     a, meta = golden.read_golden(tmp_path / "a.safetensors")
     b, _ = golden.read_golden(tmp_path / "b.safetensors")
@@ -135,7 +146,7 @@ def test_planted_bug_is_named_as_the_first_divergence(bug, first, tmp_path, caps
     assert all(rows[n].ok for n in list(rows)[:list(rows).index(first)])  # everything before it matches
     assert rows["forward/mlm_logits"].max_rel > 1e-8 and not report.ok
 
-    rc = cli(verify, ["--golden", tmp_path / "golden.safetensors", "--candidate", tmp_path / "candidate.safetensors"])
+    rc = cli(verify_cli, ["--golden", tmp_path / "golden.safetensors", "--candidate", tmp_path / "candidate.safetensors"])
     out = capsys.readouterr().out
     assert rc == 1
     assert f"{first}" in out.splitlines()[-1] and "first divergence" in out.splitlines()[-1]
@@ -197,18 +208,22 @@ def test_compare_rule():
 
 
 def test_verify_usage_errors(tmp_path, capsys, monkeypatch):
-    assert cli(verify, []) == 2
-    assert "give --hf DIR" in capsys.readouterr().err
+    assert cli(verify_cli, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "give --hf DIR" in err
+    with pytest.raises(ValueError, match="give --hf DIR"):   # the module raises; main reports
+        run_module(verify_cli, [])
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if transformers were not installed
-    assert cli(verify, ["--hf", tmp_path]) == 2
-    assert "needs torch and transformers" in capsys.readouterr().err
+    assert cli(verify_cli, ["--hf", tmp_path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "needs torch and transformers" in err
 
 
 def test_verify_hf_end_to_end(tmp_path, capsys):
     from tests._hf_models import ALBERT_GROUPS, hf_model
 
     hf_model(ALBERT_GROUPS).save_pretrained(tmp_path)
-    assert cli(verify, ["--hf", tmp_path, "--batch", 2, "--seq-len", 8]) == 0
+    assert cli(verify_cli, ["--hf", tmp_path, "--batch", 2, "--seq-len", 8]) == 0
     out = capsys.readouterr().out
     assert "verify: OK" in out.splitlines()[-1]
     # every activation of every block (L * K = 8), parameters, loss and gradients were compared
@@ -225,7 +240,7 @@ def test_golden_from_hf_is_readable_without_ref_bert(tmp_path):
     from tests._hf_models import BERT, hf_model
 
     hf_model(BERT).save_pretrained(tmp_path / "hf")
-    assert cli(golden, ["--hf", tmp_path / "hf", "--out", tmp_path / "g.safetensors", "--seq-len", 8]) == 0
+    assert cli(golden_cli, ["--hf", tmp_path / "hf", "--out", tmp_path / "g.safetensors", "--seq-len", 8]) == 0
 
     with safe_open(str(tmp_path / "g.safetensors"), framework="pt") as f:
         meta = f.metadata()

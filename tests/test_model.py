@@ -1,21 +1,24 @@
 """The model's public surface: outputs, float32 vs float64, determinism, dropout, and the loss
 against an independent recomputation from the forward pass's full MLM logits."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from ref_bert import Config, Model
+from ref_bert.examples import make_batch
 
 CFG = Config.preset("tiny", vocab_size=50, num_hidden_layers=3, max_position_embeddings=16)
 
 
 def batch(seed=0, B=3, T=9, V=50):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((B, T), dtype=np.int64)
-    mask[1, 6:] = 0
-    labels = np.where((rng.random((B, T)) < 0.3) & (mask == 1), rng.integers(0, V, (B, T)), -100)
-    labels[0, 2] = 7
-    return dict(input_ids=rng.integers(0, V, (B, T)), token_type_ids=rng.integers(0, 2, (B, T)),
-                attention_mask=mask), labels, rng.integers(0, 2, B)
+    """Row 1 padded after 6 tokens, labels on ~30% of the real positions (one forced), random token
+    types: :func:`ref_bert.examples.make_batch`'s ``"matrix"`` recipe. Returns (inputs, labels, sop)."""
+    shape = SimpleNamespace(vocab_size=V, type_vocab_size=2, pad_token_id=0, max_position_embeddings=T)
+    x = make_batch(shape, B, T, seed, recipe="matrix", lengths=[T, 6] + [T] * (B - 2), label_rate=0.3)
+    x["mlm_labels"][0, 2] = 7
+    return ({k: x[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, x["mlm_labels"],
+            x["sop_labels"])
 
 
 def log_softmax(z):

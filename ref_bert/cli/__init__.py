@@ -1,11 +1,17 @@
 """The ``ref-bert`` command: the command-line layer, and the only one.
 
 Each subcommand is a module of this package (``ref_bert/cli/<name>.py``) exposing
-``add_arguments(parser)`` and ``run(args) -> int``: argument parsing and error reporting live here,
-the work in library functions (``ref_bert.pretrain``, ``ref_bert.golden``, ``ref_bert.verify``,
+``add_arguments(parser)`` and ``run(args) -> int`` (0 on success, 1 when the work ran and found a
+failure, e.g. a divergence or a failing gradient check): argument parsing lives here, the work in
+library functions (``ref_bert.pretrain``, ``ref_bert.golden``, ``ref_bert.verify``,
 ``benchmarks``, ...), which take arguments, not an argparse namespace. Subcommand modules keep heavy
 or optional imports (torch, transformers, matplotlib) inside ``run`` so that building the parser stays
-cheap and a missing optional dependency only affects the command that needs it."""
+cheap and a missing optional dependency only affects the command that needs it.
+
+Errors are reported in one place, :func:`main`: a ``ValueError`` (bad arguments, unreadable input, a
+missing optional dependency) or ``backends.BackendUnavailable`` raised by any subcommand is printed as
+``error: <message>`` on stderr, without a traceback, and the exit status is 2 (argparse's own status
+for a usage error)."""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import backends
+
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, backends.BackendUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,2 +1,24 @@
-"""``ref-bert gradcheck``: argument parsing and error reporting (the work is in :mod:`gradcheck.battery`)."""
-from gradcheck.battery import add_arguments, run  # noqa: F401  (being moved here from gradcheck.battery)
+"""``ref-bert gradcheck`` (also ``python -m gradcheck``): the gradient-check battery
+(the work is :func:`gradcheck.battery.run_battery`). Exit status 1 when any check fails."""
+from __future__ import annotations
+
+import time
+
+from gradcheck.core import DEFAULT_FLOOR, DEFAULT_RTOL
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and directions")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance (default 1e-6)")
+    parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR,
+                        help="relative-error floor (default 1e-4: absolute 1e-10 for ~zero gradients)")
+    parser.add_argument("--verbose", action="store_true", help="print every tensor's result")
+
+
+def run(args) -> int:
+    from gradcheck import battery
+
+    start = time.perf_counter()
+    ok = battery.run_battery(seed=args.seed, rtol=args.rtol, floor=args.floor, verbose=args.verbose)
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return 0 if ok else 1

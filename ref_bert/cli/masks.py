@@ -1,2 +1,48 @@
-"""``ref-bert masks``: argument parsing and error reporting (the work is in :mod:`ref_bert.masks_cli`)."""
-from ref_bert.masks_cli import add_arguments, run  # noqa: F401  (being moved here from ref_bert.masks_cli)
+"""``ref-bert masks``: print the UniLM self-attention masks as labelled grids (for teaching; the masks
+are :mod:`ref_bert.masks`).
+
+    ref-bert masks --kind seq2seq --source 3 --target 4 --pad 2
+    ref-bert masks --kind all --source 2 --target 2 --png masks.png
+
+The layout is [CLS] s1..sN [SEP] t1..tM [SEP] [PAD]*pad (N = --source, M = --target); for the
+bidirectional and unidirectional kinds the two segments are sentences A and B. Rows are queries,
+columns keys; "1" means the query may attend the key.
+"""
+from __future__ import annotations
+
+import sys
+
+from ref_bert.masks import MASK_KINDS
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--kind", default="all",
+                        help=f"one of {', '.join(MASK_KINDS)} (hyphens allowed), or 'all' (default)")
+    parser.add_argument("--source", type=int, default=3,
+                        help="source (sentence A) tokens, without [CLS] and [SEP] (default 3)")
+    parser.add_argument("--target", type=int, default=3,
+                        help="target (sentence B) tokens, without the final [SEP] (default 3)")
+    parser.add_argument("--pad", type=int, default=0, help="padding tokens after the final [SEP] (default 0)")
+    parser.add_argument("--png", metavar="FILE", help="also draw every kind side by side into FILE (needs matplotlib)")
+
+
+def run(args) -> int:
+    from ref_bert.masks import draw_masks_png, format_mask, normalize_kind, teaching_mask
+
+    for name in ("source", "target", "pad"):
+        value = getattr(args, name)
+        if value < 0:
+            raise ValueError(f"--{name}={value} is invalid: expected a non-negative integer")
+    kinds = MASK_KINDS if args.kind == "all" else (normalize_kind(args.kind),)
+    blocks = []
+    for kind in kinds:
+        mask, labels = teaching_mask(kind, args.source, args.target, args.pad)
+        title = f"{kind} (rows: queries, columns: keys, 1 = may attend)"
+        if kind == "seq2seq":
+            title += f"; source segment = first {args.source + 2} tokens"
+        blocks.append(title + "\n" + format_mask(mask, labels))
+    sys.stdout.write("\n\n".join(blocks) + "\n")
+    if args.png:
+        draw_masks_png(args.png, args.source, args.target, args.pad)
+        sys.stdout.write(f"wrote {args.png}\n")
+    return 0

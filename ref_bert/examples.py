@@ -1,0 +1,114 @@
+"""Deterministic synthetic batches: the one place that makes model inputs from a seed.
+
+:func:`make_batch` is used by golden files (:func:`ref_bert.golden.make_inputs`), the benchmark
+(``benchmarks.bench.make_batch``), the gradient-check battery (``gradcheck.battery.model_inputs``) and
+the tests. Everything is drawn on the host from ``numpy.random.default_rng(seed)`` (``seed`` may be a
+sequence, as golden files' ``[seed, 2]``) and returned as host int64 arrays: ``input_ids``,
+``token_type_ids``, ``attention_mask``, ``position_ids``, ``mlm_labels``, ``sop_labels``.
+
+Three recipes, each a fixed order of draws (golden files, benchmark numbers and gradient-check
+results depend on it, so none may change):
+
+``"rows"`` (the default; golden files, the Hugging Face parity tests)
+    Row by row. Lengths: ``lengths`` when given, else row 0 full and the others random in
+    [max(2, T // 2), T - 1]. Real tokens avoid ``pad_token_id`` and padded positions hold it; token
+    type 0 for the first half of each row's real tokens and 1 after (when ``type_vocab_size > 1``);
+    MLM labels on about ``label_rate`` of the real positions, at least one per row, -100 elsewhere.
+``"matrix"`` (the gradient-check battery, model tests)
+    Whole (B, T) draws: padding only where ``lengths`` says (padded positions keep random ids), labels
+    where a uniform draw is below ``label_rate`` on real positions (ids may be the pad id), token types
+    uniform in [0, type_vocab_size).
+``"counted"`` (the benchmark)
+    No padding; ids uniform in [5, V) (above the special tokens); token type 1 from T // 2 on;
+    exactly ``min(T - 1, max(1, round(label_rate * T)))`` labelled positions per row, never position 0,
+    label ids in [5, V).
+
+SOP labels are uniform 0/1 in every recipe.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BATCH_NAMES = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+RECIPES = ("rows", "matrix", "counted")
+
+
+def make_batch(config, batch_size: int = 2, seq_len: int = 16, seed=0, *, recipe: str = "rows",
+               lengths=None, label_rate: float = 0.15) -> dict:
+    """A deterministic pretraining batch as host int64 arrays (see the module docstring for the recipes).
+
+    ``config`` needs ``vocab_size``, ``type_vocab_size``, ``pad_token_id`` and ``max_position_embeddings``.
+    ``lengths`` (one per row, each in [1, seq_len]) pads the rows; ``None`` means random lengths for
+    ``"rows"`` and no padding for ``"matrix"``; ``"counted"`` never pads.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r} is invalid: expected one of {', '.join(RECIPES)}")
+    shortest = 2 if recipe == "rows" else 1
+    if batch_size < 1 or seq_len < shortest:
+        raise ValueError(f"need batch >= 1 and seq_len >= {shortest}, got batch={batch_size}, seq_len={seq_len}")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    if lengths is not None:
+        lengths = [int(n) for n in lengths]
+        if recipe == "counted":
+            raise ValueError("the 'counted' recipe does not pad: lengths must be None")
+        if len(lengths) != batch_size or not all(1 <= n <= seq_len for n in lengths):
+            raise ValueError(f"lengths={lengths} is invalid: expected {batch_size} lengths in [1, {seq_len}]")
+    rng = np.random.default_rng(seed)
+    B, T, V = batch_size, seq_len, config.vocab_size
+    if recipe == "rows":
+        x = _rows(rng, config, B, T, lengths, label_rate)
+    elif recipe == "matrix":
+        x = _matrix(rng, config, B, T, lengths, label_rate)
+    else:
+        x = _counted(rng, config, B, T, label_rate)
+    x["position_ids"] = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+    return {name: x[name] for name in BATCH_NAMES}
+
+
+def _rows(rng, config, B, T, lengths, label_rate) -> dict:
+    V, pad = config.vocab_size, config.pad_token_id
+    if V < 2:
+        raise ValueError(f"vocab_size={V} leaves no id besides the pad id")
+    if lengths is None:
+        shortest = max(2, T // 2)
+        lengths = [T] + [int(rng.integers(shortest, max(shortest, T - 1) + 1)) for _ in range(B - 1)]
+    x = dict(input_ids=np.full((B, T), pad, np.int64), token_type_ids=np.zeros((B, T), np.int64),
+             attention_mask=np.zeros((B, T), np.int64), mlm_labels=np.full((B, T), -100, np.int64))
+    for b, n in enumerate(lengths):
+        ids = rng.integers(0, V - 1, size=n)
+        x["input_ids"][b, :n] = ids + (ids >= pad)          # skip the pad id
+        x["attention_mask"][b, :n] = 1
+        if config.type_vocab_size > 1:
+            x["token_type_ids"][b, n // 2:n] = 1
+        chosen = rng.random(n) < label_rate
+        chosen[rng.integers(n)] = True
+        x["mlm_labels"][b, :n][chosen] = rng.integers(0, V, size=int(chosen.sum()))
+    x["sop_labels"] = rng.integers(0, 2, size=B).astype(np.int64)
+    return x
+
+
+def _matrix(rng, config, B, T, lengths, label_rate) -> dict:
+    V = config.vocab_size
+    attention_mask = np.ones((B, T), dtype=np.int64)
+    for b, n in enumerate(lengths or ()):
+        attention_mask[b, n:] = 0
+    mlm_labels = np.where((rng.random((B, T)) < label_rate) & (attention_mask == 1),
+                          rng.integers(0, V, (B, T)), -100)
+    return dict(input_ids=rng.integers(0, V, (B, T)), token_type_ids=rng.integers(0, config.type_vocab_size, (B, T)),
+                attention_mask=attention_mask, mlm_labels=mlm_labels, sop_labels=rng.integers(0, 2, B))
+
+
+def _counted(rng, config, B, T, label_rate) -> dict:
+    V = config.vocab_size
+    input_ids = rng.integers(5, V, (B, T), dtype=np.int64)
+    token_type_ids = np.zeros((B, T), dtype=np.int64)
+    if config.type_vocab_size > 1:
+        token_type_ids[:, T // 2:] = 1
+    masked = min(T - 1, max(1, round(label_rate * T))) if T > 1 else 1
+    mlm_labels = np.full((B, T), -100, dtype=np.int64)
+    for b in range(B):
+        where = rng.choice(np.arange(1 if T > 1 else 0, T), size=masked, replace=False)
+        mlm_labels[b, where] = rng.integers(5, V, masked)
+    return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=np.ones((B, T), dtype=np.int64),
+                mlm_labels=mlm_labels, sop_labels=rng.integers(0, 2, B, dtype=np.int64))
