@@ -64,7 +64,7 @@ def batch(spec: dict, seed: int = 0, lengths=(10, 8, 6), pad_at_real_positions: 
     lengths = tuple(lengths)
     shape = SimpleNamespace(vocab_size=spec["vocab_size"], pad_token_id=spec.get("pad_token_id", 0),
                             type_vocab_size=spec["type_vocab_size"],
-                            max_position_embeddings=spec["max_position_embeddings"])
+                            max_position_embeddings=spec.get("max_position_embeddings", 512))
     x = make_batch(shape, len(lengths), max(lengths), seed, recipe="rows", lengths=lengths, label_rate=0.3)
     del x["position_ids"]
     for b, n in enumerate(lengths):
