@@ -20,6 +20,7 @@ from ..config import Config
 from ..data import PretrainingDataset, SentencePairStream, Tokenizer
 from ..ops import IGNORE_INDEX
 from ..unilm import pretraining_batch as unilm_pretraining_batch
+from .settings import PretrainConfig
 
 # The data stream's seed is derived from --seed with its own SeedSequence key, so that the data's
 # generators (default_rng([data_seed, epoch])) never coincide with the model's (default_rng(seed) for
@@ -65,22 +66,21 @@ class StepBatch:
     tokens: int           # real (non-pad) tokens of the step
 
 
-def next_step_batch(stream: SentencePairStream, objective: str, grad_accum: int, seq_len: int, model,
-                    seed: int, step: int) -> StepBatch:
-    """The next ``grad_accum`` micro-batches of the stream for step ``step + 1`` (``step`` updates done),
+def next_step_batch(stream: SentencePairStream, cfg: PretrainConfig, model, step: int) -> StepBatch:
+    """The next ``cfg.grad_accum`` micro-batches of the stream for the step after ``step`` updates,
     built on the host and moved with one ``backend.from_host`` per array, then sliced on the device."""
     host_batches, tokens = [], 0
-    for i in range(grad_accum):
+    for i in range(cfg.grad_accum):
         examples = stream.next_batch()
-        if objective == "albert":
+        if cfg.objective == "albert":
             host_batches.append(examples)
             tokens += int(examples["attention_mask"].sum())      # (B, T) padding masks
         else:
-            host_batches.append(unilm_host_batch(examples, seq_len, model.config, seed=(seed, step, i)))
+            host_batches.append(unilm_host_batch(examples, cfg.seq_len, model.config, seed=(cfg.seed, step, i)))
             tokens += sum(len(pair.tokens_a) + len(pair.tokens_b) + 3 for pair in examples)   # [CLS] A [SEP] B [SEP]
     mlm_counts = [int((hb["mlm_labels"] != IGNORE_INDEX).sum()) for hb in host_batches]
     batch = {key: model.backend.from_host(np.concatenate([hb[key] for hb in host_batches]))
              for key in host_batches[0]}
     b = len(host_batches[0]["sop_labels"])
-    micro_batches = [{key: value[i * b:(i + 1) * b] for key, value in batch.items()} for i in range(grad_accum)]
+    micro_batches = [{key: value[i * b:(i + 1) * b] for key, value in batch.items()} for i in range(cfg.grad_accum)]
     return StepBatch(micro_batches, mlm_counts, tokens)

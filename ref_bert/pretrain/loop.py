@@ -119,20 +119,15 @@ def prepare(cfg: PretrainConfig) -> Job:
 
 def train(job: Job, on_step: OnStep = None) -> None:
     """The loop: steps ``job.step + 1 .. until`` (or ``steps``), logging and checkpointing as set.
-
-    One step (global step s = job.step + 1): the rate is read *before* the update, from the number of
-    updates already made (TF's global_step, HF's scheduler), so with warmup the first update has lr 0,
-    as in ALBERT and Hugging Face; the gradient is that of the whole effective batch of grad_accum
-    micro-batches (accumulation.py); global-norm clipping is the optimiser preset's.
-    """
+    One step is described in the :mod:`ref_bert.pretrain` docstring: the rate is read before the
+    update, from the number of updates already made."""
     cfg = job.cfg
     stop = cfg.steps if cfg.until is None else cfg.until
     log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress)
     try:
         while job.step < stop:
             lr = learning_rate(cfg, job.step)
-            batch = next_step_batch(job.stream, cfg.objective, cfg.grad_accum, cfg.seq_len, job.model,
-                                    cfg.seed, job.step)
+            batch = next_step_batch(job.stream, cfg, job.model, job.step)
             grads, parts = effective_batch_gradients(job.model, batch.micro_batches, batch.mlm_counts,
                                                      training=True, sop_weight=cfg.sop_weight)
             checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
