@@ -40,11 +40,10 @@ import numpy as np
 from .masks import MASK_KINDS, batch_masks
 from .ops import IGNORE_INDEX
 
-# Special token ids are fixed for the whole project and defined once, by the tokenizer.
-from .data.pretraining import truncate_seq_pair  # noqa: E402
-from .data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID  # noqa: E402
-
-NUM_SPECIAL = 5  # ids below this are special; random replacements are drawn from [NUM_SPECIAL, vocab)
+from .data.stream import truncate_seq_pair
+# Special token ids are fixed for the whole project and defined once, by the tokenizer; random
+# replacements are drawn from [NUM_SPECIAL, vocab).
+from .data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID
 
 # Share of each objective in a pretraining batch (UniLM section 2.3).
 OBJECTIVE_SHARES = {"bidirectional": 1 / 3, "seq2seq": 1 / 3, "left_to_right": 1 / 6, "right_to_left": 1 / 6}
@@ -128,7 +127,7 @@ def objective_kinds(batch_size: int, rng: np.random.Generator, shares: dict = OB
 
 
 def truncate_pair(a: list, b: list, max_tokens: int, rng: np.random.Generator) -> tuple[list, list]:
-    """ALBERT's truncate_seq_pair (ref_bert.data.pretraining) on copies: trim the longer sentence, from a
+    """ALBERT's truncate_seq_pair (ref_bert.data.stream) on copies: trim the longer sentence, from a
     random end, until both fit."""
     a, b = list(a), list(b)
     truncate_seq_pair(a, b, max_tokens, rng)

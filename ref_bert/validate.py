@@ -99,3 +99,15 @@ def check_labels(config, backend, batch_shape, mlm_labels=None, sop_labels=None)
         require_array("sop_labels", sop_labels, backend)
         require_int("sop_labels", sop_labels, (B,))
         require_range("sop_labels", sop_labels, 0, 2, allow=IGNORE_INDEX)
+
+
+# --- settings -------------------------------------------------------------------------------------
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def require(condition: bool, name: str, value, expected: str) -> None:
+    """ValueError ``name=value is invalid: expected ...`` unless ``condition``."""
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")

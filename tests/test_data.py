@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ref_bert import Config, Model
-from ref_bert.data import (BATCH_KEYS, CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, PretrainingDataset, Tokenizer,
+from ref_bert.data import (BATCH_KEYS, CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, PretrainingDataset, SentencePair,
+                           SentencePairStream, Tokenizer,
                            assemble_pair, create_masked_lm_predictions, create_sentence_pairs, default_corpus_path,
                            masking_budget, ngram_probabilities, read_corpus, truncate_seq_pair, whole_words)
 
@@ -474,3 +475,42 @@ def test_defaults_train_a_tokenizer_from_the_config(config):
     dataset = PretrainingDataset(config=config, batch_size=2, max_seq_length=T)
     assert dataset.tokenizer.vocab_size == config.vocab_size
     assert next(dataset)["input_ids"].shape == (2, T)
+
+
+# --- the stream of sentence pairs (UniLM's source) --------------------------------------------------
+def test_sentence_pair_stream_yields_unmasked_pairs_and_resumes_exactly(tokenizer):
+    kwargs = dict(tokenizer=tokenizer, batch_size=48, max_seq_length=T, seed=7)
+    stream = SentencePairStream(**kwargs)
+    for _ in range(11):  # past the end of epoch 0
+        pairs = next(stream)
+        assert len(pairs) == 48 and all(isinstance(p, SentencePair) for p in pairs)
+        for pair in pairs:
+            assert MASK_ID not in pair.tokens_a + pair.tokens_b            # nothing masked
+            assert 2 <= len(pair.tokens_a) + len(pair.tokens_b) <= T - 3
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["epoch"] >= 1
+    expected = [next(stream) for _ in range(3)]
+    resumed = SentencePairStream(**kwargs)
+    resumed.load_state_dict(state)
+    assert [next(resumed) for _ in range(3)] == expected
+    # A pair shorter than T - 3 was not truncated: in document order it is sentences i..j-1 and j..k-1
+    # of one document.
+    def runs(document):
+        return {(i, j): [t for s in document[i:j] for t in s]
+                for i in range(len(document)) for j in range(i + 1, len(document) + 1)}
+
+    documents = [runs(d) for d in stream.documents]
+    untruncated = [p for p in expected[0] if len(p.tokens_a) + len(p.tokens_b) < T - 3]
+    assert untruncated
+    for pair in untruncated:
+        first, second = pair.in_document_order()
+        assert any(first == d[i, j] and any(second == d.get((j, k)) for k in range(j + 1, j + 40))
+                   for d in documents for (i, j) in d), pair
+    # The ALBERT dataset is another consumer of the same stream: its state is not this stream's.
+    with pytest.raises(ValueError, match="fingerprint"):
+        PretrainingDataset(**kwargs).load_state_dict(state)
+
+
+def test_in_document_order_undoes_the_swap():
+    assert SentencePair([1, 2], [3], 0).in_document_order() == ([1, 2], [3])
+    assert SentencePair([3], [1, 2], 1).in_document_order() == ([1, 2], [3])

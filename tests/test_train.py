@@ -1,5 +1,6 @@
-"""Tests of the pretraining job (ref_bert/train.py): exact resume, atomic checkpoints under interruption,
-bad input, gradient accumulation, metrics, and that the loss goes down.
+"""Tests of the pretraining job (ref_bert/pretrain/ and its command line, ref_bert/cli/pretrain.py):
+exact resume, atomic checkpoints under interruption, bad input, gradient accumulation, metrics, and that
+the loss goes down.
 
 Runs are a few steps of the tiny config with batch 4 and 32 tokens; a SentencePiece model is trained
 once per module and passed with ``tokenizer=`` so that runs do not each train their own.
@@ -17,11 +18,13 @@ import pytest
 import backends
 from ref_bert import checkpoint as ckpt
 from ref_bert import files
-from ref_bert import cli, train
+from ref_bert import cli
+from ref_bert.cli import pretrain as pretrain_cli
+from ref_bert.pretrain import batches, metrics, rundir, settings
 from ref_bert.config import Config
 from ref_bert.data import PretrainingDataset, Tokenizer, default_corpus_path
 from ref_bert.model import Model
-from ref_bert.train import PretrainConfig, effective_batch_gradients, pretrain
+from ref_bert.pretrain import PretrainConfig, effective_batch_gradients, limit_blas_threads, pretrain
 
 LOSS_KEYS = ("step", "loss", "mlm", "sop", "lr", "grad_norm", "tokens")
 
@@ -63,14 +66,14 @@ def _losses(history):
 
 def _assert_same_run(dir_a, dir_b, step):
     """Final checkpoints bit-identical: parameters, optimiser moments, RNG and data state, logged losses."""
-    ca = Path(dir_a) / "checkpoints" / train.checkpoint_name(step)
-    cb = Path(dir_b) / "checkpoints" / train.checkpoint_name(step)
+    ca = Path(dir_a) / "checkpoints" / rundir.checkpoint_name(step)
+    cb = Path(dir_b) / "checkpoints" / rundir.checkpoint_name(step)
     _assert_same_tensors(_tensors(ca, "model.safetensors"), _tensors(cb, "model.safetensors"))
     _assert_same_tensors(_tensors(ca, "optimizer.safetensors"), _tensors(cb, "optimizer.safetensors"))
     sa, sb = (json.loads((c / "state.json").read_text()) for c in (ca, cb))
     for key in ("step", "optimizer", "dropout_rng", "data", "run", "tokens"):
         assert sa[key] == sb[key], key
-    ma, mb = (train.read_metrics(Path(d) / "metrics.jsonl") for d in (dir_a, dir_b))
+    ma, mb = (metrics.read_metrics(Path(d) / "metrics.jsonl") for d in (dir_a, dir_b))
     assert [r["step"] for r in ma] == list(range(1, step + 1))
     assert _losses(ma) == _losses(mb)
 
@@ -95,18 +98,18 @@ def test_resume_is_bit_identical_to_a_straight_run(small, grad_accum):
 
 
 def test_unilm_objective_trains_on_mixed_masks_and_resumes_exactly(small):
-    """--objective unilm: the stream's pairs re-cut into UniLM's mixed-mask batches (every kind in a
+    """--objective unilm: the stream's sentence pairs made into UniLM's mixed-mask batches (every kind in a
     batch of 12 over 8 steps), losses finite, and a resumed run rebuilds the same batches."""
     seen = []
-    original = train.unilm_host_batch
+    original = batches.unilm_host_batch
 
-    def spy(batch, config, seed):
-        out = original(batch, config, seed)
+    def spy(pairs, seq_len, config, seed):
+        out = original(pairs, seq_len, config, seed)
         seen.append(out)
         return out
 
     import unittest.mock
-    with unittest.mock.patch.object(train, "unilm_host_batch", spy):
+    with unittest.mock.patch.object(batches, "unilm_host_batch", spy):
         straight = pretrain(small("unilm", objective="unilm", batch_size=12))
     assert all(b["attention_mask"].shape == (12, 32, 32) for b in seen)
     causal = [bool(np.all(np.triu(m, 1)[:n, :n] == 0)) for b in seen for m, n in
@@ -150,7 +153,7 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
         assert model.config == Config.preset("tiny")
     _assert_same_tensors(_tensors(latest, "model.safetensors"), _tensors(out, "model.safetensors"))
     # Metrics were written up to the interrupted step ...
-    assert [r["step"] for r in train.read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
+    assert [r["step"] for r in metrics.read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
     # A process killed while appending leaves a line cut short; resuming ignores it.
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 6.')
@@ -225,14 +228,14 @@ def test_checkpoint_layout_and_tokenizer_trained_into_out(tmp_path):
 def test_metrics_file_content(small):
     cfg = small(steps=7, checkpoint_every=5, log_every=2)
     result = pretrain(cfg)
-    records = train.read_metrics(result.out_dir / "metrics.jsonl")
+    records = metrics.read_metrics(result.out_dir / "metrics.jsonl")
     # Logged every 2 steps, plus every checkpoint step (5) and the last step (7).
     assert [r["step"] for r in records] == [2, 4, 5, 6, 7]
     assert records == result.history
     for r in records:
         assert set(r) == {"step", "loss", "mlm", "sop", "lr", "grad_norm", "tokens_per_s", "elapsed", "tokens"}
         assert all(np.isfinite(r[k]) for k in r)
-        assert r["lr"] == train.learning_rate(cfg, r["step"] - 1)
+        assert r["lr"] == settings.learning_rate(cfg, r["step"] - 1)
         assert r["loss"] == pytest.approx(r["mlm"] + r["sop"], rel=1e-6)
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["elapsed"] > 0
         assert 5 * 4 <= r["tokens"] / r["step"] <= 32 * 4   # real tokens of 4 examples per step
@@ -243,16 +246,16 @@ def test_metrics_file_content(small):
 def test_plot_is_skipped_with_a_note_without_matplotlib(small, monkeypatch, capsys):
     result = pretrain(small(steps=2))
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
-    assert train.write_plot(result.out_dir, result.history) is None
+    assert metrics.write_plot(result.out_dir, result.history) is None
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (result.out_dir / "loss.png").exists()
 
 
 def test_learning_rate_schedules():
     cfg = PretrainConfig(steps=10, warmup=4, lr=1.0)
-    assert [train.learning_rate(cfg, s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0 * (1 - 4 / 10), 1.0 * (1 - 9 / 10)]
+    assert [settings.learning_rate(cfg, s) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0 * (1 - 4 / 10), 1.0 * (1 - 9 / 10)]
     cfg = PretrainConfig(steps=10, warmup=4, lr=1.0, schedule="linear")
-    assert [train.learning_rate(cfg, s) for s in (0, 2, 4, 7)] == [0.0, 0.5, 1.0, 0.5]
+    assert [settings.learning_rate(cfg, s) for s in (0, 2, 4, 7)] == [0.0, 0.5, 1.0, 0.5]
 
 
 # --- gradient accumulation -------------------------------------------------------------------------
@@ -342,8 +345,8 @@ def test_the_default_job_lowers_both_mlm_and_sop_loss(tmp_path):
     (None, "does not exist"),
     (b"", "contains no sentences"),
     (b"   \n\n# only a comment\n", "contains no sentences"),
-    (b"Just one sentence here.\n", "no document with two or more"),
-    (b"One sentence.\n\nAnother document, also one sentence.\n", "no document with two or more"),
+    (b"Just one sentence here.\n", "no document with at least two sentences"),
+    (b"One sentence.\n\nAnother document, also one sentence.\n", "no document with at least two sentences"),
     (b"A first line.\nA second \xff\xfe line.\n", "not valid UTF-8"),
 ])
 def test_bad_corpus_is_a_clear_error(small, tmp_path, content, message):
@@ -414,7 +417,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
     argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no document with two or more" in err
+    assert err.startswith("error: ") and "no document with at least two sentences" in err
     assert cli.main(argv[:-3] + ["--objective", "electra", "--tokenizer", cfg.tokenizer]) == 2
     assert "objective='electra' is invalid" in capsys.readouterr().err
 
@@ -437,23 +440,23 @@ def test_blas_thread_limit(monkeypatch):
     numpy_backend = backends.get("numpy")
     threads_before, previous = numpy_backend.threads, None
     try:
-        previous = train.limit_blas_threads(1)
+        previous = limit_blas_threads(1)
         assert numpy_backend.threads == 1   # the backend's own loops (erf, optimiser pieces) follow BLAS
         if previous is not None:            # NumPy's bundled OpenBLAS was found: the call took effect
-            assert train.limit_blas_threads(previous) == 1
+            assert limit_blas_threads(previous) == 1
     finally:
         if previous is not None:
-            train.limit_blas_threads(previous)
+            limit_blas_threads(previous)
         numpy_backend.set_threads(threads_before)
     args = cli.build_parser().parse_args(["pretrain"])
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
-    assert train._default_blas_threads(args) == 1
+    assert pretrain_cli._default_blas_threads(args) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert train._default_blas_threads(args) == 0   # the user's setting wins
+    assert pretrain_cli._default_blas_threads(args) == 0   # the user's setting wins
     monkeypatch.delenv("OMP_NUM_THREADS")
     args = cli.build_parser().parse_args(["pretrain", "--backend", "cupy"])
-    assert train._default_blas_threads(args) == 0
+    assert pretrain_cli._default_blas_threads(args) == 0
 
 
 def _assert_close_run(a, b, tol=1e-9):

@@ -1,21 +1,11 @@
 """ALBERT pretraining examples: sentence-order pairs with whole-word n-gram masking.
 
-Follows google-research/albert ``create_pretraining_data.py`` (REFERENCE.md section 1), with NumPy's
-``default_rng`` as the only source of randomness. Pipeline, per epoch:
-
-    corpus file -> documents of sentences -> token ids (once, no randomness)
-    rng = default_rng([seed, epoch])
-    shuffle documents                                        (ALBERT: rng.shuffle(all_documents))
-    for each document: create_sentence_pairs -> [CLS] A [SEP] B [SEP] -> create_masked_lm_predictions
-    shuffle the examples                                     (ALBERT: rng.shuffle(instances))
-    cut into batches; the stream continues into epoch + 1 without a gap or a repeat
-
-One epoch plays the role of one of ALBERT's ``dupe_factor`` passes: the same text, new chunk lengths,
-new A/B splits, new swaps and new masks.
-
-Corpus format (:func:`read_corpus`), ALBERT's own: UTF-8 text, one sentence per line, documents
-separated by one or more blank lines; a line whose first character is ``#`` is a comment. Sentence
-boundaries matter: A and B are split between sentences, never inside one.
+Follows google-research/albert ``create_pretraining_data.py`` (docs/reference.md §6), with NumPy's
+``default_rng`` as the only source of randomness. :class:`PretrainingDataset` is the corpus stream of
+:mod:`ref_bert.data.stream` whose example is ALBERT's: each sentence pair, as soon as its document's
+pairs are drawn, is laid out as ``[CLS] A [SEP] B [SEP]`` (:func:`assemble_pair`) and masked
+(:func:`create_masked_lm_predictions`) with the epoch's generator, as ALBERT's
+``create_instances_from_document`` does.
 
 Batch format (what ``Model.loss_and_grads(**batch)`` takes, after ``backend.from_host``), int64:
     input_ids, token_type_ids, attention_mask, mlm_labels: (B, T); sop_labels: (B,)
@@ -24,140 +14,18 @@ elsewhere; ``sop_labels`` is 1 when A and B were swapped, 0 in the original orde
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
 from ..ops import IGNORE_INDEX
+from ..validate import is_int, require
+from .corpus import PathLike
+from .stream import SentencePair, SentencePairStream
 from .tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, Tokenizer
 
-PathLike = Union[str, "os.PathLike[str]"]
-# Smallest layout with a token on each side: [CLS] a [SEP] b [SEP]. ALBERT's shorter-target draw
-# randint(2, max_seq_length - 3) needs the same bound.
-MIN_SEQ_LENGTH = 5
-DEFAULT_VOCAB_SIZE = 1000  # the "tiny" preset's; the default corpus supports up to about 3100 pieces
 
-
-def default_corpus_path() -> str:
-    """Path of the corpus shipped with the package (see the header of ``ref_bert/data/corpus.txt``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus.txt")
-
-
-# --- reading ---------------------------------------------------------------------------------------
-def read_corpus(path: PathLike) -> list[list[str]]:
-    """Read a corpus file into documents, each a list of sentences (stripped, non-empty strings).
-
-    Format: UTF-8, one sentence per line, blank lines (empty or whitespace only) between documents,
-    lines starting with ``#`` ignored (they do not end a document). Raises ValueError for a missing
-    file, bytes that are not UTF-8 (naming the byte offset and line) and a file with no sentences.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"corpus file {path!r} does not exist; expected a UTF-8 text file with one sentence "
-                         f"per line and blank lines between documents")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"corpus file {path!r} is not valid UTF-8: byte 0x{data[error.start]:02x} at byte "
-                         f"offset {error.start} (line {line}) cannot be decoded ({error.reason}); "
-                         f"expected UTF-8 text") from None
-    documents: list[list[str]] = [[]]
-    for line in text.lstrip("\ufeff").splitlines():
-        if line.startswith("#"):
-            continue
-        sentence = line.strip()
-        if sentence:
-            documents[-1].append(sentence)
-        elif documents[-1]:
-            documents.append([])
-    documents = [d for d in documents if d]
-    if not documents:
-        raise ValueError(f"corpus file {path!r} contains no sentences; expected one sentence per line "
-                         f"with blank lines between documents")
-    return documents
-
-
-def tokenize_documents(documents: list[list[str]], tokenizer: Tokenizer) -> list[list[list[int]]]:
-    """Token ids of every sentence. As in ALBERT, a sentence with no pieces is dropped, then empty documents."""
-    tokenized = []
-    for document in documents:
-        sentences = [ids for ids in (tokenizer.encode(s) for s in document) if ids]
-        if sentences:
-            tokenized.append(sentences)
-    return tokenized
-
-
-# --- sentence-order pairs --------------------------------------------------------------------------
-@dataclass
-class SentencePair:
-    """Segments A and B (token ids, already truncated) and the SOP label (1 = swapped)."""
-
-    tokens_a: list[int]
-    tokens_b: list[int]
-    sop_label: int
-
-
-def truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int, rng: np.random.Generator):
-    """ALBERT's ``truncate_seq_pair``, in place: while len(A) + len(B) > max_num_tokens, drop one token of
-    the longer segment (B on a tie), from the front or the back with probability 1/2 each, "to add more
-    randomness and avoid biases"."""
-    while len(tokens_a) + len(tokens_b) > max_num_tokens:
-        longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-
-
-def create_sentence_pairs(document: list[list[int]], max_seq_length: int, short_seq_prob: float,
-                          rng: np.random.Generator) -> list[SentencePair]:
-    """Cut one document into chunks of consecutive sentences and turn each into a SOP pair.
-
-    ALBERT's ``create_instances_from_document``:
-    - target length ``max_seq_length - 3`` (room for [CLS], [SEP], [SEP]); with probability
-      ``short_seq_prob`` a uniform integer in [2, max_seq_length - 3] instead, drawn once per document
-      (as ALBERT does), to reduce the mismatch with short fine-tuning inputs;
-    - sentences are added to the chunk until its length reaches the target or the document ends;
-    - A = the first ``a_end`` sentences, ``a_end`` uniform in [1, len(chunk) - 1], B = the rest;
-    - with probability 1/2, A and B are swapped (label 1);
-    - :func:`truncate_seq_pair` to ``max_seq_length - 3`` (the target is a soft goal, this a hard limit).
-
-    Deviation: ALBERT pairs a one-sentence chunk with text from a random *other* document and labels it
-    1, a left-over of BERT's next-sentence negatives that says nothing about sentence order. Here a chunk
-    closes only once it holds at least two sentences (a long sentence takes the next one along, and
-    truncation trims the pair); a lone sentence left at the end of a document is dropped.
-    """
-    max_num_tokens = max_seq_length - 3
-    target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = int(rng.integers(2, max_num_tokens + 1))
-    pairs = []
-    chunk: list[list[int]] = []
-    chunk_length = 0
-    for i, sentence in enumerate(document):
-        chunk.append(sentence)
-        chunk_length += len(sentence)
-        at_end = i == len(document) - 1
-        if (at_end or chunk_length >= target_seq_length) and len(chunk) >= 2:
-            a_end = int(rng.integers(1, len(chunk)))  # ALBERT: rng.randint(1, len(chunk) - 1), inclusive
-            tokens_a = [t for s in chunk[:a_end] for t in s]
-            tokens_b = [t for s in chunk[a_end:] for t in s]
-            sop_label = 0
-            if rng.random() < 0.5:
-                tokens_a, tokens_b, sop_label = tokens_b, tokens_a, 1
-            truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-            pairs.append(SentencePair(tokens_a, tokens_b, sop_label))
-            chunk, chunk_length = [], 0
-    return pairs
-
-
+# --- one example ------------------------------------------------------------------------------------
 def assemble_pair(tokens_a: list[int], tokens_b: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``[CLS] A [SEP] B [SEP]`` and its token types: 0 up to and including the first [SEP], then 1."""
     tokens = np.array([CLS_ID, *tokens_a, SEP_ID, *tokens_b, SEP_ID], dtype=np.int64)  # (n,)
@@ -236,7 +104,7 @@ def create_masked_lm_predictions(tokens: np.ndarray, word_start_table: np.ndarra
         word_start_table: (V,) bool, piece id -> starts a word.
         ordinary_ids: (k,) ids for the random replacement.
         ngram_probs: p(n) for n = 1..len(ngram_probs), replacing the 1/n rule and ``max_ngram`` (another
-            span mix, e.g. UniLM's mostly-unigram one, REFERENCE.md section 3).
+            span mix, e.g. UniLM's mostly-unigram one, docs/reference.md §3.2).
     """
     output = tokens.copy()                                        # (n,)
     mlm_labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)  # (n,)
@@ -285,126 +153,48 @@ def create_masked_lm_predictions(tokens: np.ndarray, word_start_table: np.ndarra
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "sop_labels")
 
 
-def _require(condition: bool, name: str, value, expected: str):
-    if not condition:
-        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-class PretrainingDataset:
+class PretrainingDataset(SentencePairStream):
     """An endless, deterministic stream of ALBERT pretraining batches (MLM + SOP) from a corpus.
 
-    Batch k is a pure function of (corpus, tokenizer, settings, seed, k): epoch e's examples are built
-    and shuffled with ``default_rng([seed, e])``, and batches are consecutive runs of ``batch_size``
-    examples of the stream epoch 0, epoch 1, ... (a batch may straddle two epochs). The position is
-    ``(epoch, position)``: :meth:`state_dict` returns it as a JSON-able dict, :meth:`load_state_dict`
-    restores it, so a resumed run continues exactly where it stopped.
+    The corpus stream (:class:`ref_bert.data.stream.SentencePairStream`: epochs, shuffles, position,
+    :meth:`state_dict`) with ALBERT's example: ``[CLS] A [SEP] B [SEP]`` masked with whole-word
+    n-grams. Batches are dicts of int64 arrays (module docstring); :meth:`epoch_examples` gives a whole
+    epoch as one such dict, (N, T) and sop_labels (N,).
 
-    Args:
-        corpus: corpus file (format of :func:`read_corpus`); None for the packaged default corpus.
-        tokenizer: a :class:`Tokenizer`, a path to a SentencePiece model, or None to train one on the
-            corpus with ``vocab_size`` pieces (default: ``config.vocab_size`` if a config is given, else
-            1000, the "tiny" preset's).
-        batch_size, max_seq_length: B and T of every batch.
-        seed: the stream's seed.
-        config: a ``ref_bert.Config`` to check against: T <= max_position_embeddings, equal vocabulary
-            sizes, pad id 0, two token types.
-        masked_lm_prob, max_predictions_per_seq, max_ngram, short_seq_prob: ALBERT's flags (defaults 0.15,
-            20, 3, 0.1).
+    Args: those of :class:`~ref_bert.data.stream.SentencePairStream`, and ALBERT's masking flags
+        masked_lm_prob, max_predictions_per_seq, max_ngram (defaults 0.15, 20, 3).
     """
 
     def __init__(self, corpus: Optional[PathLike] = None, tokenizer: Union[Tokenizer, PathLike, None] = None, *,
                  batch_size: int = 8, max_seq_length: int = 128, seed: int = 0, config=None,
                  masked_lm_prob: float = 0.15, max_predictions_per_seq: int = 20, max_ngram: int = 3,
                  short_seq_prob: float = 0.1, vocab_size: Optional[int] = None):
-        _require(_is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "a positive integer")
-        _require(_is_int(max_seq_length) and max_seq_length >= MIN_SEQ_LENGTH, "max_seq_length", max_seq_length,
-                 f"an integer >= {MIN_SEQ_LENGTH} (room for [CLS] a [SEP] b [SEP])")
-        _require(_is_int(seed) and seed >= 0, "seed", seed, "a non-negative integer")
-        _require(isinstance(masked_lm_prob, (int, float)) and 0 <= masked_lm_prob <= 1, "masked_lm_prob",
-                 masked_lm_prob, "a probability in [0, 1]")
-        _require(_is_int(max_predictions_per_seq) and max_predictions_per_seq >= 1, "max_predictions_per_seq",
-                 max_predictions_per_seq, "a positive integer")
-        _require(_is_int(max_ngram) and max_ngram >= 1, "max_ngram", max_ngram, "a positive integer")
-        _require(isinstance(short_seq_prob, (int, float)) and 0 <= short_seq_prob <= 1, "short_seq_prob",
-                 short_seq_prob, "a probability in [0, 1]")
-        if config is not None:
-            _require(max_seq_length <= config.max_position_embeddings, "max_seq_length", max_seq_length,
-                     f"at most config.max_position_embeddings={config.max_position_embeddings}")
-            _require(config.type_vocab_size >= 2, "config.type_vocab_size", config.type_vocab_size,
-                     "at least 2 (segments A and B)")
-            _require(config.pad_token_id == PAD_ID, "config.pad_token_id", config.pad_token_id, f"{PAD_ID}")
-
-        corpus_path = default_corpus_path() if corpus is None else os.fspath(corpus)
-        documents = read_corpus(corpus_path)
-        if tokenizer is None:
-            if vocab_size is None:
-                vocab_size = config.vocab_size if config is not None else DEFAULT_VOCAB_SIZE
-            tokenizer = Tokenizer.train(corpus_path, vocab_size=vocab_size)
-        elif not isinstance(tokenizer, Tokenizer):
-            tokenizer = Tokenizer.load(tokenizer)
-        if config is not None and tokenizer.vocab_size != config.vocab_size:
-            raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} does not match config.vocab_size="
-                             f"{config.vocab_size}; expected equal sizes (train the tokenizer with "
-                             f"vocab_size={config.vocab_size} or change the config)")
-
-        self.documents = tokenize_documents(documents, tokenizer)
-        num_sentences = sum(len(d) for d in self.documents)
-        if not any(len(d) >= 2 for d in self.documents):
-            raise ValueError(f"corpus {corpus_path!r} has no document with at least two sentences ({num_sentences} "
-                             f"sentence(s) in {len(self.documents)} document(s)); expected at least one document "
-                             f"of two or more lines, since each example splits a document's consecutive "
-                             f"sentences into segments A and B")
-        self.tokenizer = tokenizer
-        self.corpus_path = corpus_path
-        self.batch_size = int(batch_size)
-        self.max_seq_length = int(max_seq_length)
-        self.seed = int(seed)
+        require(isinstance(masked_lm_prob, (int, float)) and 0 <= masked_lm_prob <= 1, "masked_lm_prob",
+                masked_lm_prob, "a probability in [0, 1]")
+        require(is_int(max_predictions_per_seq) and max_predictions_per_seq >= 1, "max_predictions_per_seq",
+                max_predictions_per_seq, "a positive integer")
+        require(is_int(max_ngram) and max_ngram >= 1, "max_ngram", max_ngram, "a positive integer")
         self.masked_lm_prob = float(masked_lm_prob)
         self.max_predictions_per_seq = int(max_predictions_per_seq)
         self.max_ngram = int(max_ngram)
-        self.short_seq_prob = float(short_seq_prob)
-        self.fingerprint = self._fingerprint()
-        self._epoch = 0
-        self._position = 0
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        super().__init__(corpus, tokenizer, batch_size=batch_size, max_seq_length=max_seq_length, seed=seed,
+                         config=config, short_seq_prob=short_seq_prob, vocab_size=vocab_size)
 
-    def _fingerprint(self) -> str:
-        """Hash of everything the example stream depends on except the seed (kept in the state as is)."""
-        h = hashlib.sha256()
-        h.update(self.tokenizer.model_proto)
-        settings = [self.tokenizer.lower_case, self.max_seq_length, self.masked_lm_prob,
-                    self.max_predictions_per_seq, self.max_ngram, self.short_seq_prob]
-        h.update(json.dumps(settings).encode())
-        for document in self.documents:
-            h.update(json.dumps(document, separators=(",", ":")).encode())
-        return h.hexdigest()[:16]
+    def _fingerprint_settings(self) -> list:
+        return [self.tokenizer.lower_case, self.max_seq_length, self.masked_lm_prob,
+                self.max_predictions_per_seq, self.max_ngram, self.short_seq_prob]
 
-    # --- one epoch ---------------------------------------------------------------------------
-    def epoch_examples(self, epoch: int) -> dict[str, np.ndarray]:
-        """All examples of ``epoch`` in stream order: arrays (N, T) and sop_labels (N,)."""
-        if epoch not in self._cache:
-            if len(self._cache) >= 2:  # a batch needs at most the current epoch and the next
-                self._cache.pop(min(self._cache))
-            self._cache[epoch] = self._build_epoch(epoch)
-        return self._cache[epoch]
+    def _example(self, pair: SentencePair, rng: np.random.Generator):
+        """(input_ids, token_type_ids, mlm_labels, sop_label): the pair laid out and masked."""
+        tokens, token_type_ids = assemble_pair(pair.tokens_a, pair.tokens_b)
+        masked = create_masked_lm_predictions(
+            tokens, self.tokenizer.word_start_table, self.tokenizer.ordinary_ids, rng,
+            self.masked_lm_prob, self.max_predictions_per_seq, self.max_ngram)
+        return masked.input_ids, token_type_ids, masked.mlm_labels, pair.sop_label
 
-    def _build_epoch(self, epoch: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        T = self.max_seq_length
-        rows = []
-        for document_index in rng.permutation(len(self.documents)).tolist():
-            pairs = create_sentence_pairs(self.documents[document_index], T, self.short_seq_prob, rng)
-            for pair in pairs:
-                tokens, token_type_ids = assemble_pair(pair.tokens_a, pair.tokens_b)
-                masked = create_masked_lm_predictions(
-                    tokens, self.tokenizer.word_start_table, self.tokenizer.ordinary_ids, rng,
-                    self.masked_lm_prob, self.max_predictions_per_seq, self.max_ngram)
-                rows.append((masked.input_ids, token_type_ids, masked.mlm_labels, pair.sop_label))
-        N = len(rows)
+    def _collate(self, examples: list) -> dict[str, np.ndarray]:
+        """Rows padded to T: input_ids, token_type_ids, attention_mask, mlm_labels (B, T); sop_labels (B,)."""
+        N, T = len(examples), self.max_seq_length
         batch = {
             "input_ids": np.full((N, T), PAD_ID, dtype=np.int64),
             "token_type_ids": np.zeros((N, T), dtype=np.int64),
@@ -412,67 +202,11 @@ class PretrainingDataset:
             "mlm_labels": np.full((N, T), IGNORE_INDEX, dtype=np.int64),
             "sop_labels": np.zeros(N, dtype=np.int64),
         }
-        for row, slot in enumerate(rng.permutation(N).tolist()):
-            input_ids, token_type_ids, mlm_labels, sop_label = rows[row]
+        for row, (input_ids, token_type_ids, mlm_labels, sop_label) in enumerate(examples):
             n = len(input_ids)
-            batch["input_ids"][slot, :n] = input_ids
-            batch["token_type_ids"][slot, :n] = token_type_ids
-            batch["attention_mask"][slot, :n] = 1
-            batch["mlm_labels"][slot, :n] = mlm_labels
-            batch["sop_labels"][slot] = sop_label
+            batch["input_ids"][row, :n] = input_ids
+            batch["token_type_ids"][row, :n] = token_type_ids
+            batch["attention_mask"][row, :n] = 1
+            batch["mlm_labels"][row, :n] = mlm_labels
+            batch["sop_labels"][row] = sop_label
         return batch
-
-    # --- the stream --------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """Index, within the current epoch, of the next example to be emitted."""
-        return self._position
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return self.next_batch()
-
-    def next_batch(self) -> dict[str, np.ndarray]:
-        """The next ``batch_size`` examples: dict of int64 arrays (B, T), sop_labels (B,)."""
-        parts = []
-        needed = self.batch_size
-        while needed:
-            examples = self.epoch_examples(self._epoch)
-            count = len(examples["sop_labels"])
-            take = min(needed, count - self._position)
-            parts.append({k: v[self._position:self._position + take] for k, v in examples.items()})
-            self._position += take
-            needed -= take
-            if self._position == count:
-                self._epoch, self._position = self._epoch + 1, 0
-        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
-
-    def state_dict(self) -> dict:
-        """JSON-able position in the stream, plus the seed and a fingerprint of corpus, tokenizer and
-        settings so that a state is not loaded into a different stream by mistake."""
-        return {"seed": self.seed, "epoch": self._epoch, "position": self._position,
-                "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict):
-        """Continue from a :meth:`state_dict`. Raises ValueError if it belongs to another stream."""
-        expected_keys = {"seed", "epoch", "position", "fingerprint"}
-        if not isinstance(state, dict) or set(state) != expected_keys:
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"dataset state has keys {got}, expected {sorted(expected_keys)}")
-        if state["seed"] != self.seed:
-            raise ValueError(f"dataset state has seed={state['seed']!r}, expected this dataset's seed={self.seed}")
-        if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"dataset state has fingerprint={state['fingerprint']!r}, expected {self.fingerprint!r}: "
-                             f"it was saved with another corpus, tokenizer or masking/length settings")
-        epoch, position = state["epoch"], state["position"]
-        _require(_is_int(epoch) and epoch >= 0, "state['epoch']", epoch, "a non-negative integer")
-        _require(_is_int(position) and position >= 0, "state['position']", position, "a non-negative integer")
-        count = len(self.epoch_examples(epoch)["sop_labels"])
-        _require(position < count, "state['position']", position, f"less than {count}, the examples in epoch {epoch}")
-        self._epoch, self._position = int(epoch), int(position)

@@ -16,7 +16,7 @@ roles are [PAD] and [UNK]. [CLS]/[SEP]/[MASK] are *control* symbols: ``encode`` 
 from text (the string "[CLS]" in a sentence is split into ordinary pieces), and ``decode`` drops them.
 
 A piece starts a word when it begins with U+2581 ("▁"), SentencePiece's marker for a preceding space
-(REFERENCE.md section 1). ALBERT's ``_is_start_piece_sp`` additionally treats punctuation pieces and
+(docs/reference.md §7). ALBERT's ``_is_start_piece_sp`` additionally treats punctuation pieces and
 pieces with non-ASCII letters as word starts; here the U+2581 rule alone defines a word.
 
 Lower-casing: ALBERT's uncased models lower-case text before SentencePiece (``preprocess_text(line,
@@ -32,12 +32,13 @@ from typing import Iterable, Union
 import numpy as np
 import sentencepiece as spm
 
+from .corpus import PathLike, default_corpus_path, read_corpus
+
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
+NUM_SPECIAL = len(SPECIAL_IDS)  # the special ids are exactly 0 .. NUM_SPECIAL - 1
 CONTROL_PIECES = ("[CLS]", "[SEP]", "[MASK]")  # ids 2, 3, 4 in this order
 WORD_START = "\u2581"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class Tokenizer:
@@ -74,7 +75,7 @@ class Tokenizer:
         sp = self._sp
         V = sp.get_piece_size()
         if V <= MASK_ID:
-            raise ValueError(f"{source} has vocab_size={V}; expected more than {MASK_ID + 1} pieces")
+            raise ValueError(f"{source} has vocab_size={V}; expected more than {NUM_SPECIAL} pieces")
         found = {"pad": sp.pad_id(), "unk": sp.unk_id()}
         expected = {"pad": PAD_ID, "unk": UNK_ID}
         for role in found:
@@ -117,10 +118,8 @@ class Tokenizer:
         Determinism: ``num_threads=1`` (EM statistics summed in a fixed order), ``input_sentence_size=0``
         (no sentence sampling) and ``shuffle_input_sentence=False``.
         """
-        from .pretraining import default_corpus_path, read_corpus  # late import: pretraining imports us
-
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= len(SPECIAL_IDS):
-            raise ValueError(f"vocab_size={vocab_size!r} is invalid: expected an integer > {len(SPECIAL_IDS)}")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= NUM_SPECIAL:
+            raise ValueError(f"vocab_size={vocab_size!r} is invalid: expected an integer > {NUM_SPECIAL}")
         if texts_or_corpus_path is None:
             texts_or_corpus_path = default_corpus_path()
         if isinstance(texts_or_corpus_path, (str, os.PathLike)):

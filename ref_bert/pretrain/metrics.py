@@ -1,0 +1,146 @@
+"""Metrics: OUT/metrics.jsonl (one JSON line per logged step), the progress bar, and OUT/loss.png.
+
+A logged line: step, loss (the weighted total), mlm, sop, lr, grad_norm (before clipping),
+tokens_per_s (real tokens since the previous logged line over the time since it), elapsed (seconds,
+earlier runs of a resumed job included) and tokens (real tokens consumed so far).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import files
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+
+
+def read_metrics(path) -> list:
+    """The JSON lines of a metrics file (an absent file is an empty history). A last line cut short
+    (a process killed while appending it: no final newline) is dropped; any other bad line is a
+    ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):   # the unterminated tail
+                break
+            raise ValueError(f"{path} line {number} is not JSON: {e}") from e
+    return records
+
+
+def metrics_bytes(records: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+class StepLog:
+    """The metrics file (appended to), the progress bar and the clock of one run of the loop.
+
+    :meth:`count` every step; :meth:`record` and :meth:`write` on logged steps. Throughput is measured
+    between logged steps; elapsed time adds ``elapsed_before`` (earlier runs of a resumed job).
+    """
+
+    def __init__(self, out: Path, steps: int, initial_step: int, elapsed_before: float, progress: bool):
+        from tqdm import tqdm
+
+        self.elapsed_before = elapsed_before
+        self.progress = tqdm(total=steps, initial=initial_step, disable=not progress, unit="step",
+                             dynamic_ncols=True, desc="pretrain", file=sys.stderr)
+        self.file = open(out / METRICS_NAME, "a", encoding="utf-8")
+        self.start = time.perf_counter()
+        self.window_start, self.window_tokens = self.start, 0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.start)
+
+    def count(self, tokens: int) -> None:
+        """One more step done, of ``tokens`` real tokens."""
+        self.window_tokens += tokens
+        self.progress.update(1)
+
+    def record(self, step: int, lr: float, loss: float, mlm: float, sop: float, grad_norm: float,
+               tokens_seen: int) -> dict:
+        """The metrics line of ``step``; starts the next throughput window. Read the clock only after
+        the step's host sync, so that on a GPU the step's kernels are done."""
+        now = time.perf_counter()
+        record = {"step": step, "loss": loss, "mlm": mlm, "sop": sop, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
+                  "elapsed": self.elapsed_before + (now - self.start), "tokens": tokens_seen}
+        self.window_start, self.window_tokens = now, 0
+        return record
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", mlm=f"{record['mlm']:.3f}",
+                                  sop=f"{record['sop']:.3f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.file.close()
+        self.progress.close()
+
+
+# --- the plot ----------------------------------------------------------------------------------------
+def _moving_average(values: list, window: int) -> np.ndarray:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.r_[0.0, values])
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def write_plot(out: Path, records: list) -> Optional[Path]:
+    """OUT/loss.png: MLM (and total) loss, SOP loss (with chance level ln 2) and the learning rate
+    against the step; thin lines per logged step, thick ones a moving average. Returns None (with a
+    printed note) where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {out / PLOT_NAME} was not drawn "
+              f"(pip install matplotlib); the numbers are in {out / METRICS_NAME}", file=sys.stderr)
+        return None
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    window = max(1, len(records) // 50)
+    fig, (ax_mlm, ax_sop, ax_lr) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=(3, 2, 1))
+    for ax, keys in ((ax_mlm, (("loss", "total", "C0"), ("mlm", "MLM", "C1"))), (ax_sop, (("sop", "SOP", "C2"),))):
+        for key, label, color in keys:
+            values = [r[key] for r in records]
+            ax.plot(steps, values, color=color, linewidth=0.5, alpha=0.35)
+            ax.plot(steps, _moving_average(values, window), color=color, linewidth=1.5,
+                    label=f"{label} (mean of {window})" if window > 1 else label)
+        ax.grid(alpha=0.3)
+    ax_mlm.set_ylabel("training loss")
+    ax_mlm.legend()
+    ax_sop.axhline(math.log(2), color="gray", linestyle="--", linewidth=1, label="chance (ln 2)")
+    ax_sop.set_ylabel("SOP loss")
+    ax_sop.legend()
+    ax_lr.plot(steps, [r["lr"] for r in records], color="gray", linewidth=1)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    files.atomic_write_bytes(out / PLOT_NAME, buffer.getvalue())
+    return out / PLOT_NAME
