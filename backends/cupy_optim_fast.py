@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import of
-
 __all__ = ["optimizer_fast_table", "SUM_OF_SQUARES", "LAMB_DIRECTION", "LAMB_APPLY"]
 
 SUM_OF_SQUARES = "ref_bert.optim.norms.sum_of_squares"
@@ -32,11 +30,11 @@ def optimizer_fast_table(kernels) -> dict[str, Callable]:
 
     def lamb_direction(w, g, m, v, *, clip, b1, b2, eps, bias1, bias2, wd_l2, wd_inside):
         # No clipping is a factor of 1; no bias correction divides by 1 (exact).
-        clip = of(w).xp.asarray(1.0 if clip is None else clip, dtype=w.dtype)
+        clip = kernels.cp.asarray(1.0 if clip is None else clip, dtype=w.dtype)
         return kernels.lamb_direction(g, w, m, v, clip, b1, b2, 1.0 if bias1 is None else bias1,
                                       1.0 if bias2 is None else bias2, eps, wd_l2, wd_inside)
 
     def lamb_apply(w, u, *, scale, decay_outside):
-        kernels.lamb_apply(w, u, of(w).xp.asarray(scale, dtype=w.dtype), decay_outside)
+        kernels.lamb_apply(w, u, kernels.cp.asarray(scale, dtype=w.dtype), decay_outside)
 
     return {SUM_OF_SQUARES: sum_of_squares, LAMB_DIRECTION: lamb_direction, LAMB_APPLY: lamb_apply}

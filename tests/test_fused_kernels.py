@@ -104,6 +104,7 @@ class NumpyKernelInterpreter:
     ElementwiseKernel = _Elementwise
     ReductionKernel = _Reduction
     empty_like = staticmethod(np.empty_like)
+    asarray = staticmethod(np.asarray)
 
 
 # --- the kernel source compiled by nvcc, wrapped as CuPy wraps it ---------------------------------------
