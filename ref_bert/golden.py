@@ -51,9 +51,9 @@ def make_optimizer(params):
     "albert": global gradient clipping to norm 1.0, no bias correction, weight decay 0.01 inside the
     trust ratio, LayerNorm/bias excluded from decay and adaptation, lr 0.00176, eps 1e-6). Every
     hyperparameter is recorded in the file's ``optimizer`` metadata."""
-    from .optim import Lamb
+    from .optim import make_optimizer as by_name
 
-    return Lamb.from_preset(LAMB_PRESET, params)
+    return by_name("lamb", params)
 
 
 def describe_optimizer(opt) -> dict:

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import ACTIVATIONS, Config
 from .files import atomic_write_json, load_tensors, parse_json, read_json, save_tensors
 from .params import parameter_shapes
 
@@ -79,7 +79,6 @@ ARCHITECTURES = {
     "BertForPreTraining": ("bert", True, True, True),
     "BertForMaskedLM": ("bert", False, True, False),
 }
-SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "relu", "tanh")
 
 # Hugging Face's defaults (AlbertConfig / BertConfig), used for keys an older config.json omits.
 HF_DEFAULTS = {
@@ -229,8 +228,8 @@ def config_from_hf(hf: dict, family: str, name: str = "hf") -> Config:
     """A Hugging Face config.json dict -> :class:`Config` (every checkpoint-relevant value from ``hf``)."""
     d = {**HF_DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None or k == "pad_token_id"}}
     act = d["hidden_act"]
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"config.json hidden_act={act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"config.json hidden_act={act!r} is not supported; expected one of {ACTIVATIONS}")
     pos_type = hf.get("position_embedding_type", "absolute")
     if pos_type != "absolute":
         raise ValueError(f"config.json position_embedding_type={pos_type!r} is not supported; expected 'absolute'")
@@ -266,9 +265,9 @@ def config_to_hf(config: Config, dtype: str = "float32") -> dict:
     differences (dropout placement) that HF would not reproduce.
     """
     family = config.model_type
-    if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+    if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"Config.hidden_act={config.hidden_act!r} has no Hugging Face equivalent here; "
-                         f"expected one of {SUPPORTED_ACTIVATIONS}")
+                         f"expected one of {ACTIVATIONS}")
     d = dict(architectures=["AlbertForPreTraining" if family == "albert" else "BertForPreTraining"],
              model_type=family, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
              num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,

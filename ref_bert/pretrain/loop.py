@@ -19,7 +19,8 @@ from . import rundir
 from .accumulation import effective_batch_gradients
 from .batches import make_stream, next_step_batch
 from .metrics import StepLog, write_plot
-from .settings import PretrainConfig, learning_rate, make_optimizer, resolve_model_config, validate
+from ..optim import make_optimizer
+from .settings import PretrainConfig, learning_rate, resolve_model_config, validate
 
 
 @dataclass

@@ -13,15 +13,11 @@ from .. import checkpoint as ckpt
 from .. import files
 from ..config import PRESETS, Config
 from ..model import DTYPES
-from ..optim import ADAMW_PRESETS, LAMB_PRESETS, AdamW, Lamb, albert_schedule, linear_warmup_decay
+from ..optim import OPTIMIZERS, albert_schedule, linear_warmup_decay
 from ..validate import is_int, require
 
 OBJECTIVES = ("albert", "unilm")
 SCHEDULES = ("albert", "linear")
-# "lamb" is ALBERT's LAMB; the other LAMB names are the presets of ref_bert.optim; "adamw" is
-# torch.optim.AdamW's defaults and "adamw-bert" BERT's AdamWeightDecayOptimizer.
-OPTIMIZERS = ("lamb",) + tuple(LAMB_PRESETS) + ("adamw",) + tuple(f"adamw-{k}" for k in ADAMW_PRESETS)
-
 # Settings that define the run's arithmetic: a resumed run must have the same ones.
 RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimizer", "lr", "schedule",
             "warmup", "seed", "dtype", "sop_weight")
@@ -127,20 +123,6 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
                              f"config.json file or directory")
     return base.replace(**overrides) if overrides else base
-
-
-# TODO(merge): ref_bert.optim.make_optimizer
-def make_optimizer(name: str, params: dict, lr: float):
-    """The optimiser called ``name`` (:data:`OPTIMIZERS`) over ``params`` with base rate ``lr``."""
-    if name == "lamb":
-        return Lamb.from_preset("albert", params, lr=lr)
-    if name in LAMB_PRESETS:
-        return Lamb.from_preset(name, params, lr=lr)
-    if name == "adamw":
-        return AdamW.from_preset("torch", params, lr=lr)
-    if name.startswith("adamw-") and name[len("adamw-"):] in ADAMW_PRESETS:
-        return AdamW.from_preset(name[len("adamw-"):], params, lr=lr)
-    raise ValueError(f"optimizer={name!r} is invalid: expected one of {OPTIMIZERS}")
 
 
 def learning_rate(cfg: PretrainConfig, updates_done: int) -> float:
