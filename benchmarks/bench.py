@@ -265,7 +265,7 @@ def _worker_ref_bert(spec: dict) -> dict:
     host = make_batch(config, spec["batch"], spec["seq"], spec["masked_fraction"], spec["seed"])
     batch = {k: bk.from_host(v) for k, v in host.items()}
     eval_loss = float(model.loss(**batch))
-    opt = Lamb.from_preset("albert", model.named_parameters())
+    opt = Lamb.from_preset("albert", model.state_dict())
 
     def step():
         grads = model.loss_and_grads(**batch, training=True).grads

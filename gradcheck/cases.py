@@ -206,7 +206,7 @@ def check_model(model, inputs: dict, *, names=None, seed: int = 0, **options) ->
     if model.dtype != np.float64:
         raise ValueError(f"check_model needs a float64 model, got {model.dtype}")
     grads = model.loss_and_grads(**inputs).grads
-    params = model.named_parameters()
+    params = model.state_dict()
     if names is not None:
         params = {k: v for k, v in params.items() if k in names}
     return check_inplace(lambda: model.loss(**inputs), params, grads, seed=seed, **options)

@@ -94,7 +94,7 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
         put("grads", name, result.grads[name])
 
     saved = model.params.flat.copy()
-    opt = make_optimizer(model.named_parameters())
+    opt = make_optimizer(model.state_dict())
     losses = []
     try:
         for _ in range(steps):

@@ -71,7 +71,7 @@ class ModelOutput:
 class Gradients:
     """What ``Model.backward`` returns.
 
-    params:        parameter name -> gradient, the names and shapes of ``Model.named_parameters()``; all
+    params:        parameter name -> gradient, the names and shapes of ``Model.state_dict()``; all
                    views of one flat buffer laid out like the parameters.
     inputs_embeds: (B, T, E), the gradient with respect to the word-embedding lookup's output (what
                    Hugging Face calls ``inputs_embeds``; position and token-type embeddings are added to
@@ -142,8 +142,18 @@ class Model:
         """Unique parameters; without heads this is Hugging Face's AlbertModel/BertModel count."""
         return count_parameters(self.config, heads=include_heads)
 
-    def named_parameters(self) -> dict:
-        """Name -> view into the flat parameter buffer (writing to a view changes the model)."""
+    def named_parameters(self) -> Iterator[tuple[str, object]]:
+        """``(name, array)`` pairs in the flat buffer's order, as PyTorch's ``named_parameters()``;
+        each array is a view into the flat parameter buffer (writing to it changes the model)."""
+        return iter(list(self.params.items()))
+
+    def parameters(self) -> Iterator[object]:
+        """The parameter arrays (views), in the order of :meth:`named_parameters`."""
+        return (array for _, array in self.named_parameters())
+
+    def state_dict(self) -> dict:
+        """Name -> parameter array, a dict of the same views (as PyTorch's ``state_dict()``, the arrays
+        share memory with the model). Optimisers and gradient checks take this dict."""
         return dict(self.params.items())
 
     def _dropout(self, training: bool, dropout_seed):

@@ -102,7 +102,7 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
         assert np.array_equal(tensors[f"params/{name}"], model.params[name])  # restored after the steps
     # K = 2 steps of ALBERT's LAMB on the same batch, replayed independently
     replay = clone(model, CONFIG)
-    opt = Lamb.from_preset("albert", replay.named_parameters())
+    opt = Lamb.from_preset("albert", replay.state_dict())
     for _ in range(2):
         opt.step(replay.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
                                        x["sop_labels"], x["position_ids"]).grads)

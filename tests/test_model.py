@@ -53,8 +53,8 @@ def test_loss_equals_independent_cross_entropy_of_forward_logits():
     np.testing.assert_allclose(float(parts["mlm"]), mlm, rtol=1e-13)
     np.testing.assert_allclose(float(parts["sop"]), sop_loss, rtol=1e-13)
     np.testing.assert_allclose(float(loss), mlm + sop_loss, rtol=1e-13)
-    assert set(grads) == set(model.named_parameters())
-    assert all(grads[k].shape == v.shape for k, v in model.named_parameters().items())
+    assert set(grads) == set(model.state_dict())
+    assert all(grads[k].shape == v.shape for k, v in model.state_dict().items())
 
 
 def test_float32_forward_agrees_with_float64():
@@ -146,7 +146,7 @@ def test_per_query_mask_accepted():
 def test_repr_and_named_parameters_are_views():
     model = Model(CFG)
     assert "tiny" in repr(model)
-    params = model.named_parameters()
+    params = model.state_dict()
     params["pooler.bias"][0] = 1.5
     assert model.params.flat[np.flatnonzero(model.params.flat == np.float32(1.5))].size >= 1
 
@@ -155,3 +155,18 @@ def test_repr_and_named_parameters_are_views():
 def test_dtype_must_be_float32_or_float64(dtype):
     with pytest.raises(ValueError, match=f"dtype must be one of .*got '{dtype}'"):
         Model(CFG, dtype=dtype)
+
+
+def test_parameter_accessors_follow_pytorch_conventions():
+    """named_parameters() iterates (name, array) pairs, as PyTorch's does; state_dict() is the dict of
+    the same live views (writing to one changes the model)."""
+    model = Model(Config.preset("tiny"), dtype="float64", seed=0)
+    pairs = list(model.named_parameters())
+    assert all(isinstance(name, str) for name, _ in pairs)
+    names = [name for name, _ in pairs]
+    assert names == list(model.state_dict()) == list(model.params.shapes)
+    assert sum(p.size for p in model.parameters()) == model.params.flat.size
+    for name, array in model.named_parameters():
+        assert np.shares_memory(array, model.params.flat) and model.state_dict()[name] is not None
+    model.state_dict()["sop.bias"][...] = 7.0
+    assert np.all(dict(model.named_parameters())["sop.bias"] == 7.0)

@@ -984,7 +984,7 @@ def test_lamb_trains_tiny_model_in_place():
     labels = np.full((2, 16), -100)
     labels[:, [2, 5, 9]] = rng.integers(5, 1000, size=(2, 3))
     labels, sop = be.from_host(labels), be.from_host(np.array([0, 1]))
-    params = model.named_parameters()
+    params = model.state_dict()
     opt = Lamb.from_preset("albert", params)
     losses = []
     for step in range(8):

@@ -210,7 +210,7 @@ class Lamb(_AdamFamily):
     matches ``exclude_from_weight_decay``; see ``tensor_weight_decay``).
 
     Args:
-        params: dict name -> array (e.g. ``model.named_parameters()``); updated in place.
+        params: dict name -> array (e.g. ``model.state_dict()``); updated in place.
         lr: default learning rate (> 0); ``step(grads, lr=...)`` overrides it per step.
         betas, eps, weight_decay: as in the formula.
         bias_correction: "moments"/True, "none"/False, or "step_size".

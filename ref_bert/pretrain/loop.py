@@ -109,7 +109,7 @@ def prepare(cfg: PretrainConfig) -> Job:
         tokenizer = Tokenizer.train(corpus, vocab_size=model_config.vocab_size)
     stream = make_stream(cfg.objective, corpus, tokenizer, cfg.batch_size, cfg.seq_len, cfg.seed, model_config)
     model = Model(model_config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, model.named_parameters(), cfg.lr)
+    optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.lr)
     job = Job(cfg=cfg, out=out, model=model, optimizer=optimizer, stream=stream, tokenizer=tokenizer,
               resume_dir=resume_dir)
     if resume_dir is not None:
