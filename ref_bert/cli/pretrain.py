@@ -102,22 +102,17 @@ def config_from_args(args) -> PretrainConfig:
 
 
 def run(args) -> int:
-    """The CLI entry: bad input (ValueError) prints ``error: ...`` and exits 2; Ctrl-C exits 130."""
+    """The CLI entry; bad input raises ValueError, which :func:`ref_bert.cli.main` reports as ``error: ...``
+    with exit status 2. Ctrl-C exits 130."""
+    cfg = config_from_args(args)
+    threads = _default_blas_threads(args) if args.blas_threads is None else args.blas_threads
+    if threads < 0:
+        raise ValueError(f"--blas-threads={threads} is invalid: expected 0 (leave alone) or a positive count")
+    if threads and limit_blas_threads(threads) is None:
+        print(f"note: no BLAS library found: --blas-threads {threads} set only ref-bert's own threads "
+              f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
     try:
-        cfg = config_from_args(args)
-        threads = _default_blas_threads(args) if args.blas_threads is None else args.blas_threads
-        if threads < 0:
-            raise ValueError(f"--blas-threads={threads} is invalid: expected 0 (leave alone) or a positive count")
-        if threads and limit_blas_threads(threads) is None:
-            print(f"note: no BLAS library found: --blas-threads {threads} set only ref-bert's own threads "
-                  f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
         result = pretrain(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except backends.BackendUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     m = result.metrics
