@@ -20,10 +20,16 @@ freed heap memory for reuse: the effect of preallocated buffers, without changin
 process-wide, Linux/glibc only, and ``REF_BERT_MALLOC_TUNING=0`` turns it off
 (``Backend.malloc_tuned`` says whether it was applied). CuPy keeps its own memory pool.
 
-Fused kernels on CuPy: ``backend.fused`` is a :class:`backends.cupy_kernels.CupyKernels` on the CuPy
-backend (one kernel where the NumPy form of GELU, LayerNorm, masked softmax with dropout, or the LAMB
-update makes several passes) and None on NumPy, where the ops' own readable code runs. The ops call
-it only when it is there; ``REF_BERT_FUSED=0`` runs the plain ops on CuPy too.
+Fast variants: every op in ref_bert/ops is a plain reference, the formula of its docstring. A
+backend may replace some of them (the ops decorated with :func:`fast_path`) by a variant with the same
+signature and the same results up to rounding, listed in ``Backend.fast`` and chosen here, in
+:func:`_make`, and nowhere else. The NumPy backend runs the memory-optimised forms of
+:mod:`backends.numpy_fast` (fewer passes over memory, bit-identical to the code the ops carried
+before); the CuPy backend runs adapters (:mod:`backends.cupy_fast`) over the fused kernels of
+:mod:`backends.cupy_kernels` (one kernel where the reference makes several passes).
+``REF_BERT_FAST=0`` (or the older ``REF_BERT_FUSED=0``) leaves every table empty, so the references
+run. ``backend.fused`` is the CuPy kernels object itself (None on NumPy), still read by the LAMB
+optimiser.
 
 Select with ``backends.get("numpy")`` / ``backends.get("cupy")``; ``backends.get()`` reads the
 ``REF_BERT_BACKEND`` environment variable (default ``numpy``). Asking for CuPy where it is not
@@ -41,7 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "fast_path", "ENV_VAR", "MALLOC_ENV_VAR",
-           "FUSED_ENV_VAR"]
+           "FUSED_ENV_VAR", "FAST_ENV_VAR", "fast_enabled"]
 
 ENV_VAR = "REF_BERT_BACKEND"
 _NAMES = ("numpy", "cupy")
@@ -267,6 +273,15 @@ def _thread_count() -> int:
 
 MALLOC_ENV_VAR = "REF_BERT_MALLOC_TUNING"
 FUSED_ENV_VAR = "REF_BERT_FUSED"
+FAST_ENV_VAR = "REF_BERT_FAST"
+
+
+def fast_enabled() -> bool:
+    """False when $REF_BERT_FAST or $REF_BERT_FUSED is "0": then no backend gets fast variants and every
+    op runs its reference code. Read when a backend is made (the first :func:`get` of its name)."""
+    return all(os.environ.get(var, "1").strip() != "0" for var in (FAST_ENV_VAR, FUSED_ENV_VAR))
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
 
 
@@ -298,6 +313,10 @@ def _make(name: str) -> Backend:
             raise BackendUnavailable("the numpy backend needs scipy (for erf): pip install scipy") from e
         backend = Backend("numpy", np, erf)
         backend.malloc_tuned = _tune_malloc()
+        if fast_enabled():
+            from .numpy_fast import fast_table
+
+            backend.fast = fast_table()
         return backend
     try:
         import cupy
@@ -319,6 +338,11 @@ def _make(name: str) -> Backend:
         from .cupy_kernels import CupyKernels
 
         backend.fused = CupyKernels(cupy)
+    if fast_enabled():
+        from .cupy_fast import fast_table
+        from .cupy_kernels import CupyKernels
+
+        backend.fast = fast_table(backend.fused if backend.fused is not None else CupyKernels(cupy))
     return backend
 
 

@@ -13,7 +13,7 @@ from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
-from .softmax import softmax_backward, softmax_forward
+from .softmax import masked_softmax_backward, masked_softmax_forward, softmax_backward, softmax_forward
 
 __all__ = [
     "activation_forward", "activation_backward", "additive_mask_from", "split_heads", "merge_heads",
@@ -21,4 +21,5 @@ __all__ = [
     "cross_entropy_backward", "dropout_forward", "dropout_backward", "embedding_forward",
     "embedding_backward", "embeddings_forward", "embeddings_backward", "layer_norm_forward",
     "layer_norm_backward", "linear_forward", "linear_backward", "softmax_forward", "softmax_backward",
+    "masked_softmax_forward", "masked_softmax_backward",
 ]
