@@ -38,6 +38,7 @@ silent fallback to the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -47,7 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "fast_path", "ENV_VAR", "MALLOC_ENV_VAR",
-           "FUSED_ENV_VAR", "FAST_ENV_VAR", "fast_enabled"]
+           "FUSED_ENV_VAR", "FAST_ENV_VAR", "fast_enabled", "reference_ops"]
 
 ENV_VAR = "REF_BERT_BACKEND"
 _NAMES = ("numpy", "cupy")
@@ -385,6 +386,22 @@ def fast_path(reference: Callable) -> Callable:
     op.reference = reference
     op.fast_key = key
     return op
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Inside the block every backend made so far (and the NumPy one) has an empty fast table, so every op
+    runs its reference code; the tables are restored on leaving. For tests and gradient checks: the
+    references are what the docstrings derive, the fast variants are checked against them."""
+    made = [get("numpy"), *(b for name, b in _cache.items() if name != "numpy")]
+    saved = [b.fast for b in made]
+    for b in made:
+        b.fast = {}
+    try:
+        yield
+    finally:
+        for b, table in zip(made, saved):
+            b.fast = table
 
 
 def available(name: str) -> bool:

@@ -61,13 +61,9 @@ def numpy_backend():
 
 
 def run_reference(fn, *args, **kwargs):
-    """``fn`` with the NumPy backend's fast table emptied (every op, nested ones too, its reference)."""
-    bk = backends.get("numpy")
-    saved, bk.fast = bk.fast, {}
-    try:
+    """``fn`` with the fast tables emptied (every op, nested ones too, its reference)."""
+    with backends.reference_ops():
         return fn(*args, **kwargs)
-    finally:
-        bk.fast = saved
 
 
 def fast_path_ops() -> dict:
@@ -135,6 +131,13 @@ def test_the_environment_turns_every_fast_variant_off(var, monkeypatch):
     assert backends._make("numpy").fast == {}
     monkeypatch.setenv(var, "1")
     assert backends._make("numpy").fast == numpy_fast.fast_table()
+
+
+def test_reference_ops_empties_the_tables_and_restores_them(numpy_backend):
+    before = numpy_backend.fast
+    with backends.reference_ops():
+        assert numpy_backend.fast == {}
+    assert numpy_backend.fast is before
 
 
 def test_a_decorated_op_calls_what_the_table_holds(numpy_backend, monkeypatch):
