@@ -4,6 +4,10 @@ Backward functions *add* parameter gradients into buffers they are given (so a w
 layers, or tied between the embedding and the MLM decoder, needs no special case) and return the
 gradient with respect to the op's input. Read them in model order: embedding, layer_norm, linear,
 attention (softmax, dropout), activations, cross_entropy.
+
+The code here is the reference: each op computes the formula of its docstring. A few ops are marked
+``@backends.fast_path``; a backend may run a faster arrangement of the same arithmetic in their place
+(``op.reference`` is always this code). Those variants live in backends/ and are tested against these.
 """
 from .activations import activation_backward, activation_forward
 from .attention import (additive_mask_from, merge_heads, self_attention_backward, self_attention_forward,
