@@ -86,9 +86,9 @@ def self_attention_backward(dcontext, cache, g):
     H = dcontext.shape[-1]
     dctx = split_heads(dcontext, num_heads)                           # (B, h, T, d)
     dvh = dropped.swapaxes(-1, -2) @ dctx
-    dscores = masked_softmax_backward(dctx @ vh.swapaxes(-1, -2), softmax_cache)   # d(q k^T), (B, h, T, T)
-    dqh = dscores @ kh
-    dkh = dscores.swapaxes(-1, -2) @ qh
+    dqk = masked_softmax_backward(dctx @ vh.swapaxes(-1, -2), softmax_cache)   # d(q k^T) = s * dscores
+    dqh = dqk @ kh
+    dkh = dqk.swapaxes(-1, -2) @ qh
     dqkv = xp.concatenate([merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)], axis=-1)   # [dq | dk | dv]
     dweight = xp.zeros((H, 3 * H), dtype=dcontext.dtype)
     dbias = xp.zeros(3 * H, dtype=dcontext.dtype)
