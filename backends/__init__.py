@@ -20,10 +20,15 @@ freed heap memory for reuse: the effect of preallocated buffers, without changin
 process-wide, Linux/glibc only, and ``REF_BERT_MALLOC_TUNING=0`` turns it off
 (``Backend.malloc_tuned`` says whether it was applied). CuPy keeps its own memory pool.
 
-Fused kernels on CuPy: ``backend.fused`` is a :class:`backends.cupy_kernels.CupyKernels` on the CuPy
-backend (one kernel where the NumPy form of GELU, LayerNorm, masked softmax with dropout, or the LAMB
-update makes several passes) and None on NumPy, where the ops' own readable code runs. The ops call
-it only when it is there; ``REF_BERT_FUSED=0`` runs the plain ops on CuPy too.
+Fast variants: every op in ref_bert/ops is a plain reference, the formula of its docstring. A
+backend may replace some of them (the ops decorated with :func:`fast_path`) by a variant with the same
+signature and the same results up to rounding, listed in ``Backend.fast`` and chosen here, in
+:func:`_make`, and nowhere else. The NumPy backend runs the memory-optimised forms of
+:mod:`backends.numpy_fast` (fewer passes over memory, bit-identical to the code the ops carried
+before); the CuPy backend runs adapters (:mod:`backends.cupy_fast`) over the fused kernels of
+:mod:`backends.cupy_kernels` (one kernel where the reference makes several passes), the
+optimiser's among them (:mod:`backends.cupy_optim_fast`). ``REF_BERT_FAST=0`` (or the older
+``REF_BERT_FUSED=0``) leaves every table empty, so the references run.
 
 Select with ``backends.get("numpy")`` / ``backends.get("cupy")``; ``backends.get()`` reads the
 ``REF_BERT_BACKEND`` environment variable (default ``numpy``). Asking for CuPy where it is not
@@ -32,6 +37,7 @@ silent fallback to the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -41,7 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Backend", "BackendUnavailable", "get", "of", "available", "fast_path", "ENV_VAR", "MALLOC_ENV_VAR",
-           "FUSED_ENV_VAR"]
+           "FUSED_ENV_VAR", "FAST_ENV_VAR", "fast_enabled", "reference_ops"]
 
 ENV_VAR = "REF_BERT_BACKEND"
 _NAMES = ("numpy", "cupy")
@@ -70,9 +76,6 @@ class Backend:
         # many elements on NumPy (512 KiB of float32: a piece's temporaries stay in cache, and one
         # large tensor no longer runs on one core); None on CuPy, where a tensor is one piece.
         self.piece_elements = PIECE_ELEMENTS if name == "numpy" else None
-        # Fused kernels for the elementwise and row-wise ops (CuPy only; see backends/cupy_kernels.py).
-        # None on NumPy, where the ops' own code is both the reference and what runs.
-        self.fused = None
         # Fast variants of reference ops, chosen here and nowhere else: the key is the reference
         # function's "module.name" (see :func:`fast_path`), the value a function with the same
         # signature and the same results up to rounding. Empty means every op runs its reference code.
@@ -289,6 +292,15 @@ def _thread_count() -> int:
 
 MALLOC_ENV_VAR = "REF_BERT_MALLOC_TUNING"
 FUSED_ENV_VAR = "REF_BERT_FUSED"
+FAST_ENV_VAR = "REF_BERT_FAST"
+
+
+def fast_enabled() -> bool:
+    """False when $REF_BERT_FAST or $REF_BERT_FUSED is "0": then no backend gets fast variants and every
+    op runs its reference code. Read when a backend is made (the first :func:`get` of its name)."""
+    return all(os.environ.get(var, "1").strip() != "0" for var in (FAST_ENV_VAR, FUSED_ENV_VAR))
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc <malloc.h>
 
 
@@ -320,6 +332,10 @@ def _make(name: str) -> Backend:
             raise BackendUnavailable("the numpy backend needs scipy (for erf): pip install scipy") from e
         backend = Backend("numpy", np, erf)
         backend.malloc_tuned = _tune_malloc()
+        if fast_enabled():
+            from .numpy_fast import fast_table
+
+            backend.fast = fast_table(backend)
         return backend
     try:
         import cupy
@@ -337,12 +353,13 @@ def _make(name: str) -> Backend:
     if count < 1:
         raise BackendUnavailable("backend 'cupy' was requested but no GPU is visible (device count 0)")
     backend = Backend("cupy", cupy, cupyx.scipy.special.erf)
-    if os.environ.get(FUSED_ENV_VAR, "1").strip() != "0":
+    if fast_enabled():
+        from .cupy_fast import fast_table
         from .cupy_kernels import CupyKernels
-
-        backend.fused = CupyKernels(cupy)
         from .cupy_optim_fast import optimizer_fast_table
-        backend.fast.update(optimizer_fast_table(backend.fused))
+
+        kernels = CupyKernels(cupy)       # compiled by CuPy on first use
+        backend.fast = {**fast_table(kernels, backend), **optimizer_fast_table(kernels)}
     return backend
 
 
@@ -385,6 +402,22 @@ def fast_path(reference: Callable) -> Callable:
     op.reference = reference
     op.fast_key = key
     return op
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Inside the block every backend made so far (and the NumPy one) has an empty fast table, so every op
+    runs its reference code; the tables are restored on leaving. For tests and gradient checks: the
+    references are what the docstrings derive, the fast variants are checked against them."""
+    made = [get("numpy"), *(b for name, b in _cache.items() if name != "numpy")]
+    saved = [b.fast for b in made]
+    for b in made:
+        b.fast = {}
+    try:
+        yield
+    finally:
+        for b, table in zip(made, saved):
+            b.fast = table
 
 
 def available(name: str) -> bool:

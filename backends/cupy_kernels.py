@@ -4,13 +4,15 @@ On a GPU every NumPy-style expression is one kernel launch that reads and writes
 ``0.5 * x * (1 + tanh(...))`` is seven of them. Each method here does the same arithmetic in one
 elementwise kernel (or, for row-wise ops, a couple of reductions and one elementwise kernel), for
 arrays of either float dtype (``T`` is float or double). The readable reference for each is the
-NumPy code in ref_bert (named in the method's docstring), which is what runs on the NumPy backend;
-tests/test_fused_kernels.py checks every method against it on a GPU (``@pytest.mark.gpu``), and
-against a NumPy interpreter of the kernel source on any machine; where the CUDA toolkit is installed
-it also compiles every kernel's source with nvcc (sm_90, T = float and double), no GPU needed.
+reference op in ref_bert/ops (named in the method's docstring); backends/cupy_fast.py adapts the
+methods to the ops' signatures, and that table is what the CuPy backend runs. tests/test_fused_kernels.py
+checks every entry against its reference on a GPU (``@pytest.mark.gpu``), and against a NumPy
+interpreter of the kernel source on any machine; where the CUDA toolkit is installed it also compiles
+every kernel's source with nvcc (sm_90, T = float and double), no GPU needed.
 
 Only backends/ imports cupy: :func:`backends.get` builds one :class:`CupyKernels` for the CuPy
-backend (``backend.fused``); set ``REF_BERT_FUSED=0`` to run the plain ops on CuPy instead.
+backend, behind its fast table (``backend.fast``); set ``REF_BERT_FAST=0`` (or
+``REF_BERT_FUSED=0``) to run the reference ops on CuPy instead.
 
 Kernel source conventions (kept simple on purpose, so the NumPy interpreter in the tests can run it):
 one statement per ``;``, ``T name = ...`` declarations, ``(T)`` casts, and the functions tanh, exp,
@@ -112,7 +114,7 @@ class CupyKernels:
         return self._gelu_new_forward(x)
 
     def gelu_new_backward(self, dy, x, h):
-        """dx: ops.activations.activation_backward for "gelu_new"."""
+        """dx: ops.activations.gelu_new_backward."""
         return self._gelu_new_backward(dy, x, h)
 
     def gelu_forward(self, x):
@@ -120,7 +122,7 @@ class CupyKernels:
         return self._gelu_forward(x)
 
     def gelu_backward(self, dy, x, cdf):
-        """dx: ops.activations.activation_backward for "gelu"."""
+        """dx: ops.activations.gelu_backward."""
         return self._gelu_backward(dy, x, cdf)
 
     # --- layer norm -----------------------------------------------------------------------------------
@@ -147,9 +149,9 @@ class CupyKernels:
 
     # --- masked softmax with attention dropout ----------------------------------------------------------
     def masked_softmax(self, scores, scale, additive_mask, keep=None):
-        """In place: ``scores`` becomes softmax(scores * scale + additive_mask) over the last axis (the
-        attention forward in ops.attention with ops.softmax.softmax_forward). Returns ``(probs,
-        dropped)`` with dropped = probs * keep (``keep`` the dropout multiplier, or probs itself)."""
+        """In place: ``scores`` becomes softmax(scores * scale + additive_mask) over the last axis
+        (ops.softmax.masked_softmax_forward). Returns ``(probs, dropped)`` with dropped = probs * keep
+        (``keep`` the dropout multiplier, or probs itself)."""
         self._scale_mask(additive_mask, float(scale), scores)
         mx = scores.max(axis=-1, keepdims=True)
         denom = self._sum_exp_dev(scores, mx, axis=-1, keepdims=True)
@@ -161,8 +163,8 @@ class CupyKernels:
         return scores, dropped
 
     def softmax_backward(self, ddropped, probs, scale, keep=None):
-        """d(scores before scaling) times ``scale``: dropout backward, ops.softmax.softmax_backward and
-        the 1/sqrt(d) factor of ops.attention, in one reduction and one elementwise kernel."""
+        """d(scores before scaling) times ``scale``: dropout backward, softmax backward and the scale
+        (ops.softmax.masked_softmax_backward), in one reduction and one elementwise kernel."""
         if keep is None:
             dot = self._sum_prod(ddropped, probs, axis=-1, keepdims=True)
             return self._softmax_dx(ddropped, probs, dot, float(scale))

@@ -289,7 +289,7 @@ def _worker_ref_bert(spec: dict) -> dict:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     result = _measure(step, forward, spec["warmup"], spec["steps"], bk.synchronize, memory)
     result.update(eval_loss=eval_loss, mlm_rows=int(np.sum(host["mlm_labels"] != -100)), device=bk.device_name(),
-                  malloc_tuned=bk.malloc_tuned, fused_kernels=bk.fused is not None,
+                  malloc_tuned=bk.malloc_tuned, fast_variants=len(bk.fast),
                   optimizer="ref_bert.optim.Lamb.from_preset('albert')")
     return result
 

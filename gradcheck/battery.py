@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+import backends
+
 from .core import DEFAULT_FLOOR, DEFAULT_RTOL
 
 # name -> Config overrides on top of BASE (all tiny, float64)
@@ -62,6 +64,12 @@ def run_battery(seed: int = 0, rtol: float = DEFAULT_RTOL, floor: float = DEFAUL
         report = check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=f"op {case.name}")
         rows.append((f"op {case.name}", len(report.results), report))
         reports.append(report)
+    with backends.reference_ops():      # the reference ops themselves, where a backend has fast variants
+        for case in op_cases(seed=seed):
+            title = f"op {case.name} (reference ops)"
+            report = check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=title)
+            rows.append((title, len(report.results), report))
+            reports.append(report)
     for name, overrides in MODEL_CASES.items():
         config = Config(**{**BASE, **overrides})
         model = Model(config, dtype="float64", seed=seed)

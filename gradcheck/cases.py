@@ -1,5 +1,8 @@
 """Gradient-check cases for every op of ref_bert and for the full model.
 
+The ops run whatever the backend chose (its fast variants, see backends/); to check the reference ops
+themselves, run a case inside ``backends.reference_ops()`` (the battery and the tests do both).
+
 Each op case turns an op's ``*_forward`` / ``*_backward`` pair into the ``forward(*inputs)`` /
 ``backward(dout) -> input gradients`` form that :func:`gradcheck.check_vjp` takes. Parameter
 gradients come from the op's accumulate-into-buffer convention: the wrapper hands the backward fresh
@@ -101,6 +104,20 @@ def op_cases(seed: int = 0, B: int = 2, T: int = 5, H: int = 8, heads: int = 2, 
     cases.append(OpCase("softmax", lambda x: ops.softmax_forward(x)[0],
                         lambda dout, x=sm_x: {"x": ops.softmax_backward(dout, ops.softmax_forward(x)[1])},
                         {"x": sm_x}))
+
+    # masked softmax (the middle of attention) with a padding mask and a frozen dropout mask; the op may
+    # overwrite its scores, so each call gets a copy
+    ms_mask = np.ones((B, T))
+    ms_mask[0, -1] = 0
+    ms_additive = ops.additive_mask_from(ms_mask, np.float64, -10000.0)
+    ms_keep = mask(B, heads, T, T)
+    ms_x = normal(B, heads, T, T) * 2
+    cases.append(OpCase(
+        "masked_softmax",
+        lambda x: ops.masked_softmax_forward(x.copy(), 0.5, ms_additive, ms_keep)[0][1],
+        lambda dout, x=ms_x: {"x": ops.masked_softmax_backward(
+            dout, ops.masked_softmax_forward(x.copy(), 0.5, ms_additive, ms_keep)[1])},
+        {"x": ms_x}))
 
     drop_mask = mask(B, T, H)
     cases.append(OpCase("dropout", lambda x: ops.dropout_forward(x, drop_mask)[0],

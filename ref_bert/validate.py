@@ -17,7 +17,7 @@ def _describe(a) -> str:
 def require_array(name: str, a, backend):
     if not backend.is_array(a):
         hint = ""
-        if isinstance(a, np.ndarray) and backend.name != "numpy":
+        if isinstance(a, np.ndarray):    # a NumPy array the backend does not take: the model lives elsewhere
             hint = f"; move it explicitly with backend.from_host(...) (the model lives on {backend.name})"
         raise ValueError(f"{name} must be a {backend.name} array, got {_describe(a)}{hint}")
     return a

@@ -147,8 +147,17 @@ def test_malloc_tuning_can_be_turned_off(monkeypatch):
     assert backends._tune_malloc() is False
 
 
-def test_numpy_backend_has_no_fused_kernels():
-    assert backends.get("numpy").fused is None
+def test_each_backend_fills_its_fast_table_from_backends(monkeypatch):
+    """The NumPy backend's table is backends/numpy_fast.py's (unless the environment turns fast variants
+    off); every key names a reference op (tests/test_fast_variants.py checks the entries themselves)."""
+    from backends import numpy_fast
+
+    monkeypatch.delenv(backends.FAST_ENV_VAR, raising=False)
+    monkeypatch.delenv(backends.FUSED_ENV_VAR, raising=False)
+    table = backends._make("numpy").fast
+    assert table and {k: f.__func__ for k, f in table.items()} == {k: f.__func__ for k, f in numpy_fast.fast_table(backends.get("numpy")).items()}
+    assert all(key.startswith("ref_bert.ops.") and callable(fn) for key, fn in table.items())
+    assert all(fn.__module__ == "backends.numpy_fast" for fn in table.values())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")

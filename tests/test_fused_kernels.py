@@ -1,11 +1,14 @@
-"""The fused CuPy kernels (backends/cupy_kernels.py) against their NumPy references in ref_bert.
+"""The fused CuPy kernels (backends/cupy_kernels.py), through the CuPy backend's fast table
+(backends/cupy_fast.py), against the reference ops in ref_bert.
 
 Two ways:
 * On a GPU (``@pytest.mark.gpu``, skipped only where ``backends.available("cupy")`` is False): each
-  kernel on CuPy arrays against the NumPy op, float32 and float64; and a whole training step.
+  entry of the CuPy backend's table on CuPy arrays against the reference op, float32 and float64; and a
+  whole training step.
 * Everywhere: :class:`NumpyKernelInterpreter` runs the kernels' own source text (the C expressions
   given to ``ElementwiseKernel`` / ``ReductionKernel``) with NumPy, so the arithmetic, the argument
-  order of every call and the model's fused code paths are checked on any machine.
+  order of every call and the adapters of the CuPy table are checked on any machine; installed as the
+  NumPy backend's fast table, it runs a whole training step through them.
 * Where the CUDA toolkit is installed (``nvcc``; no GPU or driver needed): every kernel's source,
   wrapped the way CuPy wraps it, compiles for sm_90 with T = float and T = double. Whether CuPy
   accepts the calls (argument shapes, dtypes, broadcasting against passed outputs) is still the GPU
@@ -23,6 +26,7 @@ import pytest
 import scipy.special
 
 import backends
+from backends.cupy_fast import fast_table
 from backends.cupy_kernels import CupyKernels
 from backends.cupy_optim_fast import optimizer_fast_table
 from ref_bert import Config, Model
@@ -299,7 +303,15 @@ def close(fused, reference, dtype, to_host=np.asarray):
     np.testing.assert_allclose(fused, reference, rtol=RTOL[dtype], atol=ATOL[dtype])
 
 
-def compare_kernels(kernels, dtype, to_device=np.asarray, to_host=np.asarray):
+def references(fn, *args, **kwargs):
+    """``fn`` with the fast tables emptied: every op its reference."""
+    with backends.reference_ops():
+        return fn(*args, **kwargs)
+
+
+def compare_table(table, dtype, to_device=np.asarray, to_host=np.asarray):
+    """Every entry of a CuPy fast ``table`` against the reference op it replaces, forward and backward;
+    and the LAMB optimiser's sum of squares against NumPy's sum."""
     rng = np.random.default_rng(0)
 
     def draw(*shape, scale=1.0):
@@ -308,23 +320,21 @@ def compare_kernels(kernels, dtype, to_device=np.asarray, to_host=np.asarray):
     dev = to_device
     # activations
     x, dy = draw(4, 5, 24, scale=2.0), draw(4, 5, 24)
-    for name, fwd, bwd in (("gelu_new", kernels.gelu_new_forward, kernels.gelu_new_backward),
-                           ("gelu", kernels.gelu_forward, kernels.gelu_backward)):
-        y_ref, cache = ops.activation_forward(name, x)
-        y, aux = fwd(dev(x))
+    for name in ("gelu_new", "gelu"):
+        forward, backward = getattr(ops.activations, f"{name}_forward"), getattr(ops.activations, f"{name}_backward")
+        y_ref, cache_ref = references(forward, x)
+        y, cache = table[forward.fast_key](dev(x))
         close(y, y_ref, dtype, to_host)
-        close(aux, cache[2], dtype, to_host)
-        close(bwd(dev(dy), dev(x), aux), ops.activation_backward(dy, cache), dtype, to_host)
+        close(table[backward.fast_key](dev(dy), cache), references(backward, dy, cache_ref), dtype, to_host)
     # layer norm
     w, b, dout = draw(24) + 1, draw(24), draw(4, 5, 24)
-    out_ref, (xhat_ref, rstd_ref, _) = ops.layer_norm_forward(x, w, b, 1e-12)
-    out, xhat, rstd = kernels.layer_norm_forward(dev(x), dev(w), dev(b), 1e-12)
-    for got, ref in ((out, out_ref), (xhat, xhat_ref), (rstd, rstd_ref)):
-        close(got, ref, dtype, to_host)
+    out_ref, cache_ref = references(ops.layer_norm_forward, x, w, b, 1e-12)
+    out, cache = table[ops.layer_norm_forward.fast_key](dev(x), dev(w), dev(b), 1e-12)
+    close(out, out_ref, dtype, to_host)
     dw_ref, db_ref = np.full(24, 0.5, dtype), np.full(24, -0.5, dtype)
-    dx_ref = ops.layer_norm_backward(dout, (xhat_ref, rstd_ref, w), dw_ref, db_ref)
+    dx_ref = references(ops.layer_norm_backward, dout, cache_ref, dw_ref, db_ref)
     dw, db = dev(np.full(24, 0.5, dtype)), dev(np.full(24, -0.5, dtype))
-    close(kernels.layer_norm_backward(dev(dout), xhat, rstd, dev(w), dw, db), dx_ref, dtype, to_host)
+    close(table[ops.layer_norm_backward.fast_key](dev(dout), cache, dw, db), dx_ref, dtype, to_host)
     close(dw, dw_ref, dtype, to_host)
     close(db, db_ref, dtype, to_host)
     # masked softmax, with and without dropout, for both mask shapes
@@ -335,17 +345,23 @@ def compare_kernels(kernels, dtype, to_device=np.asarray, to_host=np.asarray):
         mask01[..., 0] = True
         additive = ops.additive_mask_from(mask01, dtype, -10000.0)
         for keep_mask in (None, keep):
-            probs_ref, _ = ops.softmax_forward(raw * dtype(scale) + additive)
-            dropped_ref, _ = ops.dropout_forward(probs_ref, keep_mask)
-            probs, dropped = kernels.masked_softmax(dev(raw.copy()), scale, dev(additive),
-                                                    None if keep_mask is None else dev(keep_mask))
+            (probs_ref, dropped_ref), cache_ref = references(ops.masked_softmax_forward, raw.copy(), scale, additive,
+                                                             keep_mask)
+            (probs, dropped), cache = table[ops.masked_softmax_forward.fast_key](
+                dev(raw.copy()), scale, dev(additive), None if keep_mask is None else dev(keep_mask))
             close(probs, probs_ref, dtype, to_host)
             close(dropped, dropped_ref, dtype, to_host)
-            dscores_ref = ops.softmax_backward(ops.dropout_backward(dd, keep_mask), probs_ref) * dtype(scale)
-            dscores = kernels.softmax_backward(dev(dd), probs, scale, None if keep_mask is None else dev(keep_mask))
-            close(dscores, dscores_ref, dtype, to_host)
-    close(kernels.sum_of_squares(dev(x)), np.asarray((x * x).sum()), dtype, to_host)    # rows, then their sums
-    close(kernels.sum_of_squares(dev(w)), np.asarray((w * w).sum()), dtype, to_host)    # a vector: one reduction
+            dscores_ref = references(ops.masked_softmax_backward, dd, cache_ref)
+            close(table[ops.masked_softmax_backward.fast_key](dev(dd), cache), dscores_ref, dtype, to_host)
+    # the plain softmax (cached decoding): no kernel of its own, the in-place form of backends/numpy_fast.py
+    p_ref, cache_ref = references(ops.softmax_forward, raw)
+    p, cache = table[ops.softmax_forward.fast_key](dev(raw))
+    close(p, p_ref, dtype, to_host)
+    close(table[ops.softmax_backward.fast_key](dev(dd), cache), references(ops.softmax_backward, dd, cache_ref),
+          dtype, to_host)
+    sos = table[sum_of_squares.fast_key]
+    close(sos(dev(x)), np.asarray((x * x).sum()), dtype, to_host)    # rows, then their sums
+    close(sos(dev(w)), np.asarray((w * w).sum()), dtype, to_host)    # a vector: one reduction
 
 
 def optimizer_fast(kernels):
@@ -389,8 +405,9 @@ def test_optimizer_fast_table_keys_are_the_reference_functions(monkeypatch):
 
 # --- everywhere: the kernel source, interpreted ----------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_source_matches_the_numpy_ops(dtype):
-    compare_kernels(CupyKernels(NumpyKernelInterpreter), dtype)
+def test_kernel_source_matches_the_reference_ops(dtype):
+    kernels = CupyKernels(NumpyKernelInterpreter)
+    compare_table({**fast_table(kernels, backends.get("numpy")), **optimizer_fast_table(kernels)}, dtype)
 
 
 @pytest.mark.parametrize("preset", ["albert", "tfa", "apex", "torch_optimizer"])
@@ -409,8 +426,9 @@ def test_fused_lamb_source_matches_lamb_step(preset, monkeypatch):
 
 
 def test_model_training_step_through_the_fused_paths(monkeypatch):
-    """The model's fused code paths (attention, LayerNorm, GELU, LAMB) with the interpreted kernels give
-    the loss, gradients and updated weights of the plain NumPy code (float64, dropout on)."""
+    """The CuPy backend's fast table over the interpreted kernels (the model ops' and the optimiser's),
+    installed as the NumPy backend's: the loss, gradients and updated weights of the reference ops and
+    the plain LAMB code (float64, dropout on)."""
     config = Config.preset("tiny", vocab_size=50, num_hidden_layers=2, hidden_dropout_prob=0.1,
                            attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.1)
     rng = np.random.default_rng(2)
@@ -420,17 +438,17 @@ def test_model_training_step_through_the_fused_paths(monkeypatch):
     labels = np.where(rng.random((2, 9)) < 0.4, rng.integers(0, 50, (2, 9)), -100)
     inputs = dict(input_ids=ids, attention_mask=mask, mlm_labels=labels, sop_labels=np.array([0, 1]),
                   training=True, dropout_seed=3)
+    bk = backends.get("numpy")
+    kernels = CupyKernels(NumpyKernelInterpreter)
     results = []
-    for fused in (None, CupyKernels(NumpyKernelInterpreter)):
-        monkeypatch.setattr(backends.get("numpy"), "fused", fused)
-        monkeypatch.setattr(backends.get("numpy"), "fast", optimizer_fast(fused))
+    for fast in ({}, {**fast_table(kernels, backends.get("numpy")), **optimizer_fast_table(kernels)}):
+        monkeypatch.setattr(bk, "fast", fast)
         model = Model(config, dtype="float64", seed=0)
-        _result = model.loss_and_grads(**inputs)
-        loss, grads = _result.loss, _result.grads
+        result = model.loss_and_grads(**inputs)
+        loss, grads = result.loss, result.grads
         Lamb.from_preset("albert", model.state_dict()).step(grads)
         results.append((float(loss), grads, {k: v.copy() for k, v in model.state_dict().items()}))
-    monkeypatch.setattr(backends.get("numpy"), "fused", None)
-    monkeypatch.setattr(backends.get("numpy"), "fast", {})
+    monkeypatch.undo()
     (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-12)
     for name in grads_a:
@@ -445,10 +463,10 @@ gpu = pytest.mark.skipif(not backends.available("cupy"), reason="needs CuPy and 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cupy_kernels_match_the_numpy_ops(dtype):
+def test_cupy_fast_table_matches_the_reference_ops(dtype):
     bk = backends.get("cupy")
-    assert bk.fused is not None, "the CuPy backend has no fused kernels (is REF_BERT_FUSED=0 set?)"
-    compare_kernels(bk.fused, dtype, to_device=bk.from_host, to_host=bk.to_host)
+    assert bk.fast, "the CuPy backend has no fast table (is REF_BERT_FAST=0 set?)"
+    compare_table(bk.fast, dtype, to_device=bk.from_host, to_host=bk.to_host)
 
 
 @pytest.mark.gpu

@@ -46,13 +46,13 @@ def test_battery_passes_and_fails_on_a_planted_bug(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "0 failed" in out and "model bert: E==H, no sharing, erf gelu" in out
 
-    real_backward = ops.softmax_backward
+    real_backward = ops.masked_softmax_backward
 
-    def softmax_backward_off_by_scale(dp, cache):
-        return 1.01 * real_backward(dp, cache)
+    def softmax_backward_off_by_scale(ddropped, cache):
+        return 1.01 * real_backward(ddropped, cache)
 
     import ref_bert.ops.attention as attention
-    monkeypatch.setattr(attention, "softmax_backward", softmax_backward_off_by_scale)
+    monkeypatch.setattr(attention, "masked_softmax_backward", softmax_backward_off_by_scale)
     assert not run_battery(seed=0)
     out = capsys.readouterr().out
     assert "FAIL" in out and "op self_attention" in out

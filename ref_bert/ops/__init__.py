@@ -4,6 +4,10 @@ Backward functions *add* parameter gradients into buffers they are given (so a w
 layers, or tied between the embedding and the MLM decoder, needs no special case) and return the
 gradient with respect to the op's input. Read them in model order: embedding, layer_norm, linear,
 attention (softmax, dropout), activations, cross_entropy.
+
+The code here is the reference: each op computes the formula of its docstring. A few ops are marked
+``@backends.fast_path``; a backend may run a faster arrangement of the same arithmetic in their place
+(``op.reference`` is always this code). Those variants live in backends/ and are tested against these.
 """
 from .activations import activation_backward, activation_forward
 from .attention import (additive_mask_from, merge_heads, self_attention_backward, self_attention_forward,
@@ -13,7 +17,7 @@ from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
-from .softmax import softmax_backward, softmax_forward
+from .softmax import masked_softmax_backward, masked_softmax_forward, softmax_backward, softmax_forward
 
 __all__ = [
     "activation_forward", "activation_backward", "additive_mask_from", "split_heads", "merge_heads",
@@ -21,4 +25,5 @@ __all__ = [
     "cross_entropy_backward", "dropout_forward", "dropout_backward", "embedding_forward",
     "embedding_backward", "embeddings_forward", "embeddings_backward", "layer_norm_forward",
     "layer_norm_backward", "linear_forward", "linear_backward", "softmax_forward", "softmax_backward",
+    "masked_softmax_forward", "masked_softmax_backward",
 ]

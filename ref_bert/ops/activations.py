@@ -10,18 +10,9 @@ gelu_new:       u = sqrt(2/pi) (x + 0.044715 x^3),  t = tanh(u),  y = 0.5 x (1 +
 relu:           y = max(x, 0),      dy/dx = 1 where x > 0 else 0
 tanh:           y = tanh(x),        dy/dx = 1 - y^2
 
-How the two GELUs are computed (the formulas above, arranged for few passes over memory):
-    gelu_new forward: u = x (s + s c x^2) with s = sqrt(2/pi), c = 0.044715, built in one buffer in
-                      place; h = (1 + tanh(u)) / 2 in the same buffer; y = x h. The cache keeps x and h.
-    gelu_new backward: with h = (1 + t) / 2 we have 1 - t^2 = (1 - t)(1 + t) = 4 h (1 - h), so
-                      dy/dx = h + 0.5 x * 4 h (1 - h) * s (1 + 3 c x^2) = h (1 + x (1 - h) k),
-                      k = 2 s (1 + 3 c x^2) = 2 du/dx.
-    gelu forward:     cdf = (1 + erf(x / sqrt 2)) / 2 in one buffer; y = x cdf; the cache keeps x and cdf.
-    gelu backward:    dy/dx = cdf + x phi(x), phi built in one buffer.
-Each ``activation_forward(name, x)`` returns ``(y, cache)`` and ``activation_backward(dy, cache)``
-returns dx (a new array; ``dy`` is not modified). Constants are Python floats, so a float32 input
-stays float32. On CuPy each GELU direction is one fused kernel (``backend.fused``, in backends/,
-tested against the code here).
+``activation_forward(name, x)`` returns ``(y, cache)`` and ``activation_backward(dy, cache)`` returns
+dx (a new array; ``dy`` is not modified). The cache starts with the activation's name, which picks the
+backward. Constants are Python floats, so a float32 input stays float32.
 """
 from __future__ import annotations
 
@@ -35,86 +26,72 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
 
 
+@backends.fast_path
 def gelu_forward(x):
-    bk = backends.of(x)
-    if bk.fused is not None:
-        y, cdf = bk.fused.gelu_forward(x)
-        return y, ("gelu", x, cdf)
-    cdf = x * _INV_SQRT_2
-    bk.erf(cdf, out=cdf)
-    cdf += 1.0
-    cdf *= 0.5                                   # cdf = Phi(x) = (1 + erf(x / sqrt 2)) / 2
+    cdf = 0.5 * (1.0 + backends.of(x).erf(x * _INV_SQRT_2))      # Phi(x)
     return x * cdf, ("gelu", x, cdf)
 
 
+@backends.fast_path
+def gelu_backward(dy, cache):
+    _, x, cdf = cache
+    pdf = backends.of(x).xp.exp(-0.5 * x * x) * _INV_SQRT_2PI    # phi(x)
+    return dy * (cdf + x * pdf)
+
+
+@backends.fast_path
 def gelu_new_forward(x):
-    bk = backends.of(x)
-    if bk.fused is not None:
-        y, h = bk.fused.gelu_new_forward(x)
-        return y, ("gelu_new", x, h)
-    h = x * x
-    h *= _SQRT_2_OVER_PI * _GELU_CUBIC
-    h += _SQRT_2_OVER_PI
-    h *= x                                       # u = sqrt(2/pi) (x + 0.044715 x^3)
-    bk.xp.tanh(h, out=h)                         # t = tanh(u)
-    h += 1.0
-    h *= 0.5                                     # h = (1 + t) / 2
-    return x * h, ("gelu_new", x, h)
+    xp = backends.of(x).xp
+    t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3))
+    return 0.5 * x * (1.0 + t), ("gelu_new", x, t)
+
+
+@backends.fast_path
+def gelu_new_backward(dy, cache):
+    _, x, t = cache
+    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
 
 
 def relu_forward(x):
     xp = backends.of(x).xp
-    return xp.maximum(x, 0), ("relu", x, None)
+    return xp.maximum(x, 0), ("relu", x)
+
+
+def relu_backward(dy, cache):
+    _, x = cache
+    return dy * (x > 0)
 
 
 def tanh_forward(x):
     xp = backends.of(x).xp
     y = xp.tanh(x)
-    return y, ("tanh", None, y)
+    return y, ("tanh", y)
+
+
+def tanh_backward(dy, cache):
+    _, y = cache
+    return dy * (1.0 - y * y)
 
 
 _FORWARD = {"gelu": gelu_forward, "gelu_new": gelu_new_forward, "relu": relu_forward, "tanh": tanh_forward}
+_BACKWARD = {"gelu": gelu_backward, "gelu_new": gelu_new_backward, "relu": relu_backward, "tanh": tanh_backward}
 
 
 def activation_forward(name: str, x):
     """Apply the activation called ``name``; returns ``(y, cache)``."""
     try:
-        return _FORWARD[name](x)
+        forward = _FORWARD[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_FORWARD)}") from None
+    return forward(x)
 
 
 def activation_backward(dy, cache):
-    """dx = dy * f'(x), with f' from the module docstring."""
-    name, x, aux = cache
-    bk = backends.of(x if x is not None else aux)
-    if name == "gelu":
-        if bk.fused is not None:
-            return bk.fused.gelu_backward(dy, x, aux)
-        cdf = aux
-        dx = x * x
-        dx *= -0.5
-        bk.xp.exp(dx, out=dx)
-        dx *= x
-        dx *= _INV_SQRT_2PI                      # x phi(x)
-        dx += cdf
-        dx *= dy
-        return dx
-    if name == "gelu_new":
-        if bk.fused is not None:
-            return bk.fused.gelu_new_backward(dy, x, aux)
-        h = aux
-        dx = x * x
-        dx *= 6.0 * _GELU_CUBIC * _SQRT_2_OVER_PI
-        dx += 2.0 * _SQRT_2_OVER_PI              # k = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-        dx *= x
-        dx *= 1.0 - h                            # x (1 - h) k
-        dx += 1.0
-        dx *= h                                  # dy/dx = h (1 + x (1 - h) k)
-        dx *= dy
-        return dx
-    if name == "relu":
-        return dy * (x > 0)
-    if name == "tanh":
-        return dy * (1.0 - aux * aux)
-    raise ValueError(f"unknown activation {name!r} in cache")
+    """dx = dy * f'(x), with f' from the module docstring; the cache's first entry names f."""
+    name = cache[0]
+    try:
+        backward = _BACKWARD[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r} in cache; expected one of {sorted(_BACKWARD)}") from None
+    return backward(dy, cache)

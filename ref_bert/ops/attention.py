@@ -18,14 +18,11 @@ Backward (dcontext: (B, T, H), split into heads the same way):
     dq = s * dscores k,          dk = s * dscores^T q
     then the three linear backwards, whose dx contributions add up (x feeds q, k and v).
 
-How it is computed: q, k and v come from one (H, 3H) matmul, x [Wq | Wk | Wv] + [bq | bk | bv],
-instead of three (H, H) ones (OpenBLAS runs the wide product about 12% faster; the parameters stay
-three tensors, for LAMB's per-tensor trust ratio and for checkpoint names, so the fused weight is a
-copy made per call, H * 3H floats, about 1% of the matmul's time). The heads are strided views of that
-(B, T, 3H) result, which the batched matmuls read directly (no copies). Backward writes dq, dk and dv
-into one (B, T, 3H) buffer, so the projection's backward is again one matmul for dx and one for
-d[Wq | Wk | Wv]. Scores are scaled and masked in place, and the softmax reuses their buffer. On CuPy,
-scale + mask + softmax + dropout, and their backward, are fused kernels (``backend.fused``).
+q, k and v come from one product with the weights side by side, x [Wq | Wk | Wv] + [bq | bk | bv]
+(mathematically the three products; one wide matmul runs faster than three narrow ones). The
+parameters stay three tensors, for LAMB's per-tensor trust ratio and for checkpoint names. Its
+backward is one linear backward, giving d[Wq | Wk | Wv] and dx (the sum of the three contributions).
+The middle, scale + mask + softmax + dropout, is ops.softmax.masked_softmax_forward (and backward).
 """
 from __future__ import annotations
 
@@ -35,9 +32,8 @@ from einops import rearrange
 
 import backends
 
-from .dropout import dropout_backward, dropout_forward
 from .linear import linear_backward, linear_forward
-from .softmax import softmax_backward, softmax_forward
+from .softmax import masked_softmax_backward, masked_softmax_forward
 
 
 def split_heads(t, num_heads: int):
@@ -64,52 +60,36 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
     Returns ``(context (B, T, H), cache)``. ``trace(name, array)``, when given, sees query, key, value
     (B, T, H), probs (B, h, T, T, before dropout) and context (B, T, H).
     """
-    H = x.shape[-1]
+    xp = backends.of(x).xp
     qkv, qkv_cache = linear_forward(x, *fused_qkv(p))                 # (B, T, 3H) = [q | k | v]
+    q, k, v = xp.split(qkv, 3, axis=-1)
     if trace is not None:
-        trace("query", qkv[..., :H])
-        trace("key", qkv[..., H:2 * H])
-        trace("value", qkv[..., 2 * H:])
-    qh, kh, vh = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)  # views
+        trace("query", q)
+        trace("key", k)
+        trace("value", v)
+    qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     scale = 1.0 / math.sqrt(qh.shape[-1])
-    scores = qh @ kh.swapaxes(-1, -2)                                 # (B, h, T, T)
-    fused = backends.of(x).fused
-    if fused is None:
-        scores *= scale
-        scores += additive_mask
-        probs, softmax_cache = softmax_forward(scores, out=scores)
-        dropped, dropout_cache = dropout_forward(probs, probs_dropout_mask)
-    else:   # CuPy: scale, mask, softmax and dropout in a few kernels (backends/cupy_kernels.py)
-        probs, dropped = fused.masked_softmax(scores, scale, additive_mask, probs_dropout_mask)
-        softmax_cache, dropout_cache = probs, probs_dropout_mask
+    (probs, dropped), softmax_cache = masked_softmax_forward(qh @ kh.swapaxes(-1, -2), scale, additive_mask,
+                                                             probs_dropout_mask)
     if trace is not None:
         trace("probs", probs)
     context = merge_heads(dropped @ vh)
     if trace is not None:
         trace("context", context)
-    cache = (qkv_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads)
-    return context, cache
+    return context, (qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads)
 
 
 def self_attention_backward(dcontext, cache, g):
     """Accumulate the q/k/v weight and bias gradients into ``g`` (same keys as ``p``); return dx."""
-    qkv_cache, qh, kh, vh, scale, softmax_cache, dropped, dropout_cache, num_heads = cache
+    qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads = cache
     xp = backends.of(dcontext).xp
-    B, T, H = dcontext.shape
+    H = dcontext.shape[-1]
     dctx = split_heads(dcontext, num_heads)                           # (B, h, T, d)
-    dqkv = xp.empty((B, T, 3 * H), dtype=dcontext.dtype)              # [dq | dk | dv]
-    dqh, dkh, dvh = rearrange(dqkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)
-    ddropped = dctx @ vh.swapaxes(-1, -2)                             # (B, h, T, T)
-    xp.matmul(dropped.swapaxes(-1, -2), dctx, out=dvh)
-    fused = backends.of(dcontext).fused
-    if fused is None:
-        dprobs = dropout_backward(ddropped, dropout_cache)
-        dscores = softmax_backward(dprobs, softmax_cache)
-        dscores *= scale
-    else:   # CuPy: dropout, softmax and scale backward in one pass (backends/cupy_kernels.py)
-        dscores = fused.softmax_backward(ddropped, softmax_cache, scale, dropout_cache)
-    xp.matmul(dscores, kh, out=dqh)
-    xp.matmul(dscores.swapaxes(-1, -2), qh, out=dkh)
+    dvh = dropped.swapaxes(-1, -2) @ dctx
+    dqk = masked_softmax_backward(dctx @ vh.swapaxes(-1, -2), softmax_cache)   # d(q k^T) = s * dscores
+    dqh = dqk @ kh
+    dkh = dqk.swapaxes(-1, -2) @ qh
+    dqkv = xp.concatenate([merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)], axis=-1)   # [dq | dk | dv]
     dweight = xp.zeros((H, 3 * H), dtype=dcontext.dtype)
     dbias = xp.zeros(3 * H, dtype=dcontext.dtype)
     dx = linear_backward(dqkv, qkv_cache, dweight, dbias)
