@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("gelu", "gelu_new", "relu", "tanh")
+from .ops.activations import ACTIVATIONS
+
 SHARING = ("all", "attention", "ffn", "none")
 GROUP_RULES = ("hf", "tf")
 INITIALIZERS = ("normal", "truncated_normal")

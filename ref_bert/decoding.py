@@ -21,21 +21,13 @@ The [MASK] slot being predicted is always the last new position and is never com
 replaces it by the predicted token (same position and segment ids), computes that token's keys and
 values, and appends a fresh [MASK]. Dropout is off (decoding is inference).
 
-The math is the encoder's own (ops.linear_forward, ops.softmax_forward, ops.layer_norm_forward and
-encoder.ffn_sublayer_forward); only the attention reads keys and values from two places.
+The math is the encoder's own: encoder.attention_sublayer_forward with the cached keys and values as
+its ``past`` (ops.attention appends the new positions' own), and encoder.ffn_sublayer_forward.
 """
 from __future__ import annotations
 
-import math
-
-from einops import rearrange
-
-import backends
-
-from .encoder import ffn_sublayer_forward
-from .ops import (additive_mask_from, embeddings_forward, layer_norm_forward, linear_forward, merge_heads,
-                  softmax_forward)
-from .ops.attention import fused_qkv
+from .encoder import attention_sublayer_forward, ffn_sublayer_forward
+from .ops import additive_mask_from, embeddings_forward
 
 
 def _no_dropout(shape, prob):
@@ -76,33 +68,6 @@ class KVCache:
                 buf[:, :, :L] = buf[index, :, :L]
 
 
-def cached_self_attention_forward(x_new, p, past_keys, past_values, additive_mask, num_heads: int):
-    """Attention of the new positions over the cached ones and themselves.
-
-    x_new: (N, n, H); past_keys, past_values: (N, h, L, d); additive_mask broadcastable to
-    (N, h, n, L + n). Returns ``(context (N, n, H), new_keys (N, h, n, d), new_values (N, h, n, d))``.
-    """
-    xp = backends.of(x_new).xp
-    qkv, _ = linear_forward(x_new, *fused_qkv(p))              # the training forward's projection
-    qh, kh, vh = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=num_heads)
-    keys = xp.concatenate([past_keys, kh], axis=2)       # (N, h, L + n, d)
-    values = xp.concatenate([past_values, vh], axis=2)
-    scale = 1.0 / math.sqrt(qh.shape[-1])
-    scores = (qh @ keys.swapaxes(-1, -2)) * scale + additive_mask
-    probs, _ = softmax_forward(scores)
-    return merge_heads(probs @ values), kh, vh
-
-
-def cached_attention_sublayer_forward(x_new, p, past_keys, past_values, additive_mask, config):
-    """The encoder's attention sublayer, post-LN: LayerNorm(x + context Wo + bo), on new positions only."""
-    context, new_keys, new_values = cached_self_attention_forward(
-        x_new, p, past_keys, past_values, additive_mask, config.num_attention_heads)
-    projected, _ = linear_forward(context, p["output.weight"], p["output.bias"])
-    out, _ = layer_norm_forward(x_new + projected, p["layer_norm.weight"], p["layer_norm.bias"],
-                                config.layer_norm_eps)
-    return out, new_keys, new_values
-
-
 def incremental_forward(model, cache: KVCache, input_ids, token_type_ids, position_ids, attention_mask,
                         commit: int):
     """Run n new positions through the model, reading and extending ``cache``.
@@ -127,15 +92,15 @@ def incremental_forward(model, cache: KVCache, input_ids, token_type_ids, positi
     block = 0
     for blocks in cfg.block_schedule():
         for a, f in blocks:
-            x, new_keys, new_values = cached_attention_sublayer_forward(
-                x, params.prefixed(f"encoder.attention.{a}."), cache.keys[block][:, :, :L],
-                cache.values[block][:, :, :L], additive_mask, cfg)
+            past = (cache.keys[block][:, :, :L], cache.values[block][:, :, :L])
+            x, (attention, *_) = attention_sublayer_forward(x, params.prefixed(f"encoder.attention.{a}."),
+                                                            additive_mask, cfg, _no_dropout, past=past)
             x, _ = ffn_sublayer_forward(x, params.prefixed(f"encoder.ffn.{f}."), cfg, _no_dropout)
-            if commit:
-                cache.append(block, new_keys[:, :, :commit], new_values[:, :, :commit])
+            if commit:   # the new positions' keys and values follow the L cached ones
+                cache.append(block, attention.k[:, :, L:L + commit], attention.v[:, :, L:L + commit])
             block += 1
     cache.advance(commit)
     return x
 
 
-__all__ = ["KVCache", "cached_self_attention_forward", "cached_attention_sublayer_forward", "incremental_forward"]
+__all__ = ["KVCache", "incremental_forward"]

@@ -25,13 +25,16 @@ def scoped(trace, prefix: str):
     return lambda name, x: trace(prefix + name, x)
 
 
-def attention_sublayer_forward(x, p, additive_mask, config, drop, trace=None):
+def attention_sublayer_forward(x, p, additive_mask, config, drop, trace=None, past=None):
     """``p``: the attention set's views (query/key/value/output .weight/.bias, layer_norm.*).
-    ``drop(shape, prob)`` returns a frozen dropout mask or None."""
+    ``drop(shape, prob)`` returns a frozen dropout mask or None. ``past``: the cached (keys, values) of
+    earlier positions, for decoding (see ops.attention); the cache's ``[0].k`` / ``[0].v`` then hold
+    every key and value attended."""
     B, T, H = x.shape
-    probs_mask = drop((B, config.num_attention_heads, T, T), config.attention_probs_dropout_prob)
+    keys = T if past is None else past[0].shape[2] + T
+    probs_mask = drop((B, config.num_attention_heads, T, keys), config.attention_probs_dropout_prob)
     context, attn_cache = self_attention_forward(x, p, additive_mask, config.num_attention_heads, probs_mask,
-                                                 trace=scoped(trace, "attention."))
+                                                 trace=scoped(trace, "attention."), past=past)
     projected, out_cache = linear_forward(context, p["output.weight"], p["output.bias"])
     if trace is not None:
         trace("attention.output_projection", projected)

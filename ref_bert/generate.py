@@ -39,6 +39,7 @@ import numpy as np
 
 from .decoding import KVCache, incremental_forward
 from .heads import mlm_head_forward
+from .ops import log_softmax
 from .unilm import CLS_ID, MASK_ID, PAD_ID, PLAIN_SEGMENT_IDS, SEP_ID, UNILM_SEGMENT_IDS, UNILM_TYPE_VOCAB_SIZE
 
 NEVER_GENERATED = (PAD_ID, CLS_ID, MASK_ID)
@@ -63,11 +64,6 @@ class GenerationOutput:
 def length_penalty(length, alpha: float):
     """GNMT (Wu et al. 2016): ((5 + length) / 6) ** alpha."""
     return ((5.0 + np.asarray(length, dtype=np.float64)) / 6.0) ** alpha
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 # --- the decoding layout ------------------------------------------------------------------------------

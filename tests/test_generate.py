@@ -70,8 +70,11 @@ def test_each_cached_step_runs_only_the_new_positions(monkeypatch):
     current length (linear work), not the whole (T, T) square."""
     model = decoding_model()
     shapes = []
-    real_softmax = decoding.softmax_forward
-    monkeypatch.setattr(decoding, "softmax_forward", lambda x: (shapes.append(x.shape), real_softmax(x))[1])
+    from ref_bert.ops import attention
+
+    real_softmax = attention.masked_softmax_forward
+    monkeypatch.setattr(attention, "masked_softmax_forward",
+                        lambda scores, *args: (shapes.append(scores.shape), real_softmax(scores, *args))[1])
     layout = DecodingLayout(SOURCES, 1, 8, 4, 5)
     stepper = CachedStepper(model, layout)
     S, blocks = layout.S, 3 * 2

@@ -17,9 +17,10 @@ from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
-from .softmax import masked_softmax_backward, masked_softmax_forward, softmax_backward, softmax_forward
+from .softmax import log_softmax, masked_softmax_backward, masked_softmax_forward, softmax_backward, softmax_forward
 
 __all__ = [
+    "log_softmax",
     "activation_forward", "activation_backward", "additive_mask_from", "split_heads", "merge_heads",
     "self_attention_forward", "self_attention_backward", "IGNORE_INDEX", "cross_entropy_forward",
     "cross_entropy_backward", "dropout_forward", "dropout_backward", "embedding_forward",

@@ -76,6 +76,8 @@ def tanh_backward(dy, cache):
 
 _FORWARD = {"gelu": gelu_forward, "gelu_new": gelu_new_forward, "relu": relu_forward, "tanh": tanh_forward}
 _BACKWARD = {"gelu": gelu_backward, "gelu_new": gelu_new_backward, "relu": relu_backward, "tanh": tanh_backward}
+# The one list of activation names: Config validates hidden_act against it, the HF adapter too.
+ACTIVATIONS = tuple(_FORWARD)
 
 
 def activation_forward(name: str, x):

@@ -23,10 +23,16 @@ q, k and v come from one product with the weights side by side, x [Wq | Wk | Wv]
 parameters stay three tensors, for LAMB's per-tensor trust ratio and for checkpoint names. Its
 backward is one linear backward, giving d[Wq | Wk | Wv] and dx (the sum of the three contributions).
 The middle, scale + mask + softmax + dropout, is ops.softmax.masked_softmax_forward (and backward).
+
+Cached decoding (ref_bert/decoding.py) runs the same forward with ``past=(keys, values)``: the keys and
+values of earlier positions, (B, h, L, d), to which the new positions' own are appended,
+keys = [past keys ; k] (B, h, L + T, d), so the T new queries attend L + T keys. That forward is for
+inference: its backward is not defined (the past keys would need a gradient of their own).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from einops import rearrange
 
@@ -54,11 +60,26 @@ def fused_qkv(p):
     return weight, bias
 
 
-def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_mask=None, trace=None):
+class AttentionCache(NamedTuple):
+    """What the forward keeps. ``k``, ``v``: every key and value attended, (B, h, L + T, d) (L = 0 without
+    a past), which cached decoding reads back; the rest is for the backward."""
+
+    qkv_cache: tuple
+    q: object
+    k: object
+    v: object
+    dropped: object
+    softmax_cache: tuple
+    num_heads: int
+    past_length: int
+
+
+def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_mask=None, trace=None, past=None):
     """``p`` maps "query.weight", "query.bias", "key.*", "value.*" to arrays.
 
-    Returns ``(context (B, T, H), cache)``. ``trace(name, array)``, when given, sees query, key, value
-    (B, T, H), probs (B, h, T, T, before dropout) and context (B, T, H).
+    Returns ``(context (B, T, H), cache)``, the cache an :class:`AttentionCache`. ``past``: None, or the
+    (keys, values) of earlier positions (module docstring). ``trace(name, array)``, when given, sees
+    query, key, value (B, T, H), probs (B, h, T, L + T, before dropout) and context (B, T, H).
     """
     xp = backends.of(x).xp
     qkv, qkv_cache = linear_forward(x, *fused_qkv(p))                 # (B, T, 3H) = [q | k | v]
@@ -68,6 +89,12 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
         trace("key", k)
         trace("value", v)
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    past_length = 0
+    if past is not None:
+        past_keys, past_values = past
+        past_length = past_keys.shape[2]
+        kh = xp.concatenate([past_keys, kh], axis=2)                  # (B, h, L + T, d)
+        vh = xp.concatenate([past_values, vh], axis=2)
     scale = 1.0 / math.sqrt(qh.shape[-1])
     (probs, dropped), softmax_cache = masked_softmax_forward(qh @ kh.swapaxes(-1, -2), scale, additive_mask,
                                                              probs_dropout_mask)
@@ -76,12 +103,15 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
     context = merge_heads(dropped @ vh)
     if trace is not None:
         trace("context", context)
-    return context, (qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads)
+    return context, AttentionCache(qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads, past_length)
 
 
 def self_attention_backward(dcontext, cache, g):
     """Accumulate the q/k/v weight and bias gradients into ``g`` (same keys as ``p``); return dx."""
-    qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads = cache
+    qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads, past_length = cache
+    if past_length:
+        raise ValueError("self_attention_backward: the forward attended cached keys (past=...), an inference-only "
+                         "forward; run it without past to differentiate")
     xp = backends.of(dcontext).xp
     H = dcontext.shape[-1]
     dctx = split_heads(dcontext, num_heads)                           # (B, h, T, d)

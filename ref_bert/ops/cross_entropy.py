@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import backends
 
+from .softmax import log_softmax
+
 IGNORE_INDEX = -100
 
 
@@ -18,9 +20,7 @@ def cross_entropy_forward(logits, labels, ignore_index: int = IGNORE_INDEX):
     valid = labels != ignore_index
     count = int(valid.sum())
     safe_labels = xp.where(valid, labels, 0)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_norm = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
-    log_probs = shifted - log_norm
+    log_probs = log_softmax(logits)
     picked = xp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
     weights = valid.astype(logits.dtype)
     loss = -(picked * weights).sum() / max(count, 1)

@@ -6,6 +6,9 @@ Backward: the Jacobian is dp_i/dx_k = p_i (delta_ik - p_k), so
           dx_k = sum_i dp_i p_i (delta_ik - p_k) = p_k (dp_k - sum_i dp_i p_i)
 Shapes: x, p, dp, dx all (..., N).
 
+Log-softmax (cross-entropy's and beam search's): log p_i = (x_i - max(x)) - log sum_j exp(x_j - max(x)),
+the same shift, so no exp overflows and the largest term of the sum is exactly 1.
+
 Masked softmax (the middle of self-attention, ops.attention), for raw scores S = q k^T (B, h, T, T),
 a scale s = 1/sqrt(d), an additive mask M (0 where a query may attend a key, a large negative number
 where it may not) and a dropout multiplier m:
@@ -27,6 +30,14 @@ def softmax_forward(x):
     e = xp.exp(x - x.max(axis=-1, keepdims=True))
     p = e / e.sum(axis=-1, keepdims=True)
     return p, p
+
+
+def log_softmax(x):
+    """log(softmax(x)) over the last axis, computed stably (module docstring); forward only: its users
+    differentiate through it in closed form (ops.cross_entropy)."""
+    xp = backends.of(x).xp
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 @backends.fast_path
