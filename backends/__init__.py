@@ -14,7 +14,7 @@ Model code never imports numpy-or-cupy directly for array math; it asks a :class
 Memory on the NumPy backend: a training step allocates and frees hundreds of megabytes of
 activations. glibc's malloc hands blocks above a dynamic threshold straight back to the kernel
 (``munmap``, or trimming the top of the heap), so every step faulted the same memory in again, page by
-zeroed page: about a second of kernel time per albert-base step on two cores. Creating the NumPy
+zeroed page (docs/performance.md has the figures). Creating the NumPy
 backend therefore asks glibc (``mallopt``) to serve blocks up to 32 MiB from the heap and to keep
 freed heap memory for reuse: the effect of preallocated buffers, without changing any op. It is
 process-wide, Linux/glibc only, and ``REF_BERT_MALLOC_TUNING=0`` turns it off
@@ -89,8 +89,7 @@ class Backend:
         """Elementwise error function, keeping the dtype of ``x`` (float32 stays float32); ``out``
         (which may be ``x``) receives the result when given.
 
-        On NumPy, SciPy's erf is a scalar loop (about 15 ns an element, the exact GELU's main cost);
-        it releases the GIL, so large contiguous arrays are split across ``threads`` threads (the
+        On NumPy, SciPy's erf is a scalar loop (the exact GELU's main cost); it releases the GIL, so large contiguous arrays are split across ``threads`` threads (the
         count BLAS uses: $OMP_NUM_THREADS, else $OPENBLAS_NUM_THREADS, else every core)."""
         if (self.name == "numpy" and self.threads > 1 and x.size >= _PARALLEL_MIN_SIZE and x.flags.c_contiguous
                 and (out is None or out.flags.c_contiguous)):
