@@ -14,12 +14,11 @@ import numpy as np
 
 from ..data import SentencePairStream, Tokenizer, check_pairable, default_corpus_path, read_corpus
 from ..model import Model
-from ..optim import global_grad_norm
+from ..optim import global_grad_norm, make_optimizer
 from . import rundir
 from .accumulation import effective_batch_gradients
 from .batches import make_stream, next_step_batch
 from .metrics import StepLog, write_plot
-from ..optim import make_optimizer
 from .settings import PretrainConfig, learning_rate, resolve_model_config, validate
 
 
