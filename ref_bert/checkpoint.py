@@ -2,14 +2,17 @@
 
 Written and read through :mod:`ref_bert.files` (atomic writes, safetensors only, nothing unpickled).
 ``ref-bert pretrain`` makes its output directory and every checkpoint directory a model directory, so
-:func:`load_model` opens any of them.
+:func:`load_model` opens any of them. :func:`load_any` opens either kind of model directory: ours, or
+a Hugging Face one (transformers' own, or what ``Model.save_hf`` writes), and says which it found.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .config import Config
 from .files import atomic_write_bytes, check_state, load_tensors, read_json, save_tensors
+from .hf import config_from_hf
 from .model import Model
 
 CONFIG_NAME = "config.json"
@@ -55,3 +58,63 @@ def _assign(model, tensors: dict, path) -> None:
     check_state(model.params.shapes, tensors, str(path))
     for name, view in model.params.items():
         view[...] = model.backend.from_host(tensors[name], dtype=model.dtype)
+
+
+# --- every kind of model directory ---------------------------------------------------------------
+REF_BERT_DIRECTORY = "ref-bert"          # config.json of Config fields + model.safetensors under our names
+HF_DIRECTORY = "hugging-face"            # a transformers directory, or what Model.save_hf writes
+DIRECTORY_KINDS = (REF_BERT_DIRECTORY, HF_DIRECTORY)
+_DESCRIPTIONS = {REF_BERT_DIRECTORY: "a ref-bert model directory (config.json + model.safetensors, our names)",
+                 HF_DIRECTORY: "a Hugging Face model directory (config.json with model_type; transformers' names)"}
+
+
+def directory_kind(path) -> str:
+    """Which kind of model directory ``path`` is: :data:`REF_BERT_DIRECTORY` (what :func:`save_model`
+    and ``ref-bert pretrain`` write: a config.json whose keys are all :class:`Config` fields) or
+    :data:`HF_DIRECTORY` (transformers' ``save_pretrained`` or ``Model.save_hf``: a config.json with a
+    ``model_type`` and keys Config does not have). Anything else is a ValueError saying what was found."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory; expected a model directory: ref-bert's (config.json + "
+                         f"model.safetensors) or a Hugging Face one")
+    if not (path / CONFIG_NAME).is_file():
+        present = sorted(p.name for p in path.iterdir())[:8]
+        raise ValueError(f"{path} has no {CONFIG_NAME} (found {present}); expected a model directory: ref-bert's "
+                         f"(config.json + model.safetensors) or a Hugging Face one")
+    raw = read_json(path / CONFIG_NAME, "model config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / CONFIG_NAME} holds a JSON {type(raw).__name__}, expected an object")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if set(raw) <= fields:
+        return REF_BERT_DIRECTORY
+    if "model_type" in raw:
+        return HF_DIRECTORY
+    unknown = sorted(set(raw) - fields)[:5]
+    raise ValueError(f"{path / CONFIG_NAME} is neither a ref-bert config (it has keys {unknown} that Config does "
+                     f"not) nor a Hugging Face ALBERT/BERT config (it has no model_type)")
+
+
+def describe_kind(kind: str) -> str:
+    """A phrase for messages: what a kind of directory is."""
+    return _DESCRIPTIONS[kind]
+
+
+def load_config_any(path) -> tuple[Config, str]:
+    """The :class:`Config` of a model directory of either kind, and the kind."""
+    kind = directory_kind(path)
+    if kind == REF_BERT_DIRECTORY:
+        return load_config(path), kind
+    raw = read_json(Path(path) / CONFIG_NAME, "model config")
+    family = raw.get("model_type")
+    if family not in ("albert", "bert"):
+        raise ValueError(f"{Path(path) / CONFIG_NAME} has model_type={family!r}; expected 'albert' or 'bert'")
+    return config_from_hf(raw, family, name=str(raw.get("_name_or_path") or Path(path).name)), kind
+
+
+def load_any(path, backend=None, dtype=None, seed: int = 0) -> tuple[Model, str]:
+    """A :class:`Model` from a model directory of either kind, and the kind found. ``dtype`` None keeps a
+    ref-bert directory's saved dtype and reads a Hugging Face one as float32."""
+    kind = directory_kind(path)
+    if kind == REF_BERT_DIRECTORY:
+        return load_model(path, backend=backend, dtype=dtype), kind
+    return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed), kind

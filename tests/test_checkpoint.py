@@ -73,3 +73,28 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         files.atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old contents"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # no temporary left behind
+
+
+def test_every_kind_of_model_directory_loads_and_is_named(tmp_path):
+    from ref_bert.checkpoint import HF_DIRECTORY, REF_BERT_DIRECTORY, directory_kind, load_any, load_config_any
+
+    model = Model(Config.preset("tiny"), dtype="float64", seed=3)
+    save_model(model, tmp_path / "ours")
+    model.save_hf(tmp_path / "hf")
+    for name, kind in (("ours", REF_BERT_DIRECTORY), ("hf", HF_DIRECTORY)):
+        assert directory_kind(tmp_path / name) == kind
+        loaded, found = load_any(tmp_path / name, dtype="float64")
+        assert found == kind
+        for key, value in model.named_parameters():
+            assert np.array_equal(loaded.state_dict()[key], value), (name, key)
+        config, found = load_config_any(tmp_path / name)
+        assert found == kind and config.hidden_size == model.config.hidden_size
+    with pytest.raises(ValueError, match="is not a directory"):
+        directory_kind(tmp_path / "ours" / "config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"has no config.json \(found \[\]\)"):
+        directory_kind(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"hidden": 3}')
+    with pytest.raises(ValueError, match="neither a ref-bert config"):
+        directory_kind(tmp_path / "other")
