@@ -76,13 +76,31 @@ def test_of_recognises_numpy_arrays():
     assert backends.of(np.zeros(2)).name == "numpy"
 
 
+SOURCE_FOLDERS = ("ref_bert", "gradcheck", "benchmarks", "tests")    # the project's code outside backends/
+
+
+def project_sources(root: pathlib.Path) -> list:
+    """The project's own Python files outside backends/: its source folders only, never build output
+    (``pip install .`` leaves a copy of every package under build/lib) or a virtual environment."""
+    return sorted(p for folder in SOURCE_FOLDERS for p in (root / folder).rglob("*.py"))
+
+
 def test_no_module_outside_backends_imports_cupy():
     root = pathlib.Path(__file__).resolve().parents[1]
     pattern = re.compile(r"^\s*(import cupy|from cupy|import cupyx|from cupyx)", re.M)
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if "backends" not in p.relative_to(root).parts[:1] and ".venv" not in p.parts
-                 and "venv" not in p.parts and pattern.search(p.read_text(encoding="utf-8"))]
+    sources = project_sources(root)
+    assert any(p.name == "model.py" for p in sources) and len(sources) > 50
+    offenders = [str(p.relative_to(root)) for p in sources if pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_the_cupy_scan_reads_no_build_output(tmp_path):
+    """What command 1 of the README leaves behind (build/lib/backends/...) is not the project's source."""
+    (tmp_path / "build" / "lib" / "backends").mkdir(parents=True)
+    (tmp_path / "build" / "lib" / "backends" / "__init__.py").write_text("import cupy\n")
+    (tmp_path / "ref_bert").mkdir()
+    (tmp_path / "ref_bert" / "model.py").write_text("import numpy\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in project_sources(tmp_path)] == ["ref_bert/model.py"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
