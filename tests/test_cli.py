@@ -22,14 +22,14 @@ def test_a_command_is_required(capsys):
 def test_gradcheck_command_runs_the_battery(monkeypatch, capsys):
     calls = {}
 
-    def fake_battery(seed, rtol, floor, verbose):
-        calls.update(seed=seed, rtol=rtol, floor=floor, verbose=verbose)
+    def fake_battery(seed, rtol, floor, verbose, progress):
+        calls.update(seed=seed, rtol=rtol, floor=floor, verbose=verbose, progress=progress)
         return False
 
     import gradcheck.battery
     monkeypatch.setattr(gradcheck.battery, "run_battery", fake_battery)
-    assert main(["gradcheck", "--seed", "3", "--rtol", "1e-7"]) == 1  # a failing battery exits 1
-    assert calls == dict(seed=3, rtol=1e-7, floor=1e-4, verbose=False)
+    assert main(["gradcheck", "--seed", "3", "--rtol", "1e-7", "--no-progress"]) == 1  # a failing battery exits 1
+    assert calls == dict(seed=3, rtol=1e-7, floor=1e-4, verbose=False, progress=False)
 
 
 def _planted_battery_error(monkeypatch):
@@ -45,8 +45,8 @@ def _planted_battery_error(monkeypatch):
 USAGE_ERRORS = {
     "gradcheck": (["gradcheck"], "planted: --rtol must be positive"),
     "masks": (["masks", "--source", "-1"], "--source=-1 is invalid"),
-    "generate": (["generate", "--checkpoint", "{tmp}/missing", "--source-ids", "5"], "has no config.json"),
-    "golden": (["golden", "--config", "tiny", "--batch", "0", "--out", "{tmp}/g.safetensors"], "need batch >= 1"),
+    "generate": (["generate", "--checkpoint", "{tmp}/missing", "--source-ids", "5"], "is not a directory"),
+    "golden": (["golden", "--config", "tiny", "--batch-size", "0", "--out", "{tmp}/g.safetensors"], "need batch >= 1"),
     "verify": (["verify", "--golden", "{tmp}/missing.safetensors", "--candidate", "{tmp}/missing.safetensors"],
                "does not exist"),
     "pretrain": (["pretrain", "--out", "{tmp}/run", "--steps", "-1", "--no-progress"], "steps=-1 is invalid"),
