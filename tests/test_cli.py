@@ -204,7 +204,7 @@ def _directories(tmp_path, dtype="float64"):
     from ref_bert.checkpoint import save_model
     from tests.test_generate import decoding_model
 
-    model = decoding_model(seed=5, dtype=dtype)
+    model = decoding_model(seed=5, dtype=dtype, ffn_output_dropout=False)   # a config HF expresses fully
     save_model(model, tmp_path / "ours")
     model.save_hf(tmp_path / "hf")
     return model, {"ours": tmp_path / "ours", "hf": tmp_path / "hf"}
