@@ -125,13 +125,30 @@ def machine_info() -> dict:
 
 
 # --- the batch, the weights, the Hugging Face model ---------------------------------------------------
-def bench_config(name: str):
-    """The preset, with the one behaviour Hugging Face fixes made to match it: HF's AlbertLayer never
-    applies its FFN-output dropout (BERT's does), so ``ffn_output_dropout`` follows the family."""
+def bench_config(entry):
+    """The config measured: ``entry`` is a preset name, a :class:`~ref_bert.Config`, or a Config's
+    ``to_dict()`` (how it reaches a worker process); with the one behaviour Hugging Face fixes made to
+    match it: HF's AlbertLayer never applies its FFN-output dropout (BERT's does), so
+    ``ffn_output_dropout`` follows the family."""
     from ref_bert import Config
 
-    config = Config.preset(name)
+    if isinstance(entry, str):
+        config = Config.preset(entry)
+    elif isinstance(entry, dict):
+        config = Config.from_dict(entry)
+    else:
+        config = entry
     return config.replace(ffn_output_dropout=config.model_type == "bert")
+
+
+def config_label(entry) -> str:
+    """How a config entry is named in the progress lines, the table and the JSON."""
+    return entry if isinstance(entry, str) else (entry.get("name") if isinstance(entry, dict) else entry.name)
+
+
+def _portable(entry):
+    """A config entry as a worker process receives it (JSON): a preset name stays a name."""
+    return entry if isinstance(entry, (str, dict)) else entry.to_dict()
 
 
 def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) -> dict:
@@ -142,7 +159,7 @@ def make_batch(config, batch: int, seq: int, masked_fraction: float, seed: int) 
     from ref_bert.examples import make_batch as make_example_batch
 
     if seq > config.max_position_embeddings:
-        raise ValueError(f"--seq {seq} exceeds max_position_embeddings={config.max_position_embeddings} "
+        raise ValueError(f"--seq-len {seq} exceeds max_position_embeddings={config.max_position_embeddings} "
                          f"of {config.name}")
     x = make_example_batch(config, batch, seq, seed, recipe="counted", label_rate=masked_fraction)
     del x["position_ids"]
@@ -438,38 +455,30 @@ def report_table(results: list[dict], peak: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, masked_fraction: float = 0.15,
-                  warmup: int = 2, steps: int = 5, rounds: int = 1, systems=SYSTEMS, backend: str = "numpy",
-                  threads: int | None = None, peak_size: int | None = None, peak_repeats: int = 5,
-                  decode=None, profile: int = 0, seed: int = 0, json_path=None) -> dict:
-    """Measure every system on every config (each in fresh subprocesses), print the progress and the
-    table, write ``json_path`` when given, and return the record (every number). ``decode``: None, or
-    the target lengths of the cached-decoding timing (empty: 16, 64, 256)."""
-    from .flops import step_flops
+def _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, rounds, systems, backend, threads,
+                 peak_spec, profile, seed, bar, step_flops) -> None:
+    """The measurements of :func:`run_benchmark`, into ``record`` ("results", "peak", "peak_measurements")."""
+    def measured(kind, spec, what):
+        bar.set_postfix_str(what, refresh=False)
+        result = _run_worker(kind, spec, threads)
+        bar.update(1)
+        return result
 
-    threads = threads or os.cpu_count() or 1
-    peak_n = peak_size or (8192 if backend == "cupy" else 2048)
-    record = {"argv": list(sys.argv),
-              "machine": machine_info(), "backend": backend, "threads": threads, "loadavg_start": loadavg(),
-              "batch": batch, "seq": seq, "warmup": warmup, "steps": steps, "results": []}
-    print(f"# ref-bert bench: backend {backend}, {threads} threads, batch {batch}, seq {seq}, "
-          f"{warmup} warm-up + {steps} timed steps; load average {record['loadavg_start']}", flush=True)
-    peak_spec = {"n": peak_n, "repeats": peak_repeats, "backend": backend, "threads": threads,
-                 "torch": "torch" in systems}
-    peaks = [_run_worker("peak", peak_spec, threads)]
+    peaks = [measured("peak", peak_spec, "sgemm peak")]
     print(f"sgemm peak {peaks[0]['sgemm_gflops']:.1f} GFLOP/s (measured again at the end; the best counts)",
           flush=True)
-    for name in configs:
-        config = bench_config(name)
+    for entry in configs:
+        name = config_label(entry)
+        config = bench_config(entry)
         labelled = int((make_batch(config, batch, seq, masked_fraction, seed)["mlm_labels"]
                         != -100).sum())
         runs: dict[str, list] = {system: [] for system in systems}
         for round_index in range(rounds):   # systems alternate, so that both see the same load
             for system in systems:
-                spec = dict(config=name, batch=batch, seq=seq, masked_fraction=masked_fraction,
+                spec = dict(config=_portable(entry), batch=batch, seq=seq, masked_fraction=masked_fraction,
                             warmup=warmup, steps=steps, backend=backend, threads=threads,
                             seed=seed, profile=profile if system == "ref-bert" and round_index == 0 else 0)
-                run_result = _run_worker(system, spec, threads)
+                run_result = measured(system, spec, f"{name} {system} round {round_index + 1}/{rounds}")
                 runs[system].append(run_result)
                 print(f"{name} {system} (round {round_index + 1}/{rounds}): train "
                       f"{run_result['train_median_s']:.3f} s, forward {run_result['forward_median_s']:.3f} s, "
@@ -486,13 +495,45 @@ def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, maske
             result["train_gflops"] = result["train_gflop"] / result["train_median_s"]
             result["forward_gflops"] = result["forward_gflop"] / result["forward_median_s"]
             record["results"].append(result)
-    peaks.append(_run_worker("peak", peak_spec, threads))
+    peaks.append(measured("peak", peak_spec, "sgemm peak"))
     # The peak is the best of the two measurements (a busy machine only ever lowers it).
     peak = {k: max(p[k] for p in peaks if k in p) for k in peaks[0]}
     record["peak"], record["peak_measurements"] = peak, peaks
     for result in record["results"]:
         result["train_pct_peak"] = 100 * result["train_gflops"] / peak["sgemm_gflops"]
         result["forward_pct_peak"] = 100 * result["forward_gflops"] / peak["sgemm_gflops"]
+
+
+def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, masked_fraction: float = 0.15,
+                  warmup: int = 2, steps: int = 5, rounds: int = 1, systems=SYSTEMS, backend: str = "numpy",
+                  threads: int | None = None, peak_size: int | None = None, peak_repeats: int = 5,
+                  decode=None, profile: int = 0, seed: int = 0, json_path=None, progress: bool = False) -> dict:
+    """Measure every system on every config (each in fresh subprocesses), print the progress and the
+    table, write ``json_path`` when given, and return the record (every number). ``configs``: preset
+    names or :class:`~ref_bert.Config` objects. ``decode``: None, or the target lengths of the
+    cached-decoding timing (empty: 16, 64, 256). ``progress`` shows a bar on stderr, one update per
+    measurement (the two sgemm peaks, then each system of each round of each config)."""
+    from tqdm import tqdm
+
+    from .flops import step_flops
+
+    threads = threads or os.cpu_count() or 1
+    peak_n = peak_size or (8192 if backend == "cupy" else 2048)
+    record = {"argv": list(sys.argv),
+              "machine": machine_info(), "backend": backend, "threads": threads, "loadavg_start": loadavg(),
+              "batch": batch, "seq": seq, "warmup": warmup, "steps": steps, "results": []}
+    print(f"# ref-bert bench: backend {backend}, {threads} threads, batch {batch}, seq {seq}, "
+          f"{warmup} warm-up + {steps} timed steps; load average {record['loadavg_start']}", flush=True)
+    peak_spec = {"n": peak_n, "repeats": peak_repeats, "backend": backend, "threads": threads,
+                 "torch": "torch" in systems}
+    bar = tqdm(total=2 + len(configs) * rounds * len(systems), desc="bench", unit="run", disable=not progress,
+               file=sys.stderr, leave=False)
+    try:
+        _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, rounds, systems, backend, threads,
+                     peak_spec, profile, seed, bar, step_flops)
+    finally:
+        bar.close()
+    peak = record["peak"]
     if decode is not None:
         from .decode_cache import measure
 

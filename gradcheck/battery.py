@@ -52,7 +52,11 @@ def model_inputs(config, seed: int, B: int = 3, T: int = 7) -> dict:
 
 
 def run_battery(seed: int = 0, rtol: float = DEFAULT_RTOL, floor: float = DEFAULT_FLOOR, verbose: bool = False,
-                out=None) -> bool:
+                out=None, progress: bool = False) -> bool:
+    """Run every check, print the table to ``out`` (stdout); ``progress`` shows a bar on stderr, one
+    update per case (each op twice: fast and reference ops; each model configuration)."""
+    from tqdm import tqdm
+
     from ref_bert import Config, Model
 
     out = out or sys.stdout
@@ -60,23 +64,30 @@ def run_battery(seed: int = 0, rtol: float = DEFAULT_RTOL, floor: float = DEFAUL
 
     rows = []
     reports = []
-    for case in op_cases(seed=seed):
-        report = check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=f"op {case.name}")
-        rows.append((f"op {case.name}", len(report.results), report))
+    cases = op_cases(seed=seed)
+    bar = tqdm(total=2 * len(cases) + len(MODEL_CASES), desc="gradcheck", unit="case", disable=not progress,
+               file=sys.stderr, leave=False)
+
+    def record(title, report):
+        rows.append((title, len(report.results), report))
         reports.append(report)
-    with backends.reference_ops():      # the reference ops themselves, where a backend has fast variants
-        for case in op_cases(seed=seed):
-            title = f"op {case.name} (reference ops)"
-            report = check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=title)
-            rows.append((title, len(report.results), report))
-            reports.append(report)
-    for name, overrides in MODEL_CASES.items():
-        config = Config(**{**BASE, **overrides})
-        model = Model(config, dtype="float64", seed=seed)
-        report = check_model(model, model_inputs(config, seed), seed=seed, rtol=rtol, floor=floor,
-                             title=f"model {name}")
-        rows.append((f"model {name}", len(report.results), report))
-        reports.append(report)
+        bar.set_postfix_str(title, refresh=False)
+        bar.update(1)
+
+    try:
+        for case in cases:
+            record(f"op {case.name}", check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=f"op {case.name}"))
+        with backends.reference_ops():      # the reference ops themselves, where a backend has fast variants
+            for case in op_cases(seed=seed):
+                title = f"op {case.name} (reference ops)"
+                record(title, check_op_case(case, seed=seed, rtol=rtol, floor=floor, title=title))
+        for name, overrides in MODEL_CASES.items():
+            config = Config(**{**BASE, **overrides})
+            model = Model(config, dtype="float64", seed=seed)
+            record(f"model {name}", check_model(model, model_inputs(config, seed), seed=seed, rtol=rtol,
+                                                floor=floor, title=f"model {name}"))
+    finally:
+        bar.close()
 
     header = ("check", "tensors", "max rel err", "result")
     table = [header] + [(n, str(k), f"{r.max_rel_error:.2e}", "ok" if r.passed else "FAIL") for n, k, r in rows]

@@ -1,6 +1,6 @@
 """Golden files: one self-describing safetensors file per run, for checking another implementation.
 
-    ref-bert golden --config tiny --out tiny.golden.safetensors [--seed 0 --dtype float64 --batch 2 --seq-len 16 --steps 2]
+    ref-bert golden --config tiny --out tiny.golden.safetensors [--seed 0 --dtype float64 --batch-size 2 --seq-len 16 --steps 2]
     ref-bert golden --hf path/to/hf-model --out model.golden.safetensors
 
 (the command is :mod:`ref_bert.cli.golden`; this module is its library: :func:`make_inputs`,
@@ -61,14 +61,21 @@ def describe_optimizer(opt) -> dict:
 
 
 # --- building and writing ----------------------------------------------------------------------------
-def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[str, np.ndarray]", dict]:
+def golden_tensors(model, inputs: dict, steps: int = 1, progress=None) -> tuple["OrderedDict[str, np.ndarray]", dict]:
     """Run ``model`` on ``inputs`` (host arrays) and collect every tensor of a golden file, in order.
 
     Returns ``(tensors, info)``; tensor names are "<section>/<name>". The model's parameters are
-    restored after the K steps.
+    restored after the K steps. ``progress``: None, or a tqdm-like bar advanced once per stage (the
+    forward pass, the gradients, each optimiser step): 2 + ``steps`` updates.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+
+    def advance(stage):
+        if progress is not None:
+            progress.set_postfix_str(stage, refresh=False)
+            progress.update(1)
+
     bk = model.backend
     out: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -86,12 +93,14 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
         put("params", name, view)
 
     model.forward(*args, position_ids=dev["position_ids"], trace=lambda name, x: put("forward", name, x))
+    advance("forward")
     result = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
     put("loss", "mlm", result.parts["mlm"])
     put("loss", "sop", result.parts["sop"])
     put("loss", "total", result.loss)
     for name in model.params.shapes:
         put("grads", name, result.grads[name])
+    advance("gradients")
 
     saved = model.params.flat.copy()
     opt = make_optimizer(model.state_dict())
@@ -101,6 +110,7 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
             step = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
             losses.append(float(step.loss))
             opt.step(step.grads)
+            advance(f"step {len(losses)}/{steps}")
         put("steps", "loss", np.array(losses, dtype=model.dtype))
         for name, view in model.params.items():
             put("after_steps", name, view)
@@ -109,16 +119,44 @@ def golden_tensors(model, inputs: dict, steps: int = 1) -> tuple["OrderedDict[st
     return out, {"optimizer": describe_optimizer(opt), "steps": steps}
 
 
-def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, source: str = "") -> dict:
-    """Write the golden file for ``model`` on ``inputs``; returns its metadata (strings only)."""
+def tensors_nbytes(tensors) -> int:
+    """The bytes of the tensors' data: a golden file's size, less its header (a few kB of JSON)."""
+    return sum(int(t.nbytes) for t in tensors.values())
+
+
+def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, source: str = "", progress: bool = False,
+                 before_write=None) -> dict:
+    """Write the golden file for ``model`` on ``inputs``; returns its metadata (strings only).
+
+    ``progress`` shows a bar on stderr (one update per stage: forward, gradients, each step, writing);
+    ``before_write(nbytes)``, when given, is called with the size of the tensor data once it is known and
+    before anything is written (the command uses it to announce a large file)."""
+    import sys
+
+    from tqdm import tqdm
+
     from . import __version__
     from .files import save_tensors
 
-    tensors, info = golden_tensors(model, inputs, steps)
+    bar = tqdm(total=steps + 3, desc="golden", unit="stage", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        tensors, info = golden_tensors(model, inputs, steps, progress=bar)
+        if before_write is not None:
+            before_write(tensors_nbytes(tensors))
+        metadata = _metadata(model, inputs, tensors, info, steps, seed, source, __version__)
+        bar.set_postfix_str("writing", refresh=False)
+        save_tensors(path, tensors, metadata=metadata)
+        bar.update(1)
+    finally:
+        bar.close()
+    return metadata
+
+
+def _metadata(model, inputs, tensors, info, steps, seed, source, version) -> dict:
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "ref_bert_version": __version__,
+        "ref_bert_version": version,
         "source": source,
         "config": model.config.to_json(),
         "dtype": model.dtype.name,
@@ -141,7 +179,6 @@ def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, sourc
         metadata["hf_names"] = json.dumps({ours: [hf, transposed] for ours, hf, transposed in hf_name_map(model.config)})
     except ValueError:
         pass  # a config Hugging Face cannot express: no HF names in the file
-    save_tensors(path, tensors, metadata=metadata)
     return metadata
 
 

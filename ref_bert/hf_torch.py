@@ -7,7 +7,8 @@ the benchmark's PyTorch side and the parity tests:
     from_config(config, architecture, dtype, weights=..., device=..., train=..., seed=..., init=...)
                                   a transformers model built from a ref-bert Config (or an HF config dict)
     from_model(ours, ...)         the same, holding ref-bert model ``ours``'s weights
-    from_pretrained(directory, dtype)        a saved HF directory, eager attention, eval mode
+    from_pretrained(directory, dtype)        a saved HF directory, eager attention, eval mode (quietly:
+                                  quiet_transformers() silences transformers' progress bars and logging)
     model_class(family, architecture)        e.g. ("albert", "ForPreTraining") -> AlbertForPreTraining
     forward_kwargs(inputs, family, labels)   ref-bert's batch dict -> the model's keyword arguments
     parameters(hf_model, grads=False)        parameters (or their gradients) by checkpoint name
@@ -114,6 +115,24 @@ def from_model(ours, architecture: str = "ForPreTraining", dtype: str | None = N
                        device=device, train=train)
 
 
+@contextmanager
+def quiet_transformers():
+    """No foreign progress output while loading: transformers' own "Loading weights" bar and its
+    info/warning logging would interleave with ref-bert's output (ref-bert reports what it compares
+    itself). Both settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def from_pretrained(directory, dtype: str = "float64", architecture: str | None = None,
                     output_loading_info: bool = False):
     """A saved HF model directory, with eager attention, in eval mode. ``architecture`` defaults to
@@ -122,8 +141,9 @@ def from_pretrained(directory, dtype: str = "float64", architecture: str | None 
 
     arch, family = architecture_of(directory)
     cls = model_class(family, architecture or arch)
-    loaded = cls.from_pretrained(directory, attn_implementation="eager", dtype=torch_dtype(dtype),
-                                 output_loading_info=output_loading_info)
+    with quiet_transformers():
+        loaded = cls.from_pretrained(directory, attn_implementation="eager", dtype=torch_dtype(dtype),
+                                     output_loading_info=output_loading_info)
     model = loaded[0] if output_loading_info else loaded
     model.eval()
     return loaded
@@ -306,4 +326,4 @@ def word_lookup(hf_model):
 
 
 __all__ = ["DTYPES", "ORDER_LABEL", "torch_dtype", "model_class", "hf_config", "from_config", "from_model",
-           "from_pretrained", "forward_kwargs", "parameters", "capture_hooks", "capture", "word_lookup"]
+           "from_pretrained", "quiet_transformers", "forward_kwargs", "parameters", "capture_hooks", "capture", "word_lookup"]

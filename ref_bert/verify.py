@@ -183,37 +183,70 @@ def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missin
 
 
 # --- transformers vs ref-bert ----------------------------------------------------------------------
-def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None) -> Report:
-    """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
-    activation, the loss and every gradient (the last two for *ForPreTraining checkpoints)."""
+def require_transformers():
+    """The transformers module; a ValueError saying plainly that torch or transformers is missing."""
     try:
         import torch  # noqa: F401  (only to say early, and plainly, that it is missing)
         import transformers
     except ImportError as e:
         raise ValueError(f"ref-bert verify --hf needs torch and transformers ({e}); "
                          f"install them with pip install 'ref-bert[test]'") from None
-    from . import hf_torch
-    from .golden import make_inputs
+    return transformers
+
+
+def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None,
+              progress: bool = False) -> Report:
+    """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
+    activation, the loss and every gradient (the last two for *ForPreTraining checkpoints).
+    ``directory`` is a Hugging Face model directory (transformers' or ``save_hf``'s); ``progress`` shows
+    a bar on stderr, one update per stage (loading each side, then running each side)."""
+    import sys
+
+    from tqdm import tqdm
+
+    transformers = require_transformers()
     from .hf import ARCHITECTURES, architecture_of
-    from .model import Model
 
     directory = Path(directory)
     arch, family = architecture_of(directory)
     _, _, has_mlm, has_sop = ARCHITECTURES[arch]
+    full = has_mlm and has_sop
+    bar = tqdm(total=5 if full else 4, desc="verify", unit="stage", disable=not progress, file=sys.stderr,
+               leave=False)
+
+    def advance(stage):
+        bar.set_postfix_str(stage, refresh=False)
+        bar.update(1)
+
+    try:
+        return _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
+                          transformers.__version__)
+    finally:
+        bar.close()
+
+
+def _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
+               transformers_version) -> Report:
+    from . import hf_torch
+    from .golden import make_inputs
+    from .model import Model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
         ours = Model.from_hf(directory, dtype=dtype, seed=seed)
+    advance("ref-bert loaded")
     hf = hf_torch.from_pretrained(directory, dtype=dtype)
+    advance("transformers loaded")
     cfg = ours.config
     x = make_inputs(cfg, batch, seq_len, seed)
 
     # transformers, with hooks
-    full = has_mlm and has_sop
     with hf_torch.capture(hf) as captured:
         hf.zero_grad(set_to_none=True)
         out = hf(**hf_torch.forward_kwargs(x, family, labels=full))
         if full:
             out.loss.backward()
+    advance("transformers ran")
 
     # ref-bert, in the same order
     reference: OrderedDict = OrderedDict()
@@ -231,6 +264,7 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
         candidate[f"forward/{name}"] = np.array(array)
 
     ours.forward(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["position_ids"], trace=trace)
+    advance("ref-bert forward")
     skipped = [n for n in order if n not in captured]
     for name in order:
         if name in captured:
@@ -250,9 +284,10 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
             if name in hf_grads:
                 reference[f"grads/{name}"] = hf_grads[name]
                 candidate[f"grads/{name}"] = g
+        advance("ref-bert gradients")
     else:
         notes.append(f"note: {arch} has no pretraining loss; loss and gradients not compared")
     report = compare(reference, candidate, *tolerances(dtype, rtol, atol), dtype=dtype)
-    report.notes = [f"reference: transformers {transformers.__version__} {arch} (eager attention); "
+    report.notes = [f"reference: transformers {transformers_version} {arch} (eager attention); "
                     f"candidate: ref-bert; batch {batch} x {seq_len}, seed {seed}"] + notes
     return report

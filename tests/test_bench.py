@@ -97,7 +97,7 @@ def _main(*argv) -> int:
 def test_tiny_run_writes_json(tmp_path, capsys):
     systems = ["ref-bert", "torch"] if _has("torch") and _has("transformers") else ["ref-bert"]
     out = tmp_path / "bench.json"
-    code = bench_cli.run(_args("--config", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1",
+    code = bench_cli.run(_args("--config", "tiny", "--batch-size", "2", "--seq-len", "16", "--warmup", "0", "--steps", "1",
                            "--peak-size", "128", "--peak-repeats", "1", "--threads", "1", "--systems", *systems,
                            "--json", str(out)))
     assert code == 0
@@ -129,7 +129,7 @@ def test_cupy_backend_fails_clearly_without_a_gpu(capsys):
     assert err.startswith("error: --backend cupy cannot run here") and "cupy" in err.lower()
 
 
-@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--batch", "0"], "--batch"),
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"),
                                            (["--masked-fraction", "1.5"], "--masked-fraction")])
 def test_bad_arguments_are_reported(argv, message, capsys):
     assert _main(*argv) == 2

@@ -215,7 +215,7 @@ def test_generate_command_with_source_ids(tmp_path):
     save_model(model, tmp_path)
     expected = generate(model, [[5, 17, 9], [8, 8]], max_length=6, beam_size=2)
     text = run_cli("generate", "--checkpoint", tmp_path, "--source-ids", "5 17 9", "--source-ids", "8 8",
-                   "--max-length", 6, "--beam-size", 2, "--scores")
+                   "--max-length", 6, "--beam-size", 2, "--scores", "--dtype", "float64")
     lines = text.splitlines()
     assert len(lines) == 2
     for line, sequence, score in zip(lines, expected.sequences, expected.scores):
@@ -223,7 +223,7 @@ def test_generate_command_with_source_ids(tmp_path):
         assert [int(t) for t in shown_ids.split()] == sequence
         assert float(shown_score) == pytest.approx(score, abs=1e-6)
     uncached = run_cli("generate", "--checkpoint", tmp_path, "--source-ids", "5 17 9", "--source-ids", "8 8",
-                       "--max-length", 6, "--beam-size", 2, "--no-cache")
+                       "--max-length", 6, "--beam-size", 2, "--no-cache", "--dtype", "float64")
     assert uncached.splitlines() == [line.split("\t")[1] for line in lines]
 
 
@@ -234,7 +234,9 @@ def test_generate_command_errors(tmp_path, capsys):
                           (["--source-ids", "5", "--beam-size", 0], r"beam_size=0")]:
         assert cli_main(["generate", "--checkpoint", str(tmp_path), *(str(a) for a in argv)]) == 2
         captured = capsys.readouterr()
-        assert re.match(r"error: .*" + message, captured.err) and "Traceback" not in captured.err, captured.err
+        found, error = captured.err.splitlines()   # the kind of directory found, then the error
+        assert found.startswith("generate: found a ref-bert model directory"), captured.err
+        assert re.match(r"error: .*" + message, error) and "Traceback" not in captured.err, captured.err
         assert captured.out == ""
 
 

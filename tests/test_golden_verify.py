@@ -117,7 +117,7 @@ def test_golden_file_is_complete_ordered_and_self_consistent(tmp_path):
 
 
 def test_golden_cli_and_determinism(tmp_path, capsys):
-    args = ["--config", "tiny", "--batch", 2, "--seq-len", 8, "--steps", 1, "--dtype", "float32"]
+    args = ["--config", "tiny", "--batch-size", 2, "--seq-len", 8, "--steps", 1, "--dtype", "float32"]
     assert main(["golden"] + [str(a) for a in args] + ["--out", str(tmp_path / "a.safetensors")]) == 0  # ref-bert golden
     assert run_module(golden_cli, args + ["--out", tmp_path / "b.safetensors"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -223,7 +223,7 @@ def test_verify_hf_end_to_end(tmp_path, capsys):
     from tests._hf_models import ALBERT_GROUPS, hf_model
 
     hf_model(ALBERT_GROUPS).save_pretrained(tmp_path)
-    assert cli(verify_cli, ["--hf", tmp_path, "--batch", 2, "--seq-len", 8]) == 0
+    assert cli(verify_cli, ["--hf", tmp_path, "--batch-size", 2, "--seq-len", 8]) == 0
     out = capsys.readouterr().out
     assert "verify: OK" in out.splitlines()[-1]
     # every activation of every block (L * K = 8), parameters, loss and gradients were compared

@@ -11,12 +11,80 @@ cheap and a missing optional dependency only affects the command that needs it.
 Errors are reported in one place, :func:`main`: a ``ValueError`` (bad arguments, unreadable input, a
 missing optional dependency) or ``backends.BackendUnavailable`` raised by any subcommand is printed as
 ``error: <message>`` on stderr, without a traceback, and the exit status is 2 (argparse's own status
-for a usage error)."""
+for a usage error).
+
+One vocabulary of flags across the commands: ``--batch-size``, ``--seq-len``, ``--threads`` (BLAS and
+PyTorch threads), ``--config PRESET|FILE|DIR`` (:func:`resolve_config`), ``--dtype`` (its default follows
+:data:`DTYPE_RULE`), ``--no-progress`` (progress bars go to stderr), ``--seed``, ``--backend``. Every
+default is shown in ``--help`` (:class:`HelpFormatter`)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+DTYPE_RULE = ("float64 where numbers are compared to another implementation (golden, verify), float32 where a "
+              "model is trained, timed or used (pretrain, bench, generate)")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default in ``--help``: "(default: X)" is appended to a help text that does not
+    already name its default (an option whose default is None or False has none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+def version() -> str:
+    """ref-bert's version: ``ref_bert.__version__``, else the installed distribution's, else "unknown"."""
+    try:
+        from ref_bert import __version__
+
+        return str(__version__)
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("ref-bert")
+    except (ImportError, PackageNotFoundError):
+        return "unknown"
+
+
+def resolve_config(value: str):
+    """``--config PRESET|FILE|DIR`` -> (Config, a description for messages): a preset name, a ref-bert
+    Config JSON file, or a model directory of either kind (:func:`ref_bert.checkpoint.load_config_any`)."""
+    from pathlib import Path
+
+    from ref_bert.config import PRESETS, Config
+
+    if value in PRESETS:
+        return Config.preset(value), f"preset:{value}"
+    path = Path(value)
+    if path.is_dir():
+        from ref_bert.checkpoint import describe_kind, load_config_any
+
+        config, kind = load_config_any(path)
+        return config, f"config of {describe_kind(kind)} {path}"
+    if path.is_file():
+        from ref_bert.files import read_json
+
+        raw = read_json(path, "config file")
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config {value}: holds a JSON {type(raw).__name__}, expected a Config object")
+        return Config.from_dict(raw), f"config file {path}"
+    raise ValueError(f"--config {value!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing "
+                     f"config.json file or model directory")
+
+
+def add_progress_flag(parser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -32,10 +100,12 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ref-bert", description="ALBERT/BERT/UniLM reference in NumPy/CuPy")
+    parser.add_argument("--version", action="version", version=f"ref-bert {version()}",
+                        help="print ref-bert's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     return parser

@@ -6,26 +6,28 @@ import argparse
 
 from benchmarks.bench import DEFAULT_CONFIGS, SYSTEMS   # standard library only at import time
 
+from . import DTYPE_RULE, add_progress_flag, resolve_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ref_bert.config import PRESETS
-
-    parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(PRESETS),
-                        help="preset(s) to measure (default albert-base); tiny, albert-base and bert-base are the "
-                             "documented points")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), metavar="PRESET|FILE|DIR",
+                        help="config(s) to measure, each a preset, a config.json file or a model directory (its "
+                             "config; weights from --seed) (default albert-base); tiny, albert-base and bert-base "
+                             "are the documented points")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--masked-fraction", type=float, default=0.15,
-                        help="labelled MLM positions per sequence, as a fraction of --seq (default 0.15)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+                        help="labelled MLM positions per sequence, as a fraction of --seq-len")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run each system this many times, alternating (fresh process each); the median is "
-                             "over every timed step of every round (default 1)")
+                             "over every timed step of every round")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
-                        help="what to measure (default both)")
+                        help="what to measure")
     parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
-                        help="numpy (CPU, against PyTorch CPU) or cupy (GPU, against PyTorch CUDA)")
+                        help="numpy (CPU, against PyTorch CPU) or cupy (GPU, against PyTorch CUDA); both run in "
+                             f"float32 (the rule: {DTYPE_RULE})")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS and PyTorch (default: all cores, os.cpu_count())")
     parser.add_argument("--peak-size", type=int, default=None,
@@ -37,12 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print a cProfile of this many ref-bert training steps (to stderr) before timing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every number to FILE as JSON")
+    add_progress_flag(parser)
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
 
 
 def check_args(args) -> None:
     """A ValueError naming the flag for values argparse's types let through."""
-    for name in ("batch", "seq", "steps", "peak_repeats", "rounds"):
+    for name in ("batch_size", "seq_len", "steps", "peak_repeats", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -55,6 +58,7 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     from benchmarks import bench
+    from ref_bert.config import PRESETS
 
     if args.worker is not None:
         return bench.worker_main(*args.worker)
@@ -66,9 +70,10 @@ def run(args) -> int:
             backends.get("cupy")
         except backends.BackendUnavailable as e:
             raise ValueError(f"--backend cupy cannot run here: {e}") from None
-    bench.run_benchmark(configs=args.config, batch=args.batch, seq=args.seq, masked_fraction=args.masked_fraction,
+    configs = [value if value in PRESETS else resolve_config(value)[0] for value in args.config]
+    bench.run_benchmark(configs=configs, batch=args.batch_size, seq=args.seq_len, masked_fraction=args.masked_fraction,
                         warmup=args.warmup, steps=args.steps, rounds=args.rounds, systems=args.systems,
                         backend=args.backend, threads=args.threads, peak_size=args.peak_size,
                         peak_repeats=args.peak_repeats, decode=args.decode, profile=args.profile, seed=args.seed,
-                        json_path=args.json)
+                        json_path=args.json, progress=not args.no_progress)
     return 0

@@ -1,5 +1,7 @@
-"""``ref-bert generate``: seq2seq decoding from a model directory written by ``save_model`` (the decoding
-is :func:`ref_bert.generate.generate`).
+"""``ref-bert generate``: seq2seq decoding from a model directory (the decoding is
+:func:`ref_bert.generate.generate`). Any kind of model directory ref-bert writes or reads is accepted:
+its own (``save_model``, pretrain output and checkpoints), ``save_hf``'s, or a Hugging Face one; one
+line on stderr names the kind found.
 
     ref-bert generate --checkpoint DIR --source "a sentence to transform"
     ref-bert generate --checkpoint DIR --source-ids "5 17 9" --source-ids "8 8" --beam-size 4
@@ -13,9 +15,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import DTYPE_RULE
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (config.json, model.safetensors)")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory: ref-bert's (save_model, pretrain), save_hf's, or a Hugging Face one")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--source", action="append", help="source text (repeatable); needs DIR/spiece.model")
     group.add_argument("--source-ids", action="append", metavar="IDS",
@@ -28,6 +33,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams (0 = off)")
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence at every step")
     parser.add_argument("--backend", default=None, help="numpy or cupy (default: $REF_BERT_BACKEND or numpy)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help=f"default float32; the rule: {DTYPE_RULE}")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of any head a Hugging Face directory lacks (drawn fresh)")
     parser.add_argument("--scores", action="store_true", help="print each output's length-penalised log-probability")
 
 
@@ -39,10 +48,11 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from ref_bert.checkpoint import load_model
+    from ref_bert.checkpoint import describe_kind, load_any
     from ref_bert.generate import generate
 
-    model = load_model(args.checkpoint, backend=args.backend)
+    model, kind = load_any(args.checkpoint, backend=args.backend, dtype=args.dtype, seed=args.seed)
+    print(f"generate: found {describe_kind(kind)} at {args.checkpoint}", file=sys.stderr)
     tokenizer = None
     if args.source is not None:
         spiece = Path(args.checkpoint) / "spiece.model"
