@@ -18,3 +18,19 @@ settings.load_profile(PROFILE)
 def examples(n: int) -> int:
     """Examples for a test: ``n`` under the CI profile, 10x under the dev profile."""
     return n * 10 if PROFILE == "dev" else n
+
+
+def pytest_configure(config):
+    """One BLAS thread for the whole session (``REF_BERT_TEST_BLAS_THREADS`` to change it).
+
+    The test models are tiny (matrices of 64 x 128 and the like), and OpenBLAS's threads on such
+    products cost more than they save: on 2 cores the seq2seq learning test took 83 s with OpenBLAS's
+    default of one thread per core and 11 s with one (``ref-bert pretrain`` sets one thread for the
+    same reason). Results do not depend on it: every comparison within a test runs under the same
+    setting, and the tests that check thread-count independence set the backend's own threads.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threads = int(os.environ.get("REF_BERT_TEST_BLAS_THREADS", "1"))
+    if threads > 0:
+        config._blas_limit = threadpool_limits(limits=threads, user_api="blas")
