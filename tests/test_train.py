@@ -134,7 +134,7 @@ def test_resume_from_an_explicit_earlier_checkpoint(small):
 
 
 # --- interruption ---------------------------------------------------------------------------------------
-def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues(small):
+def test_keyboard_interrupt_writes_a_checkpoint_of_the_last_step_and_resume_continues(small, capsys):
     straight = pretrain(small("straight"))
 
     def interrupt_at_6(step, metrics):
@@ -143,10 +143,12 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(small("interrupted"), on_step=interrupt_at_6)
+    assert "interrupted after step 6: wrote checkpoint" in capsys.readouterr().err
     out = Path(small("interrupted").out)
     latest = files.read_pointer(out / "latest")
-    assert latest.name == "step-000004"
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
+    # Ctrl-C between steps checkpoints the step it stopped on (checkpoint_every is 4).
+    assert latest.name == "step-000006"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     # Both the checkpoint and OUT itself are model directories.
     for directory in (latest, out):
         model = ckpt.load_model(directory)
@@ -158,8 +160,28 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 6.')
     resumed = pretrain(small("interrupted", resume=True))
-    # ... and the resumed run drops steps 5-6 of the abandoned tail and redoes them identically.
+    # ... and the resumed run continues from step 6 exactly as the uninterrupted run did.
+    assert [r["step"] for r in resumed.history] == list(range(1, 9))
     _assert_same_run(straight.out_dir, resumed.out_dir, 8)
+
+
+def test_interrupt_during_a_step_writes_no_checkpoint_of_it(small, monkeypatch):
+    """A KeyboardInterrupt inside a step (a second Ctrl-C) may leave the update half done: no checkpoint."""
+    out = Path(small("interrupted").out)
+    real_step = __import__("ref_bert.pretrain.loop", fromlist=["_step"])._step
+    calls = []
+
+    def step(job, log, stop):
+        calls.append(job.step)
+        if job.step == 5:
+            raise KeyboardInterrupt
+        real_step(job, log, stop)
+
+    monkeypatch.setattr("ref_bert.pretrain.loop._step", step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(small("interrupted"))
+    assert files.read_pointer(out / "latest").name == "step-000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
 
 
 def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(small, monkeypatch):
@@ -414,7 +436,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
     corpus = tmp_path / "one.txt"
     corpus.write_text("Only one sentence.\n")
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
+    argv = ["pretrain", "--out", cfg.out, "--threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no document with at least two sentences" in err
@@ -424,7 +446,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
 
 def test_cli_runs_and_resumes(small, capsys):
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
+    argv = ["pretrain", "--out", cfg.out, "--threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
             "--batch-size", "2",
             "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--no-plot", "--set", "num_hidden_layers=1",
             "--optimizer", "adamw", "--lr", "1e-3", "--schedule", "linear", "--warmup", "1"]
@@ -448,15 +470,45 @@ def test_blas_thread_limit(monkeypatch):
         if previous is not None:
             limit_blas_threads(previous)
         numpy_backend.set_threads(threads_before)
-    args = cli.build_parser().parse_args(["pretrain"])
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
-    assert pretrain_cli._default_blas_threads(args) == 1
+    assert settings.resolve_threads(None, "numpy") == 1
+    assert settings.resolve_threads(3, "numpy") == 3 and settings.resolve_threads(0, "numpy") == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert pretrain_cli._default_blas_threads(args) == 0   # the user's setting wins
+    assert settings.resolve_threads(None, "numpy") == 0   # the user's setting wins
     monkeypatch.delenv("OMP_NUM_THREADS")
-    args = cli.build_parser().parse_args(["pretrain", "--backend", "cupy"])
-    assert pretrain_cli._default_blas_threads(args) == 0
+    assert backends.get("numpy").host_blas
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
+
+@pytest.mark.parametrize("threads, during", [(None, 1), (2, 2), (0, 3)])
+def test_pretrain_from_python_sets_and_restores_the_blas_thread_count(small, monkeypatch, threads, during):
+    """pretrain() applies the CLI's thread rule itself, for the run only: the same job from Python as from
+    the shell."""
+    from threadpoolctl import threadpool_limits
+
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS library")
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    numpy_backend = backends.get("numpy")
+    own_before = numpy_backend.threads
+    seen = []
+    with threadpool_limits(limits=3, user_api="blas"):
+        before = _blas_threads()
+        pretrain(small(steps=2, threads=threads),
+                 on_step=lambda step, m: seen.append((_blas_threads(), numpy_backend.threads)))
+        after = _blas_threads()
+    assert before == after == [3] * len(before)
+    assert all(blas == [during] * len(before) for blas, _ in seen) and len(seen) == 2
+    if threads != 0:
+        assert all(own == during for _, own in seen)
+    assert numpy_backend.threads == own_before
 
 
 def _assert_close_run(a, b, tol=1e-9):
