@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -445,6 +446,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
 
 
 def test_cli_runs_and_resumes(small, capsys):
+    """The README's example: a run stopped with --until, then --resume alone (no other flag repeated)."""
     cfg = small()
     argv = ["pretrain", "--out", cfg.out, "--threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
             "--batch-size", "2",
@@ -452,10 +454,73 @@ def test_cli_runs_and_resumes(small, capsys):
             "--optimizer", "adamw", "--lr", "1e-3", "--schedule", "linear", "--warmup", "1"]
     assert cli.main(argv + ["--until", "2"]) == 0
     assert "done: step 2" in capsys.readouterr().out
-    assert cli.main(argv + ["--resume"]) == 0
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--no-progress", "--no-plot"]) == 0
     assert "done: step 4" in capsys.readouterr().out
     model = ckpt.load_model(cfg.out)
     assert model.config.num_hidden_layers == 1
+    straight = str(Path(cfg.out).parent / "straight")
+    assert cli.main(argv[:2] + [straight] + argv[3:]) == 0
+    _assert_same_run(straight, cfg.out, 4)
+    # A flag that changes the arithmetic is refused, naming it; the checkpoint/log flags may change.
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--lr", "0.5", "--steps", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "omit --lr" in err and "Traceback" not in err
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--steps", "6", "--checkpoint-every", "3",
+                     "--no-progress", "--no-plot"]) == 0
+    assert "done: step 6" in capsys.readouterr().out
+    assert files.read_pointer(Path(cfg.out) / "latest").name == "step-000006"
+
+
+def test_extending_a_finished_run_rederives_the_schedule_for_the_new_total(small):
+    """8 steps, then resume with steps=12: steps 9-12 run with the rates of a 12-step schedule (the
+    recorded warmup kept); steps 1-8 are those of the 8-step run; and resuming inside the extension is
+    exact (8 -> 10 -> 12 equals 8 -> 12)."""
+    eight = pretrain(small("a"))
+    extended = pretrain(small("a", resume=True, steps=12))
+    assert extended.step == 12 and extended.checkpoint.name == "step-000012"
+    assert [r["step"] for r in extended.history] == list(range(1, 13))
+    assert _losses(extended.history[:8]) == _losses(eight.history)
+    twelve = small(steps=12)
+    assert [r["lr"] for r in extended.history[8:]] == [settings.learning_rate(twelve, s) for s in range(8, 12)]
+    # The rule's consequence, stated in pretrain()'s docstring: not the run of 12 from scratch.
+    scratch = pretrain(small("scratch", steps=12))
+    assert [r["lr"] for r in scratch.history[:8]] != [r["lr"] for r in extended.history[:8]]
+    pretrain(small("b"))
+    pretrain(small("b", resume=True, steps=12, until=10))
+    # From Python too, resume=True alone takes the recorded settings (steps=12 now, warmup 2, batch 4, ...).
+    pretrain(out=small("b").out, resume=True, progress=False, plot=False)
+    _assert_same_run(small("a").out, small("b").out, 12)
+    with pytest.raises(ValueError, match=r"nothing to resume .* --steps N with N > 12"):
+        pretrain(out=small("a").out, resume=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "hiden_size=10"], "'hiden_size' is not a Config field; did you mean 'hidden_size'"),
+    (["--corpus", "DIR"], "is a directory; expected a file"),
+    (["--corpus", "SMALL", "--tokenizer", None], r"--set vocab_size=\d+"),
+])
+def test_cli_errors_say_how_to_fix(small, tmp_path, capsys, argv, message):
+    small_corpus = tmp_path / "small.txt"
+    small_corpus.write_text("A first sentence here.\nAnd a second one.\n\nAnother document.\nIts end.\n")
+    cfg = small()
+    base = ["pretrain", "--out", cfg.out, "--threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "2",
+            "--no-progress", "--no-plot"]
+    if None in argv:    # drop --tokenizer: train one on the corpus
+        base = base[:5] + base[7:]
+        argv = [a for a in argv if a not in ("--tokenizer", None)]
+    argv = [str(tmp_path) if a == "DIR" else str(small_corpus) if a == "SMALL" else a for a in argv]
+    assert cli.main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not Path(cfg.out).exists()
+
+
+def test_config_may_be_a_model_directory(small, tmp_path):
+    model_dir = tmp_path / "model"
+    ckpt.save_model(Model(Config.preset("tiny").replace(num_hidden_layers=1)), model_dir)
+    result = pretrain(small(steps=2, config=str(model_dir)))
+    assert ckpt.load_model(result.out_dir).config.num_hidden_layers == 1
 
 
 def test_blas_thread_limit(monkeypatch):

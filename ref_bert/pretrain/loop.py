@@ -118,7 +118,7 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
         job = prepare(cfg, resume_dir, state)   # everything that can fail on bad input; nothing is written
         job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
         train(job, on_step)                     # from here on OUT is written
-        plot = write_plot(job.out, job.history) if cfg.plot else None
+        plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot else None
     return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
                           metrics=job.history[-1] if job.history else {}, history=job.history,
                           wall_time=time.perf_counter() - started, plot=plot)
