@@ -20,8 +20,7 @@ import backends
 from ref_bert import checkpoint as ckpt
 from ref_bert import files
 from ref_bert import cli
-from ref_bert.cli import pretrain as pretrain_cli
-from ref_bert.pretrain import batches, metrics, rundir, settings
+from ref_bert.pretrain import batches, loop, metrics, rundir, settings
 from ref_bert.config import Config
 from ref_bert.data import PretrainingDataset, Tokenizer, default_corpus_path
 from ref_bert.model import Model
@@ -169,16 +168,14 @@ def test_keyboard_interrupt_writes_a_checkpoint_of_the_last_step_and_resume_cont
 def test_interrupt_during_a_step_writes_no_checkpoint_of_it(small, monkeypatch):
     """A KeyboardInterrupt inside a step (a second Ctrl-C) may leave the update half done: no checkpoint."""
     out = Path(small("interrupted").out)
-    real_step = __import__("ref_bert.pretrain.loop", fromlist=["_step"])._step
-    calls = []
+    real_step = loop._step
 
     def step(job, log, stop):
-        calls.append(job.step)
         if job.step == 5:
             raise KeyboardInterrupt
         real_step(job, log, stop)
 
-    monkeypatch.setattr("ref_bert.pretrain.loop._step", step)
+    monkeypatch.setattr(loop, "_step", step)
     with pytest.raises(KeyboardInterrupt):
         pretrain(small("interrupted"))
     assert files.read_pointer(out / "latest").name == "step-000004"
