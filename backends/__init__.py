@@ -63,12 +63,15 @@ class Backend:
     Attributes:
         name: ``"numpy"`` or ``"cupy"``.
         xp:   the array module (``numpy`` or ``cupy``).
+        host_blas: whether the model's matrix products run in the host's BLAS library (NumPy's
+              OpenBLAS), so that the BLAS thread count matters: True for numpy, False for cupy.
     """
 
     def __init__(self, name: str, xp: Any, erf: Any):
         self.name = name
         self.xp = xp
         self._erf = erf
+        self.host_blas = name == "numpy"
         self.malloc_tuned = False
         self.threads = _thread_count()
         self._thread_pool = None

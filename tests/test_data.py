@@ -9,6 +9,7 @@ preference, 1/n^2, no keep/random split) sit tens of deviations away at these sa
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -105,8 +106,10 @@ def test_tokenizer_errors(tmp_path, tokenizer):
         Tokenizer.load(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         Tokenizer.load(write(tmp_path, "junk.model", b"\x00\x01 not a model"))
-    with pytest.raises(ValueError, match=r"Vocabulary size too high \(30000\)"):
+    with pytest.raises(ValueError, match=r"too small for vocab_size=30000: .* at most (\d+) pieces") as info:
         Tokenizer.train(None, vocab_size=30000)
+    largest = int(re.search(r"--set vocab_size=(\d+)", str(info.value)).group(1))
+    assert Tokenizer.train(None, vocab_size=largest).vocab_size == largest   # the size named works
     with pytest.raises(ValueError, match="vocab_size=3 is invalid"):
         Tokenizer.train(["a b c"], vocab_size=3)
     with pytest.raises(ValueError, match="no non-empty sentences"):
@@ -150,6 +153,8 @@ def test_corpus_format(tmp_path):
 def test_corpus_errors(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="does not exist"):
         read_corpus(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="is a directory; expected a file"):
+        read_corpus(tmp_path)
     with pytest.raises(ValueError, match="contains no sentences"):
         read_corpus(write(tmp_path, "empty.txt", ""))
     with pytest.raises(ValueError, match="contains no sentences"):

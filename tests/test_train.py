@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,8 +20,7 @@ import backends
 from ref_bert import checkpoint as ckpt
 from ref_bert import files
 from ref_bert import cli
-from ref_bert.cli import pretrain as pretrain_cli
-from ref_bert.pretrain import batches, metrics, rundir, settings
+from ref_bert.pretrain import batches, loop, metrics, rundir, settings
 from ref_bert.config import Config
 from ref_bert.data import PretrainingDataset, Tokenizer, default_corpus_path
 from ref_bert.model import Model
@@ -134,7 +134,7 @@ def test_resume_from_an_explicit_earlier_checkpoint(small):
 
 
 # --- interruption ---------------------------------------------------------------------------------------
-def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues(small):
+def test_keyboard_interrupt_writes_a_checkpoint_of_the_last_step_and_resume_continues(small, capsys):
     straight = pretrain(small("straight"))
 
     def interrupt_at_6(step, metrics):
@@ -143,10 +143,12 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(small("interrupted"), on_step=interrupt_at_6)
+    assert "interrupted after step 6: wrote checkpoint" in capsys.readouterr().err
     out = Path(small("interrupted").out)
     latest = files.read_pointer(out / "latest")
-    assert latest.name == "step-000004"
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
+    # Ctrl-C between steps checkpoints the step it stopped on (checkpoint_every is 4).
+    assert latest.name == "step-000006"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     # Both the checkpoint and OUT itself are model directories.
     for directory in (latest, out):
         model = ckpt.load_model(directory)
@@ -158,8 +160,26 @@ def test_keyboard_interrupt_leaves_last_checkpoint_loadable_and_resume_continues
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 6.')
     resumed = pretrain(small("interrupted", resume=True))
-    # ... and the resumed run drops steps 5-6 of the abandoned tail and redoes them identically.
+    # ... and the resumed run continues from step 6 exactly as the uninterrupted run did.
+    assert [r["step"] for r in resumed.history] == list(range(1, 9))
     _assert_same_run(straight.out_dir, resumed.out_dir, 8)
+
+
+def test_interrupt_during_a_step_writes_no_checkpoint_of_it(small, monkeypatch):
+    """A KeyboardInterrupt inside a step (a second Ctrl-C) may leave the update half done: no checkpoint."""
+    out = Path(small("interrupted").out)
+    real_step = loop._step
+
+    def step(job, log, stop):
+        if job.step == 5:
+            raise KeyboardInterrupt
+        real_step(job, log, stop)
+
+    monkeypatch.setattr(loop, "_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(small("interrupted"))
+    assert files.read_pointer(out / "latest").name == "step-000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004"]
 
 
 def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(small, monkeypatch):
@@ -414,7 +434,7 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
     corpus = tmp_path / "one.txt"
     corpus.write_text("Only one sentence.\n")
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
+    argv = ["pretrain", "--out", cfg.out, "--threads", "0", "--corpus", str(corpus), "--steps", "2", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no document with at least two sentences" in err
@@ -423,17 +443,81 @@ def test_cli_prints_error_and_exits_2(small, tmp_path, capsys):
 
 
 def test_cli_runs_and_resumes(small, capsys):
+    """The README's example: a run stopped with --until, then --resume alone (no other flag repeated)."""
     cfg = small()
-    argv = ["pretrain", "--out", cfg.out, "--blas-threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
+    argv = ["pretrain", "--out", cfg.out, "--threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "4",
             "--batch-size", "2",
             "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--no-plot", "--set", "num_hidden_layers=1",
             "--optimizer", "adamw", "--lr", "1e-3", "--schedule", "linear", "--warmup", "1"]
     assert cli.main(argv + ["--until", "2"]) == 0
     assert "done: step 2" in capsys.readouterr().out
-    assert cli.main(argv + ["--resume"]) == 0
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--no-progress", "--no-plot"]) == 0
     assert "done: step 4" in capsys.readouterr().out
     model = ckpt.load_model(cfg.out)
     assert model.config.num_hidden_layers == 1
+    straight = str(Path(cfg.out).parent / "straight")
+    assert cli.main(argv[:2] + [straight] + argv[3:]) == 0
+    _assert_same_run(straight, cfg.out, 4)
+    # A flag that changes the arithmetic is refused, naming it; the checkpoint/log flags may change.
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--lr", "0.5", "--steps", "6", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "omit --lr" in err and "Traceback" not in err
+    assert cli.main(["pretrain", "--out", cfg.out, "--resume", "--steps", "6", "--checkpoint-every", "3",
+                     "--no-progress", "--no-plot"]) == 0
+    assert "done: step 6" in capsys.readouterr().out
+    assert files.read_pointer(Path(cfg.out) / "latest").name == "step-000006"
+
+
+def test_extending_a_finished_run_rederives_the_schedule_for_the_new_total(small):
+    """8 steps, then resume with steps=12: steps 9-12 run with the rates of a 12-step schedule (the
+    recorded warmup kept); steps 1-8 are those of the 8-step run; and resuming inside the extension is
+    exact (8 -> 10 -> 12 equals 8 -> 12)."""
+    eight = pretrain(small("a"))
+    extended = pretrain(small("a", resume=True, steps=12))
+    assert extended.step == 12 and extended.checkpoint.name == "step-000012"
+    assert [r["step"] for r in extended.history] == list(range(1, 13))
+    assert _losses(extended.history[:8]) == _losses(eight.history)
+    twelve = small(steps=12)
+    assert [r["lr"] for r in extended.history[8:]] == [settings.learning_rate(twelve, s) for s in range(8, 12)]
+    # The rule's consequence, stated in pretrain()'s docstring: not the run of 12 from scratch.
+    scratch = pretrain(small("scratch", steps=12))
+    assert [r["lr"] for r in scratch.history[:8]] != [r["lr"] for r in extended.history[:8]]
+    pretrain(small("b"))
+    pretrain(small("b", resume=True, steps=12, until=10))
+    # From Python too, resume=True alone takes the recorded settings (steps=12 now, warmup 2, batch 4, ...).
+    pretrain(out=small("b").out, resume=True, progress=False, plot=False)
+    _assert_same_run(small("a").out, small("b").out, 12)
+    with pytest.raises(ValueError, match=r"nothing to resume .* --steps N with N > 12"):
+        pretrain(out=small("a").out, resume=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "hiden_size=10"], "'hiden_size' is not a Config field; did you mean 'hidden_size'"),
+    (["--corpus", "DIR"], "is a directory; expected a file"),
+    (["--corpus", "SMALL", "--tokenizer", None], r"--set vocab_size=\d+"),
+])
+def test_cli_errors_say_how_to_fix(small, tmp_path, capsys, argv, message):
+    small_corpus = tmp_path / "small.txt"
+    small_corpus.write_text("A first sentence here.\nAnd a second one.\n\nAnother document.\nIts end.\n")
+    cfg = small()
+    base = ["pretrain", "--out", cfg.out, "--threads", "0", "--tokenizer", cfg.tokenizer, "--steps", "2",
+            "--no-progress", "--no-plot"]
+    if None in argv:    # drop --tokenizer: train one on the corpus
+        base = base[:5] + base[7:]
+        argv = [a for a in argv if a not in ("--tokenizer", None)]
+    argv = [str(tmp_path) if a == "DIR" else str(small_corpus) if a == "SMALL" else a for a in argv]
+    assert cli.main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not Path(cfg.out).exists()
+
+
+def test_config_may_be_a_model_directory(small, tmp_path):
+    model_dir = tmp_path / "model"
+    ckpt.save_model(Model(Config.preset("tiny").replace(num_hidden_layers=1)), model_dir)
+    result = pretrain(small(steps=2, config=str(model_dir)))
+    assert ckpt.load_model(result.out_dir).config.num_hidden_layers == 1
 
 
 def test_blas_thread_limit(monkeypatch):
@@ -448,15 +532,45 @@ def test_blas_thread_limit(monkeypatch):
         if previous is not None:
             limit_blas_threads(previous)
         numpy_backend.set_threads(threads_before)
-    args = cli.build_parser().parse_args(["pretrain"])
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
-    assert pretrain_cli._default_blas_threads(args) == 1
+    assert settings.resolve_threads(None, "numpy") == 1
+    assert settings.resolve_threads(3, "numpy") == 3 and settings.resolve_threads(0, "numpy") == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert pretrain_cli._default_blas_threads(args) == 0   # the user's setting wins
+    assert settings.resolve_threads(None, "numpy") == 0   # the user's setting wins
     monkeypatch.delenv("OMP_NUM_THREADS")
-    args = cli.build_parser().parse_args(["pretrain", "--backend", "cupy"])
-    assert pretrain_cli._default_blas_threads(args) == 0
+    assert backends.get("numpy").host_blas
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
+
+@pytest.mark.parametrize("threads, during", [(None, 1), (2, 2), (0, 3)])
+def test_pretrain_from_python_sets_and_restores_the_blas_thread_count(small, monkeypatch, threads, during):
+    """pretrain() applies the CLI's thread rule itself, for the run only: the same job from Python as from
+    the shell."""
+    from threadpoolctl import threadpool_limits
+
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS library")
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
+        monkeypatch.delenv(variable, raising=False)
+    numpy_backend = backends.get("numpy")
+    own_before = numpy_backend.threads
+    seen = []
+    with threadpool_limits(limits=3, user_api="blas"):
+        before = _blas_threads()
+        pretrain(small(steps=2, threads=threads),
+                 on_step=lambda step, m: seen.append((_blas_threads(), numpy_backend.threads)))
+        after = _blas_threads()
+    assert before == after == [3] * len(before)
+    assert all(blas == [during] * len(before) for blas, _ in seen) and len(seen) == 2
+    if threads != 0:
+        assert all(own == during for _, own in seen)
+    assert numpy_backend.threads == own_before
 
 
 def _assert_close_run(a, b, tol=1e-9):

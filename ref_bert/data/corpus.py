@@ -22,9 +22,12 @@ def read_corpus(path: PathLike) -> list[list[str]]:
 
     Format: UTF-8, one sentence per line, blank lines (empty or whitespace only) between documents,
     lines starting with ``#`` ignored (they do not end a document). Raises ValueError for a missing
-    file, bytes that are not UTF-8 (naming the byte offset and line) and a file with no sentences.
+    file, a directory, bytes that are not UTF-8 (naming the byte offset and line) and a file with no sentences.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"corpus {path!r} is a directory; expected a file: UTF-8 text with one sentence per line "
+                         f"and blank lines between documents (join a directory's files into one first)")
     if not os.path.isfile(path):
         raise ValueError(f"corpus file {path!r} does not exist; expected a UTF-8 text file with one sentence "
                          f"per line and blank lines between documents")

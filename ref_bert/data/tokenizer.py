@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Union
 
 import numpy as np
@@ -144,8 +145,14 @@ class Tokenizer:
                 hard_vocab_limit=True, minloglevel=2)
         except RuntimeError as error:
             # e.g. "Vocabulary size too high (30000). Please set it to a value <= 904."
-            raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: "
-                             f"{str(error).split('] ')[-1]}") from None
+            message = str(error).split('] ')[-1]
+            largest = re.search(r"value <= (\d+)", message)
+            if largest:
+                n = int(largest.group(1))
+                raise ValueError(f"the corpus is too small for vocab_size={vocab_size}: SentencePiece can make at "
+                                 f"most {n} pieces from its {len(sentences)} sentences; choose vocab_size <= {n} "
+                                 f"(ref-bert pretrain: --set vocab_size={n}) or a larger corpus") from None
+            raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: {message}") from None
         tokenizer = cls(writer.getvalue(), lower_case=lower_case, source="trained model")
         if out_path is not None:
             tokenizer.save(out_path)

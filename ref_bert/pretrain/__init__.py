@@ -35,13 +35,16 @@ did. Trained on SOP alone the same model reaches 0.28 in 1200 steps.
 
 Resuming restores all of it and continues exactly: N steps, resume, N more steps give parameters,
 optimiser state and logged losses bit-identical to 2N steps in one go, for either objective
-(tests/test_train.py). The run's settings (steps, batch, schedule, ...) must be the same as the
-checkpoint's; a difference is a ValueError naming it.
+(tests/test_train.py). A resume takes the run's settings from the checkpoint (``resume=True`` alone
+is enough); a setting given that changes the run's arithmetic (batch, schedule, seed, ...) must equal
+the checkpoint's, else a ValueError names it. ``steps`` may change: that extends (or shortens) the
+run, with the schedule re-derived for the new total from the checkpoint on (:func:`pretrain`).
+Ctrl-C between steps writes a checkpoint of the last completed step; resuming from it is exact too.
 """
 from .accumulation import effective_batch_gradients
 from .loop import PretrainResult, pretrain
 from .rundir import load_checkpoint_state
-from .settings import OBJECTIVES, OPTIMIZERS, SCHEDULES, PretrainConfig, limit_blas_threads
+from .settings import OBJECTIVES, OPTIMIZERS, SCHEDULES, PretrainConfig, limit_blas_threads, thread_limit
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "effective_batch_gradients", "load_checkpoint_state",
-           "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "limit_blas_threads"]
+           "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "limit_blas_threads", "thread_limit"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from . import rundir
 from .accumulation import effective_batch_gradients
 from .batches import make_stream, next_step_batch
 from .metrics import StepLog, write_plot
-from .settings import PretrainConfig, learning_rate, resolve_model_config, validate
+from .settings import PretrainConfig, learning_rate, resolve_model_config, resolve_threads, thread_limit, validate
 
 
 @dataclass
@@ -65,38 +68,74 @@ class Job:
     tokens_seen: int = 0           # real (non-pad) tokens consumed so far
     history: list = field(default_factory=list)
     newest: Optional[Path] = None  # newest complete checkpoint
+    config_source: str = ""        # the model config as first named (state.json's config_source)
 
 
 def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settings) -> PretrainResult:
     """Run (or resume) a pretraining job; ``settings`` override fields of ``cfg`` (or of the defaults).
 
+    Threads: for the duration of the call the BLAS thread count is the ``threads`` setting's (one
+    thread on the NumPy backend by default, as ``ref-bert pretrain``), restored on return.
+
+    Resuming (``resume=True`` or a checkpoint directory) takes the run's settings from the checkpoint
+    (``state.json`` records them: every RUN_KEYS setting, the corpus, checkpoint_every,
+    keep_checkpoints, log_every; the model config is the checkpoint's), except those given: the
+    keywords in ``settings``, and the fields of ``cfg`` that differ from PretrainConfig's defaults. A
+    given setting that changes the run's arithmetic (RUN_KEYS but ``steps``) must equal the
+    checkpoint's, else a ValueError names it.
+
+    Extending a run: ``steps`` may differ from the checkpoint's (``--resume --steps N``), also after
+    the run finished. The learning-rate schedule is then re-derived for the new total: step s after the
+    checkpoint takes the rate that step s of a run configured with N steps (and the checkpoint's
+    warmup steps) would have had. The steps already done keep the rates they had under the old total,
+    so an extended run is not bit-identical to an N-step run from scratch (with a decaying schedule
+    the rate jumps up at the checkpoint); resuming within the extended run is exact again.
+
     ``on_step(step, metrics)`` is called after every completed step (after its logging and its
-    checkpoint), with the step's metrics dict or None on steps that are not logged. Tests raise
-    KeyboardInterrupt from it to simulate Ctrl-C; the exception propagates after the progress bar
-    and the metrics file are closed.
+    checkpoint), with the step's metrics dict or None on steps that are not logged. Ctrl-C (or a
+    KeyboardInterrupt raised from ``on_step``) between steps writes a checkpoint of the last completed
+    step, then propagates; a first Ctrl-C during a step lets the step finish first (a second one stops
+    at once, without a checkpoint of that step).
     """
-    cfg = dataclasses.replace(cfg or PretrainConfig(), **settings)
+    base = cfg or PretrainConfig()
+    defaults = PretrainConfig()
+    given = set(settings) | {f.name for f in dataclasses.fields(PretrainConfig)
+                             if getattr(base, f.name) != getattr(defaults, f.name)}
+    cfg = dataclasses.replace(base, **settings)
+    if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))):
+        validate(cfg)   # raises for resume
+    resume_dir = rundir.resolve_resume(Path(cfg.out), cfg.resume)
+    state = None
+    if resume_dir is not None:
+        state = rundir.load_checkpoint_state(resume_dir)
+        cfg = rundir.recorded_settings(cfg, given, resume_dir, state)
     validate(cfg)
-    started = time.perf_counter()
-    job = prepare(cfg)       # everything that can fail on bad input; nothing is written
-    job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-    train(job, on_step)      # from here on OUT is written
-    plot = write_plot(job.out, job.history) if cfg.plot else None
+    with thread_limit(resolve_threads(cfg.threads, cfg.backend)) as found:
+        if cfg.threads and not found:
+            print(f"note: no BLAS library found: threads={cfg.threads} set only ref-bert's own threads "
+                  f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
+        started = time.perf_counter()
+        job = prepare(cfg, resume_dir, state)   # everything that can fail on bad input; nothing is written
+        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
+        train(job, on_step)                     # from here on OUT is written
+        plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot else None
     return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
                           metrics=job.history[-1] if job.history else {}, history=job.history,
                           wall_time=time.perf_counter() - started, plot=plot)
 
 
-def prepare(cfg: PretrainConfig) -> Job:
+def prepare(cfg: PretrainConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None) -> Job:
     """Check the resume target, corpus and tokenizer; build the model, optimiser and data stream, and
-    restore a checkpoint into them. Writes nothing, so a ValueError leaves OUT as it was."""
+    restore a checkpoint (``resume_dir``, its ``state``) into them. Writes nothing, so a ValueError
+    leaves OUT as it was."""
     out = Path(cfg.out)
     corpus = default_corpus_path() if cfg.corpus is None else str(cfg.corpus)
     model_config = resolve_model_config(cfg.config, cfg.config_overrides)
-    resume_dir = rundir.resolve_resume(out, cfg.resume)
+    config_source = str(cfg.config)
     if resume_dir is not None:
-        state = rundir.load_checkpoint_state(resume_dir)
         rundir.check_resumable(cfg, model_config, resume_dir, state)
+        if Path(config_source) == resume_dir:   # the config was taken from the checkpoint
+            config_source = str(state.get("config_source", config_source))
     # Corpus first: its errors (missing, empty, undecodable, one sentence) are clearer than the
     # tokenizer trainer's, which would fail on the same text.
     check_pairable(read_corpus(corpus), corpus)
@@ -110,45 +149,100 @@ def prepare(cfg: PretrainConfig) -> Job:
     model = Model(model_config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.lr)
     job = Job(cfg=cfg, out=out, model=model, optimizer=optimizer, stream=stream, tokenizer=tokenizer,
-              resume_dir=resume_dir)
+              resume_dir=resume_dir, config_source=config_source)
     if resume_dir is not None:
         job.history = rundir.restore(resume_dir, state, out, model, optimizer, stream)
         job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
     return job
 
 
+class _DeferredInterrupt:
+    """While active (main thread only), a first Ctrl-C only asks the loop to stop after the current
+    step; a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def train(job: Job, on_step: OnStep = None) -> None:
     """The loop: steps ``job.step + 1 .. until`` (or ``steps``), logging and checkpointing as set.
     One step is described in the :mod:`ref_bert.pretrain` docstring: the rate is read before the
-    update, from the number of updates already made."""
+    update, from the number of updates already made.
+
+    Ctrl-C: a KeyboardInterrupt between steps (a first Ctrl-C is deferred to the end of the step it
+    arrives in; ``on_step`` may raise one) writes a checkpoint of the last completed step, as every
+    checkpoint is written (atomically), then propagates. One raised inside a step (a second Ctrl-C)
+    propagates without a checkpoint of that step: its update may be half done."""
     cfg = job.cfg
     stop = cfg.steps if cfg.until is None else cfg.until
     log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress)
+    between_steps = True   # False from the start of a step until it is logged and checkpointed
     try:
-        while job.step < stop:
-            lr = learning_rate(cfg, job.step)
-            batch = next_step_batch(job.stream, cfg, job.model, job.step)
-            grads, parts = effective_batch_gradients(job.model, batch.micro_batches, batch.mlm_counts,
-                                                     training=True, sop_weight=cfg.sop_weight)
-            checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
-            log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
-            grad_norm = global_grad_norm(grads.values(), job.model.xp) if log_now else None   # before clipping
-            job.optimizer.step(grads, lr=lr)
-            job.step += 1
-            job.tokens_seen += batch.tokens
-            log.count(batch.tokens)
-            record = log_step(job, log, lr, parts, grad_norm) if log_now else None
-            if checkpoint_now:
-                save_checkpoint(job, log.elapsed())
-            if on_step is not None:
-                on_step(job.step, record)
-    except KeyboardInterrupt:
-        log.close()
-        print(f"\ninterrupted after step {job.step}; newest complete checkpoint: {job.newest} "
-              f"(continue with --resume)", file=sys.stderr)
-        raise
+        with _DeferredInterrupt() as interrupt:
+            try:
+                while job.step < stop:
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    between_steps = False
+                    _step(job, log, stop)
+                    between_steps = True
+                    if on_step is not None:
+                        on_step(job.step, job.history[-1] if job.history and job.history[-1]["step"] == job.step
+                                else None)
+            except KeyboardInterrupt:
+                newest_step = rundir.checkpoint_step(job.newest) if job.newest is not None else None
+                if between_steps and job.step > 0 and newest_step != job.step:
+                    save_checkpoint(job, log.elapsed())
+                    log.close()
+                    print(f"\ninterrupted after step {job.step}: wrote checkpoint {job.newest} "
+                          f"(continue with --resume)", file=sys.stderr)
+                else:
+                    log.close()
+                    where = f"after step {job.step}" if between_steps else f"during step {job.step + 1}"
+                    print(f"\ninterrupted {where}; newest complete checkpoint: {job.newest} "
+                          f"(continue with --resume)", file=sys.stderr)
+                raise
     finally:
         log.close()
+
+
+def _step(job: Job, log: StepLog, stop: int) -> None:
+    """One optimiser step, its logging (on logged steps) and its checkpoint (on checkpoint steps)."""
+    cfg = job.cfg
+    lr = learning_rate(cfg, job.step)
+    batch = next_step_batch(job.stream, cfg, job.model, job.step)
+    grads, parts = effective_batch_gradients(job.model, batch.micro_batches, batch.mlm_counts,
+                                             training=True, sop_weight=cfg.sop_weight)
+    checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
+    log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
+    grad_norm = global_grad_norm(grads.values(), job.model.xp) if log_now else None   # before clipping
+    job.optimizer.step(grads, lr=lr)
+    job.step += 1
+    job.tokens_seen += batch.tokens
+    log.count(batch.tokens)
+    if log_now:
+        log_step(job, log, lr, parts, grad_norm)
+    if checkpoint_now:
+        save_checkpoint(job, log.elapsed())
 
 
 def log_step(job: Job, log: StepLog, lr: float, parts: dict, grad_norm) -> dict:
@@ -176,8 +270,11 @@ def log_step(job: Job, log: StepLog, lr: float, parts: dict, grad_norm) -> dict:
 
 def save_checkpoint(job: Job, elapsed: float) -> None:
     """Checkpoint the step just done (rundir.py), then prune the older checkpoints."""
-    run_state = {"run": job.cfg.run_settings(), "config_source": str(job.cfg.config), "elapsed": elapsed,
-                 "tokens": job.tokens_seen}
+    cfg = job.cfg
+    job_settings = {k: getattr(cfg, k) for k in ("checkpoint_every", "keep_checkpoints", "log_every")}
+    job_settings["corpus"] = None if cfg.corpus is None else os.path.abspath(str(cfg.corpus))
+    run_state = {"run": cfg.run_settings(), "job": job_settings, "config_source": job.config_source,
+                 "elapsed": elapsed, "tokens": job.tokens_seen}
     job.newest = rundir.save_checkpoint(job.out, job.step, job.model, job.optimizer, job.stream, job.tokenizer,
                                         run_state)
     rundir.prune_checkpoints(job.out, job.newest, job.cfg.keep_checkpoints)

@@ -105,10 +105,13 @@ def _moving_average(values: list, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
-def write_plot(out: Path, records: list) -> Optional[Path]:
-    """OUT/loss.png: MLM (and total) loss, SOP loss (with chance level ln 2) and the learning rate
-    against the step; thin lines per logged step, thick ones a moving average. Returns None (with a
-    printed note) where matplotlib is not installed."""
+def write_plot(out: Path, records: list, sop_weight: Optional[float] = None) -> Optional[Path]:
+    """OUT/loss.png, four panels against the step: the MLM loss, the SOP loss (with chance level
+    ln 2), the weighted total MLM + w * SOP that the optimiser minimises, and the learning rate. Each
+    loss has its own axis, so that neither is flattened by the other's scale; thin lines are the
+    logged steps, thick ones a moving average; each loss panel's title gives its first and last values
+    (means of the moving-average window). Returns None (with a printed note) where matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -121,23 +124,33 @@ def write_plot(out: Path, records: list) -> Optional[Path]:
         return None
     steps = [r["step"] for r in records]
     window = max(1, len(records) // 50)
-    fig, (ax_mlm, ax_sop, ax_lr) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=(3, 2, 1))
-    for ax, keys in ((ax_mlm, (("loss", "total", "C0"), ("mlm", "MLM", "C1"))), (ax_sop, (("sop", "SOP", "C2"),))):
-        for key, label, color in keys:
-            values = [r[key] for r in records]
-            ax.plot(steps, values, color=color, linewidth=0.5, alpha=0.35)
-            ax.plot(steps, _moving_average(values, window), color=color, linewidth=1.5,
-                    label=f"{label} (mean of {window})" if window > 1 else label)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    (ax_mlm, ax_sop), (ax_total, ax_lr) = axes
+    total_name = "total: MLM + SOP" if sop_weight is None else f"total: MLM + {sop_weight:g} × SOP"
+    panels = ((ax_mlm, "mlm", "MLM loss (masked-token cross-entropy)", "C1"),
+              (ax_sop, "sop", "SOP loss (sentence-order cross-entropy)", "C2"),
+              (ax_total, "loss", f"{total_name} (what the optimiser minimises)", "C0"))
+    for ax, key, title, color in panels:
+        values = [r[key] for r in records]
+        smooth = _moving_average(values, window)
+        ax.plot(steps, values, color=color, linewidth=0.6, alpha=0.35, label="each logged step")
+        ax.plot(steps, smooth, color=color, linewidth=2,
+                label=f"mean of {window} steps" if window > 1 else "loss")
+        first = float(np.mean(values[:window]))
+        ax.set_title(f"{title}\n{first:.3f} → {smooth[-1]:.3f}", fontsize=10)
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-    ax_mlm.set_ylabel("training loss")
-    ax_mlm.legend()
-    ax_sop.axhline(math.log(2), color="gray", linestyle="--", linewidth=1, label="chance (ln 2)")
-    ax_sop.set_ylabel("SOP loss")
-    ax_sop.legend()
-    ax_lr.plot(steps, [r["lr"] for r in records], color="gray", linewidth=1)
+    ax_sop.axhline(math.log(2), color="gray", linestyle="--", linewidth=1, label="chance (ln 2 = 0.693)")
+    for ax in (ax_mlm, ax_sop, ax_total):
+        ax.legend(fontsize=8, loc="upper right")
+    ax_lr.plot(steps, [r["lr"] for r in records], color="C4", linewidth=1.5)
+    ax_lr.set_title(f"learning rate (highest {max(r['lr'] for r in records):.3g})", fontsize=10)
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_lr.grid(alpha=0.3)
+    for ax in (ax_total, ax_lr):
+        ax.set_xlabel("step")
+    fig.suptitle(f"{out.name}: {steps[-1]} steps", fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -37,7 +37,7 @@ from ..data import SentencePairStream, Tokenizer
 from ..model import Model
 from ..validate import is_int
 from .metrics import METRICS_NAME, metrics_bytes, read_metrics
-from .settings import RUN_KEYS, PretrainConfig
+from .settings import JOB_KEYS, RUN_KEYS, PretrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
@@ -52,7 +52,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _checkpoint_step(path: Path) -> Optional[int]:
+def checkpoint_step(path: Path) -> Optional[int]:
     match = re.fullmatch(r"step-(\d+)", path.name)
     return int(match.group(1)) if match else None
 
@@ -62,7 +62,7 @@ def list_checkpoints(out) -> list:
     root = Path(out) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := _checkpoint_step(p)) is not None]
+    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -123,8 +123,8 @@ def prune_checkpoints(out: Path, newest: Path, keep: int) -> None:
     reaches them, not deleted here."""
     if keep == 0:
         return
-    newest_step = _checkpoint_step(newest)
-    older = [p for p in list_checkpoints(out) if _checkpoint_step(p) <= newest_step]
+    newest_step = checkpoint_step(newest)
+    older = [p for p in list_checkpoints(out) if checkpoint_step(p) <= newest_step]
     for path in older[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -165,8 +165,30 @@ def load_checkpoint_state(directory) -> dict:
     return state
 
 
+RECORDED_KEYS = RUN_KEYS + JOB_KEYS + ("config", "config_overrides")
+
+
+def recorded_settings(cfg: PretrainConfig, given: set, resume_dir: Path, state: dict) -> PretrainConfig:
+    """The settings of a resumed run: each of :data:`RECORDED_KEYS` not in ``given`` comes from the
+    checkpoint (``state.json``'s ``run`` and ``job``; the model config from its ``config.json``), the
+    given ones from ``cfg``. ``until`` is never carried over: a resume without it runs to ``steps``.
+    Checkpoints written before ``job`` was recorded keep ``cfg``'s values for those keys."""
+    changes = {}
+    saved_run, saved_job = state.get("run", {}), state.get("job", {})
+    for key in RUN_KEYS:
+        if key not in given and key in saved_run:
+            changes[key] = saved_run[key]
+    for key in JOB_KEYS:
+        if key not in given and key in saved_job:
+            changes[key] = saved_job[key]
+    if "config" not in given and "config_overrides" not in given:
+        changes["config"], changes["config_overrides"] = str(resume_dir), {}
+    return dataclasses.replace(cfg, **changes)
+
+
 def check_resumable(cfg: PretrainConfig, model_config: Config, resume_dir: Path, state: dict) -> None:
-    """Same model config and same run settings as the checkpoint, and steps left to do."""
+    """Same model config and same run settings as the checkpoint (``steps`` aside: a different
+    ``steps`` extends or shortens the run), and steps left to do."""
     saved_config = ckpt.load_config(resume_dir)
     if saved_config != model_config:
         raise ValueError(f"checkpoint {resume_dir} was written for another model config than "
@@ -174,13 +196,17 @@ def check_resumable(cfg: PretrainConfig, model_config: Config, resume_dir: Path,
                          f"expected the same config to resume")
     saved_run, wanted_run = state["run"], cfg.run_settings()
     changed = [f"{k}: checkpoint {saved_run.get(k)!r}, this run {wanted_run[k]!r}"
-               for k in RUN_KEYS if saved_run.get(k) != wanted_run[k]]
+               for k in RUN_KEYS if k != "steps" and saved_run.get(k) != wanted_run[k]]
     if changed:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in RUN_KEYS if k != "steps"
+                          and saved_run.get(k) != wanted_run[k])
         raise ValueError(f"checkpoint {resume_dir} was written by a run with other settings ({'; '.join(changed)}); "
-                         f"expected the same settings to resume exactly")
+                         f"these change the run's arithmetic, so a resume keeps the checkpoint's: omit {names} "
+                         f"(only --steps may change, to extend the run)")
     if state["step"] >= cfg.steps:
         raise ValueError(f"checkpoint {resume_dir} is at step {state['step']}, the end of the run "
-                         f"(steps={cfg.steps}); nothing to resume")
+                         f"(steps={cfg.steps}); nothing to resume (to train on, extend the run: --resume "
+                         f"--steps N with N > {state['step']})")
 
 
 def checkpoint_tokenizer(resume_dir: Path, wanted: Optional[str]) -> Tokenizer:

@@ -2,7 +2,12 @@
 optimiser and the learning-rate schedule it chooses, and the BLAS thread count."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +26,11 @@ SCHEDULES = ("albert", "linear")
 # Settings that define the run's arithmetic: a resumed run must have the same ones.
 RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimizer", "lr", "schedule",
             "warmup", "seed", "dtype", "sop_weight")
+# Settings a checkpoint records besides RUN_KEYS; a resume takes them (and RUN_KEYS) from the
+# checkpoint unless they are given explicitly (see :func:`ref_bert.pretrain.pretrain`).
+JOB_KEYS = ("corpus", "checkpoint_every", "keep_checkpoints", "log_every")
+# The BLAS thread-count variables a user may set; any of them set means "leave BLAS alone" by default.
+THREAD_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 @dataclass
@@ -40,6 +50,10 @@ class PretrainConfig:
     until:    stop after this global step (with a checkpoint) although the schedule spans ``steps``;
               resume later to finish. None runs to ``steps``.
     keep_checkpoints: newest checkpoints kept (0 keeps all).
+    threads:  BLAS threads for the duration of the run (and the NumPy backend's own loops), restored
+              afterwards. None: 1 where the backend runs host BLAS (numpy) unless $OPENBLAS_NUM_THREADS
+              or $OMP_NUM_THREADS is set, else leave alone; 0: leave alone; N: N threads.
+              Results do not depend on it.
     """
 
     out: str = "runs/pretrain"
@@ -65,6 +79,7 @@ class PretrainConfig:
     log_every: int = 1
     resume: Any = False
     until: Optional[int] = None
+    threads: Optional[int] = None
     progress: bool = True
     plot: bool = True
 
@@ -104,6 +119,8 @@ def validate(cfg: PretrainConfig) -> None:
                 f"a step in [1, steps={cfg.steps}]")
     require(isinstance(cfg.config_overrides, dict), "config_overrides", cfg.config_overrides,
             "a dict of Config fields")
+    require(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 0), "threads", cfg.threads,
+            "None (the default rule), 0 (leave BLAS alone) or a positive thread count")
     require(cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, Path)), "resume",
             cfg.resume, "False, True (the latest checkpoint in out) or a checkpoint directory")
 
@@ -116,13 +133,25 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
     else:
         path = Path(spec)
         if path.is_dir():
-            base = ckpt.load_config(path)
+            base, _ = ckpt.load_config_any(path)   # ref-bert's, Hugging Face's or save_hf's directory
         elif path.is_file():
             base = Config.from_dict(files.read_json(path, "config file"))
         else:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
-                             f"config.json file or directory")
+                             f"config.json file or a model directory")
+    check_config_overrides(overrides)
     return base.replace(**overrides) if overrides else base
+
+
+def check_config_overrides(overrides: dict) -> None:
+    """ValueError for an override key that is not a Config field, naming the closest field."""
+    known = [f.name for f in dataclasses.fields(Config)]
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r} (--set {close[0]}={json.dumps(value)})?" if close else \
+                f"expected one of {', '.join(sorted(known))}"
+            raise ValueError(f"--set {key}={json.dumps(value)}: {key!r} is not a Config field; {hint}")
 
 
 def learning_rate(cfg: PretrainConfig, updates_done: int) -> float:
@@ -130,6 +159,36 @@ def learning_rate(cfg: PretrainConfig, updates_done: int) -> float:
     if cfg.schedule == "albert":
         return albert_schedule(updates_done, cfg.lr, cfg.steps, cfg.warmup_steps())
     return linear_warmup_decay(updates_done, cfg.lr, cfg.steps, cfg.warmup_steps())
+
+
+def resolve_threads(threads: Optional[int], backend) -> int:
+    """The thread count :func:`thread_limit` applies for the ``threads`` setting (0 = leave alone)."""
+    if threads is not None:
+        return int(threads)
+    if not backends.get(backend).host_blas or any(os.environ.get(v) for v in THREAD_ENV_VARS):
+        return 0
+    return 1
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int):
+    """For the ``with`` block: BLAS (threadpoolctl) and the NumPy backend's own loops use ``threads``
+    threads; both are restored afterwards. 0 leaves everything alone. Yields whether a BLAS library
+    was found (False: only ref-bert's own threads were set)."""
+    if not threads:
+        yield True
+        return
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    numpy_backend = backends.get("numpy")
+    own_before = numpy_backend.threads
+    found = any(pool.get("user_api") == "blas" for pool in threadpool_info())
+    numpy_backend.set_threads(int(threads))
+    try:
+        with threadpool_limits(limits=int(threads), user_api="blas"):
+            yield found
+    finally:
+        numpy_backend.set_threads(own_before)
 
 
 def limit_blas_threads(threads: int) -> Optional[int]:
