@@ -144,7 +144,7 @@ def draw_masks_png(path: str, source_tokens: int, target_tokens: int, pad: int =
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("--png needs matplotlib, which is not installed (pip install 'ref-bert[plot]')") from None
+        raise ValueError("--png needs matplotlib, which is not installed (pip install matplotlib; a default dependency of ref-bert)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
