@@ -258,8 +258,8 @@ class Model:
             d_rows = mlm_head_backward(d_mlm_logits, head_cache, grads)
             if positions is None:
                 dlast += d_rows
-            else:
-                dlast.reshape(B * T, H)[positions] += d_rows
+            else:   # a scatter-add: a position given twice receives both rows' gradients
+                self.backend.scatter_add(dlast.reshape(B * T, H), positions, d_rows)
         d_pooled = None
         if d_sop_logits is not None:
             if cache.sop is None:
@@ -300,6 +300,9 @@ class Model:
                                  f"[{-num_layers}, {num_layers})")
             if grad is not None:
                 self._check_grad(f"d_hidden_states[{index}]", grad, shape)
+                if out[int(index) % num_layers] is not None:
+                    raise ValueError(f"d_hidden_states names layer {int(index) % num_layers} twice (index {index!r}); "
+                                     f"expected each hidden state once")
                 out[int(index) % num_layers] = grad
         return out
 

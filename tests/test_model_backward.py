@@ -155,3 +155,19 @@ def test_backward_refuses_what_it_cannot_use():
         model.backward(out, d_pooled_output=np.zeros((1, 64), dtype=np.float32))
     with pytest.raises(ValueError, match="has 2 entries, expected 3"):
         model.backward(out, d_hidden_states=[None, None])
+
+
+def test_repeated_mlm_positions_get_every_rows_gradient_and_duplicate_layers_are_refused():
+    from ref_bert import Config
+
+    model = Model(Config.preset("tiny"), dtype="float64", seed=0)
+    ids = np.random.default_rng(0).integers(5, 1000, size=(1, 5))
+    twice = model.forward(ids, mlm_positions=np.array([2, 2]), keep_cache=True)
+    once = model.forward(ids, mlm_positions=np.array([2]), keep_cache=True)
+    d = np.random.default_rng(1).standard_normal(once.mlm_logits.shape)
+    g_twice = model.backward(twice, d_mlm_logits=np.concatenate([d, d])).params
+    g_once = model.backward(once, d_mlm_logits=2 * d).params
+    for name in ("encoder.ffn.0.output.weight", "embeddings.position_embeddings"):
+        np.testing.assert_allclose(g_twice[name], g_once[name], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="twice"):
+        model.backward(once, d_hidden_states={-1: np.zeros((1, 5, 64)), 2: np.zeros((1, 5, 64))})

@@ -181,8 +181,10 @@ def recorded_settings(cfg: PretrainConfig, given: set, resume_dir: Path, state: 
     for key in JOB_KEYS:
         if key not in given and key in saved_job:
             changes[key] = saved_job[key]
-    if "config" not in given and "config_overrides" not in given:
-        changes["config"], changes["config_overrides"] = str(resume_dir), {}
+    if "config" not in given:    # the checkpoint's own config; --set overrides apply on top of it
+        changes["config"] = str(resume_dir)
+        if "config_overrides" not in given:
+            changes["config_overrides"] = {}
     return dataclasses.replace(cfg, **changes)
 
 
