@@ -168,9 +168,9 @@ class Backend:
         of ``cupy.add.at``, the same kernel; CuPy 14.2 does not warn yet.
         """
         ids = ids.reshape(-1)
-        values = values.reshape(ids.shape[0], -1)
-        if ids.shape[0] == 0:
+        if ids.shape[0] == 0:        # nothing to add (and (0, -1) is no shape to reshape to)
             return
+        values = values.reshape(ids.shape[0], -1)
         if self.name == "cupy":
             import cupyx  # only backends/ imports cupy
 
