@@ -24,7 +24,7 @@ from ref_bert.pretrain import batches, loop, metrics, rundir, settings
 from ref_bert.config import Config
 from ref_bert.data import PretrainingDataset, Tokenizer, default_corpus_path
 from ref_bert.model import Model
-from ref_bert.pretrain import PretrainConfig, effective_batch_gradients, limit_blas_threads, pretrain
+from ref_bert.pretrain import PretrainConfig, effective_batch_gradients, pretrain, thread_limit
 
 LOSS_KEYS = ("step", "loss", "mlm", "sop", "lr", "grad_norm", "tokens")
 
@@ -521,17 +521,17 @@ def test_config_may_be_a_model_directory(small, tmp_path):
 
 
 def test_blas_thread_limit(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
     numpy_backend = backends.get("numpy")
-    threads_before, previous = numpy_backend.threads, None
-    try:
-        previous = limit_blas_threads(1)
-        assert numpy_backend.threads == 1   # the backend's own loops (erf, optimiser pieces) follow BLAS
-        if previous is not None:            # NumPy's bundled OpenBLAS was found: the call took effect
-            assert limit_blas_threads(previous) == 1
-    finally:
-        if previous is not None:
-            limit_blas_threads(previous)
-        numpy_backend.set_threads(threads_before)
+    threads_before, blas_before = numpy_backend.threads, blas_threads()
+    with thread_limit(3) as found:
+        assert numpy_backend.threads == 3   # the backend's own loops (erf, optimiser pieces) follow BLAS
+        assert found == bool(blas_before) and all(n == 3 for n in blas_threads())
+    assert numpy_backend.threads == threads_before and blas_threads() == blas_before   # both restored
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "REF_BERT_BACKEND"):
         monkeypatch.delenv(variable, raising=False)
     assert settings.resolve_threads(None, "numpy") == 1

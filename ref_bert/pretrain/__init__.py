@@ -44,7 +44,7 @@ Ctrl-C between steps writes a checkpoint of the last completed step; resuming fr
 from .accumulation import effective_batch_gradients
 from .loop import PretrainResult, pretrain
 from .rundir import load_checkpoint_state
-from .settings import OBJECTIVES, OPTIMIZERS, SCHEDULES, PretrainConfig, limit_blas_threads, thread_limit
+from .settings import OBJECTIVES, OPTIMIZERS, SCHEDULES, PretrainConfig, thread_limit
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "effective_batch_gradients", "load_checkpoint_state",
-           "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "limit_blas_threads", "thread_limit"]
+           "OBJECTIVES", "SCHEDULES", "OPTIMIZERS", "thread_limit"]

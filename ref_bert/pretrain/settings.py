@@ -174,7 +174,12 @@ def resolve_threads(threads: Optional[int], backend) -> int:
 def thread_limit(threads: int):
     """For the ``with`` block: BLAS (threadpoolctl) and the NumPy backend's own loops use ``threads``
     threads; both are restored afterwards. 0 leaves everything alone. Yields whether a BLAS library
-    was found (False: only ref-bert's own threads were set)."""
+    was found (False: only ref-bert's own threads were set).
+
+    Why one thread by default: the tiny config's matrices (64 x 1024 and the like) are too small for
+    BLAS threads to pay, and where the cores are busy with other work the threads wait on each other.
+    The environment variables only act before NumPy is imported, which has happened by now, hence
+    threadpoolctl, which calls the loaded library's own setter."""
     if not threads:
         yield True
         return
@@ -189,24 +194,3 @@ def thread_limit(threads: int):
             yield found
     finally:
         numpy_backend.set_threads(own_before)
-
-
-def limit_blas_threads(threads: int) -> Optional[int]:
-    """Set the BLAS libraries' thread count (threadpoolctl) and return the previous one; None where
-    threadpoolctl finds no BLAS library. The NumPy backend's own threads (erf, the optimiser's
-    pieces) are set to the same count.
-
-    Why: the tiny config's matrices (64 x 1024 and the like) are too small for BLAS threads to pay,
-    and on a machine whose cores are busy with other work the threads wait on each other, so one
-    thread runs the default job faster than OpenBLAS's default of one per core.
-    The environment variables only act before NumPy is imported, which the ``ref-bert`` entry point
-    has already done, hence threadpoolctl, which calls the loaded library's own setter.
-    """
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    backends.get("numpy").set_threads(int(threads))
-    blas = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
-    if not blas:
-        return None
-    threadpool_limits(limits=int(threads), user_api="blas")
-    return int(blas[0]["num_threads"])
