@@ -13,3 +13,20 @@ def perturbed_model(config, dtype="float64", seed=0, std=0.3):
     for view in model.params.views.values():
         view[...] += rng.normal(0, std, view.shape)
     return model
+
+
+def dropout_case(seed: int, hidden_act: str = "gelu_new"):
+    """A 2-layer tiny config (vocabulary 50) with every dropout at 0.1, and loss_and_grads keyword
+    arguments: a batch of 2 x 9 with row 1 padded after 6 tokens, MLM labels on ~40% of positions,
+    SOP labels, frozen dropout masks (dropout_seed 3)."""
+    from ref_bert import Config
+
+    config = Config.preset("tiny", vocab_size=50, num_hidden_layers=2, hidden_act=hidden_act,
+                           hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.1)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 50, (2, 9))
+    mask = np.ones((2, 9), dtype=np.int64)
+    mask[1, 6:] = 0
+    labels = np.where(rng.random((2, 9)) < 0.4, rng.integers(0, 50, (2, 9)), -100)
+    return config, dict(input_ids=ids, attention_mask=mask, mlm_labels=labels, sop_labels=np.array([0, 1]),
+                        training=True, dropout_seed=3)

@@ -34,6 +34,8 @@ from backends.cupy_kernels import CupyKernels
 from ref_bert import Config, Model, ops
 from ref_bert.ops import activations, layer_norm, softmax
 
+from ._models import dropout_case
+
 TOL = {np.float64: (1e-12, 1e-12), np.float32: (1e-5, 1e-6)}
 
 
@@ -292,15 +294,7 @@ def test_model_loss_and_gradients_equal_with_and_without_fast_variants(act):
     loss within 1e-12 relative, every gradient within 1e-12 relative plus 1e-12 of its largest entry
     (gradients are sums over the batch of products of the ops' results, so the ops' tolerance carries
     over; measured worst case about 1e-14)."""
-    config = Config.preset("tiny", vocab_size=50, num_hidden_layers=2, hidden_act=act, hidden_dropout_prob=0.1,
-                           attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.1)
-    rng = np.random.default_rng(5)
-    ids = rng.integers(0, 50, (2, 9))
-    mask = np.ones((2, 9), dtype=np.int64)
-    mask[1, 6:] = 0
-    labels = np.where(rng.random((2, 9)) < 0.4, rng.integers(0, 50, (2, 9)), -100)
-    inputs = dict(input_ids=ids, attention_mask=mask, mlm_labels=labels, sop_labels=np.array([0, 1]),
-                  training=True, dropout_seed=3)
+    config, inputs = dropout_case(5, act)
     model = Model(config, dtype="float64", seed=0)
     _result = model.loss_and_grads(**inputs)
     loss_fast, grads_fast = _result.loss, _result.grads

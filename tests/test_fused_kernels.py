@@ -30,6 +30,8 @@ from backends.cupy_fast import fast_table
 from backends.cupy_kernels import CupyKernels
 from backends.cupy_optim_fast import optimizer_fast_table
 from ref_bert import Config, Model
+
+from ._models import dropout_case
 from ref_bert import ops
 from ref_bert.optim import Lamb, lamb
 from ref_bert.optim.norms import sum_of_squares
@@ -429,15 +431,7 @@ def test_model_training_step_through_the_fused_paths(monkeypatch):
     """The CuPy backend's fast table over the interpreted kernels (the model ops' and the optimiser's),
     installed as the NumPy backend's: the loss, gradients and updated weights of the reference ops and
     the plain LAMB code (float64, dropout on)."""
-    config = Config.preset("tiny", vocab_size=50, num_hidden_layers=2, hidden_dropout_prob=0.1,
-                           attention_probs_dropout_prob=0.1, classifier_dropout_prob=0.1)
-    rng = np.random.default_rng(2)
-    ids = rng.integers(0, 50, (2, 9))
-    mask = np.ones((2, 9), dtype=np.int64)
-    mask[1, 6:] = 0
-    labels = np.where(rng.random((2, 9)) < 0.4, rng.integers(0, 50, (2, 9)), -100)
-    inputs = dict(input_ids=ids, attention_mask=mask, mlm_labels=labels, sop_labels=np.array([0, 1]),
-                  training=True, dropout_seed=3)
+    config, inputs = dropout_case(2)
     bk = backends.get("numpy")
     kernels = CupyKernels(NumpyKernelInterpreter)
     results = []
