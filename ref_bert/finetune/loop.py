@@ -41,22 +41,16 @@ from ..validate import is_int, require
 from . import metrics as task_metrics
 from .data import TASKS, Encoded, TaskData, check_task, encode, load_task_file
 from .embedded import embedded_path
-from .heads import LABEL_SMOOTHING, TaskModel
+from .heads import (LABEL_SMOOTHING, TASK_HEADS, check_task_head, loss_and_grads, task_config, task_outputs,
+                    with_task_head)
 
 STATE_FORMAT = "ref-bert-finetune/1"
-HEAD_NAME = "head.safetensors"
 TASK_NAME = "task.json"
 EVAL_NAME = "eval.json"
 DATA_KEY = 0xF17E
 # Settings that define the run's arithmetic: a resume keeps the checkpoint's; giving another is an error.
 RUN_KEYS = ("task", "train", "init", "config", "config_overrides", "num_labels", "steps", "batch_size", "grad_accum",
             "seq_len", "optimizer", "lr", "warmup", "seed", "dtype", "label_smoothing", "mask_prob")
-# The Hugging Face head class each task trains (architectures ending in another head are refused).
-HF_HEADS = {"classification": "ForSequenceClassification", "regression": "ForSequenceClassification",
-            "tokens": "ForTokenClassification", "qa": "ForQuestionAnswering",
-            "multiple-choice": "ForMultipleChoice", "seq2seq": "ForMaskedLM"}
-TASK_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
-                      "ForMultipleChoice", "ForNextSentencePrediction")
 
 
 @dataclass
@@ -202,7 +196,7 @@ class Job:
 
     cfg: FinetuneConfig
     out: Path
-    task_model: TaskModel
+    model: Model
     optimizer: Any
     order: ExampleOrder
     tokenizer: Tokenizer
@@ -240,14 +234,13 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> Fin
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
         job = prepare(cfg, resume_dir, state)   # nothing is written before this returns
-        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.task_model.model.config,
-                                        job.resume_dir)
-        _write_head(job, job.out)
+        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
+        _write_task(job, job.out)
         if job.step < (cfg.steps if cfg.until is None else cfg.until):
             run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
         scores = None
         if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps):
-            scores = evaluate(job.task_model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
+            scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
             files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
                                                           "eval_file": job.eval_data.path,
                                                           "examples": len(job.eval_data.records), **scores})
@@ -276,35 +269,18 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _hf_architecture(directory: Path) -> Optional[str]:
-    raw = files.read_json(directory / ckpt.CONFIG_NAME, "model config")
-    archs = raw.get("architectures") or [] if isinstance(raw, dict) else []
-    return archs[0] if archs else None
-
-
-def _check_head(cfg: FinetuneConfig, init: Path, kind: str) -> Optional[dict]:
-    """The init directory's own head (a finetune OUT's task.json) or None; a head for another task is
-    a ValueError (also a Hugging Face directory whose architecture is another task's head)."""
-    if kind == ckpt.HF_DIRECTORY:
-        arch = _hf_architecture(init)
-        wanted = HF_HEADS[cfg.task]
-        if arch and arch.endswith(TASK_HEAD_SUFFIXES) and not arch.endswith(wanted):
-            raise ValueError(f"--init {init} is a {arch} checkpoint; --task {cfg.task} needs a *{wanted} or a "
-                             f"base / pretraining checkpoint (AlbertModel, BertModel, *ForPreTraining, *ForMaskedLM)")
-        if arch and arch.endswith(TASK_HEAD_SUFFIXES):
-            raise ValueError(f"--init {init} is a {arch} checkpoint: loading a Hugging Face task head is not "
-                             f"supported by ref-bert finetune yet; start from its base model or a ref-bert directory")
+def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
+    """Check that the model directory ``init`` has no head of another task (its config's head, or a
+    Hugging Face directory's architecture); return its task.json (a finished finetune OUT) or None."""
+    config, _ = ckpt.load_config_any(init)
+    check_task_head(config, cfg.task, f"--init {init}")
+    if not (init / TASK_NAME).is_file():
         return None
-    task_file = init / TASK_NAME
-    if not task_file.is_file():
-        return None
-    info = files.read_json(task_file, "task head description")
-    if not isinstance(info, dict) or info.get("task") not in TASKS:
-        raise ValueError(f"{task_file} does not describe a fine-tuning head (expected a task among {TASKS})")
-    if info["task"] != cfg.task:
-        raise ValueError(f"--init {init} holds a {info['task']} head ({TASK_NAME}); --task {cfg.task} needs "
-                             f"another head: start from a checkpoint without a task head (a pretraining or base "
-                             f"model directory), or use --task {info['task']}")
+    info = files.read_json(init / TASK_NAME, "task description")
+    if not isinstance(info, dict) or info.get("task") != cfg.task:
+        got = info.get("task") if isinstance(info, dict) else info
+        raise ValueError(f"--init {init} was fine-tuned for task {got!r} ({init / TASK_NAME}); --task {cfg.task} "
+                         f"needs another head: start from a pretraining or base model directory")
     return info
 
 
@@ -316,10 +292,9 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
     init_head = None
     source = Path(resume_dir) if resume_dir is not None else (Path(cfg.init) if cfg.init is not None else None)
     if cfg.init is not None and resume_dir is None:
-        kind = ckpt.directory_kind(cfg.init)
-        init_head = _check_head(cfg, Path(cfg.init), kind)
+        init_head = _init_task(cfg, Path(cfg.init))
     if resume_dir is not None:
-        init_head = files.read_json(resume_dir / TASK_NAME, "task head description")
+        init_head = files.read_json(resume_dir / TASK_NAME, "task description")
     # The label space: the head's when it has one, else the training file's.
     label_names = init_head.get("label_names") if init_head else None
     num_labels = cfg.num_labels if cfg.num_labels is not None else (init_head.get("num_labels") if init_head else None)
@@ -341,8 +316,10 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
         if cfg.config_overrides:
             raise ValueError("--set changes the config of a model built from --config; with --init the "
                              "checkpoint's config is used (omit --set)")
-    else:
-        model = Model(resolve_model_config(cfg.config, cfg.config_overrides), backend=cfg.backend, dtype=cfg.dtype,
+    else:   # from scratch: the task's architecture directly
+        config = resolve_model_config(cfg.config, cfg.config_overrides)
+        check_task_head(config, cfg.task, f"--config {cfg.config}")
+        model = Model(task_config(config, cfg.task, train_data.num_labels), backend=cfg.backend, dtype=cfg.dtype,
                       seed=cfg.seed)
     tokenizer = _tokenizer(cfg, source, model)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -350,14 +327,14 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
                          f"{model.config.vocab_size}; expected the model's own tokenizer")
     train_encoded = encode(train_data, tokenizer, cfg.seq_len)
     eval_encoded = encode(eval_data, tokenizer, cfg.seq_len) if eval_data is not None else None
-    task_model = TaskModel(model, cfg.task, train_data.num_labels, seed=cfg.seed, label_smoothing=cfg.label_smoothing)
-    head_file = (source / HEAD_NAME) if source is not None else None
-    if init_head is not None and head_file is not None and head_file.is_file():
-        tensors, _ = files.load_tensors(head_file)
-        task_model.load_head(tensors, str(head_file))
-    optimizer = make_optimizer(cfg.optimizer, task_model.state_dict(), cfg.learning_rate())
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={cfg.seq_len} is more than the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    if resume_dir is None:
+        model = with_task_head(model, cfg.task, train_data.num_labels, cfg.seed)
+    optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.learning_rate())
     task_info = {"task": cfg.task, "num_labels": train_data.num_labels, "label_names": train_data.label_names}
-    job = Job(cfg=cfg, out=Path(cfg.out), task_model=task_model, optimizer=optimizer,
+    job = Job(cfg=cfg, out=Path(cfg.out), model=model, optimizer=optimizer,
               order=ExampleOrder(len(train_encoded), cfg.seed), tokenizer=tokenizer, train_data=train_data,
               train_encoded=train_encoded, eval_data=eval_data, eval_encoded=eval_encoded, task_info=task_info,
               resume_dir=resume_dir)
@@ -385,12 +362,12 @@ def _host_batch(job: Job, indices: np.ndarray, micro: int) -> tuple:
     if cfg.task == "seq2seq":
         from ..unilm import seq2seq_finetune_batch
 
-        config = job.task_model.model.config
+        config = job.model.config
         batch = seq2seq_finetune_batch([enc.pairs[i] for i in indices], cfg.seq_len, config.vocab_size,
                                        seed=[cfg.seed, job.step, micro], unilm_segments=config.type_vocab_size >= 6,
                                        mask_prob=cfg.mask_prob)
         arrays = {"input_ids": batch.input_ids, "token_type_ids": batch.token_type_ids,
-                  "attention_mask": batch.attention_mask, "mlm_labels": batch.mlm_labels}
+                  "attention_mask": batch.attention_mask, "labels": batch.mlm_labels}
         return arrays, int((batch.mlm_labels != IGNORE_INDEX).sum()), int(sum(batch.num_real))
     arrays = {k: v[indices] for k, v in enc.arrays.items()}
     units = int((arrays["labels"] != IGNORE_INDEX).sum()) if cfg.task == "tokens" else len(indices)
@@ -399,14 +376,14 @@ def _host_batch(job: Job, indices: np.ndarray, micro: int) -> tuple:
 
 def _step(job: Job, log, stop: int) -> None:
     """One optimiser step, its logging and its checkpoint (the shape of pretraining's step)."""
-    cfg, tm = job.cfg, job.task_model
+    cfg, model = job.cfg, job.model
     lr = linear_warmup_decay(job.step, cfg.learning_rate(), cfg.steps, cfg.warmup_steps())
     host = [_host_batch(job, job.order.next_indices(cfg.batch_size), i) for i in range(cfg.grad_accum)]
     total = sum(units for _, units, _ in host)
     grads, loss = None, None
     for arrays, units, _ in host:
-        batch = {k: tm.backend.from_host(v) for k, v in arrays.items()}
-        result = tm.loss_and_grads(batch, training=True, weight=units / total if total else 0.0)
+        batch = {k: model.backend.from_host(v) for k, v in arrays.items()}
+        result = loss_and_grads(model, cfg.task, batch, True, units / total if total else 0.0, cfg.label_smoothing)
         if grads is None:
             grads, loss = result.grads, result.loss
         else:
@@ -415,14 +392,14 @@ def _step(job: Job, log, stop: int) -> None:
             loss = loss + result.loss
     checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
     log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
-    grad_norm = global_grad_norm(grads.values(), tm.xp) if log_now else None   # before clipping
+    grad_norm = global_grad_norm(grads.values(), model.xp) if log_now else None   # before clipping
     job.optimizer.step(grads, lr=lr)
     job.step += 1
     tokens = sum(t for _, _, t in host)
     job.tokens_seen += tokens
     log.count(tokens)
     if log_now:
-        loss_value, norm = (float(v) for v in tm.backend.to_host(tm.xp.stack([loss, grad_norm])))
+        loss_value, norm = (float(v) for v in model.backend.to_host(model.xp.stack([loss, grad_norm])))
         record = log.record(job.step, lr, {"loss": loss_value}, norm, job.tokens_seen)
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             log.close()
@@ -434,12 +411,8 @@ def _step(job: Job, log, stop: int) -> None:
         _save_checkpoint(job, log.elapsed())
 
 
-def _write_head(job: Job, directory: Path) -> None:
-    """The head's tensors and its description (task, classes) beside the model files."""
-    tensors = job.task_model.head_tensors()
-    if tensors:
-        files.save_tensors(Path(directory) / HEAD_NAME, tensors, metadata={"format": "ref-bert-head",
-                                                                           "task": job.cfg.task})
+def _write_task(job: Job, directory: Path) -> None:
+    """task.json beside the model files: the task and its classes (class names for evaluation)."""
     files.atomic_write_json(Path(directory) / TASK_NAME, job.task_info)
 
 
@@ -450,8 +423,9 @@ def _save_checkpoint(job: Job, elapsed: float) -> None:
     job_settings["train_sha256"] = _file_digest(train_path)
     run_state = {"format": STATE_FORMAT, "run": cfg.run_settings(), "job": job_settings, "task": job.task_info,
                  "elapsed": elapsed, "tokens": job.tokens_seen}
-    job.newest = rundir.save_checkpoint(job.out, job.step, job.task_model.model, job.optimizer, job.order,
-                                        job.tokenizer, run_state, extra=lambda d: _write_head(job, d))
+    job.model.mark_trained()    # the fresh head has been trained from here on
+    job.newest = rundir.save_checkpoint(job.out, job.step, job.model, job.optimizer, job.order,
+                                        job.tokenizer, run_state, extra=lambda d: _write_task(job, d))
     rundir.prune_checkpoints(job.out, job.newest, cfg.keep_checkpoints)
 
 
@@ -461,13 +435,13 @@ def _batches(arrays: dict, n: int, size: int):
         yield {k: v[start:start + size] for k, v in arrays.items()}
 
 
-def predict(task_model: TaskModel, encoded: Encoded, batch_size: int) -> list:
+def predict(model: Model, task: str, encoded: Encoded, batch_size: int) -> list:
     """The head's outputs (host arrays, no dropout) for every example, batch by batch."""
     outputs = []
-    be = task_model.backend
+    be = model.backend
     for host in _batches(encoded.arrays, len(encoded), batch_size):
         batch = {k: be.from_host(v) for k, v in host.items() if k in ("input_ids", "token_type_ids", "attention_mask")}
-        out = task_model.logits(batch, training=False)
+        out = task_outputs(model, task, batch)
         outputs.append(tuple(be.to_host(o) for o in out) if isinstance(out, tuple) else be.to_host(out))
     return outputs
 
@@ -483,13 +457,12 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, max_words: int =
     return int(i), int(j)
 
 
-def evaluate(task_model: TaskModel, data: TaskData, encoded: Encoded, tokenizer, batch_size: int = 16) -> dict:
-    """The task's metrics (:mod:`ref_bert.finetune.metrics`) of ``task_model`` on ``data``."""
+def evaluate(model: Model, data: TaskData, encoded: Encoded, tokenizer, batch_size: int = 16) -> dict:
+    """The task's metrics (:mod:`ref_bert.finetune.metrics`) of ``model`` (with the task's head) on ``data``."""
     task, records = data.task, data.records
     if task == "seq2seq":
         from ..generate import generate
 
-        model = task_model.model
         room = model.config.max_position_embeddings - (max(len(s) for s, _ in encoded.pairs) + 2)
         longest_target = max(len(t) for _, t in encoded.pairs)
         predicted = []
@@ -498,7 +471,7 @@ def evaluate(task_model: TaskModel, data: TaskData, encoded: Encoded, tokenizer,
             out = generate(model, sources, max_length=max(1, min(room, longest_target + 4)))
             predicted += [tokenizer.decode(seq) for seq in out.sequences]
         return task_metrics.exact_match([r["target"] for r in records], predicted)
-    outputs = predict(task_model, encoded, batch_size)
+    outputs = predict(model, task, encoded, batch_size)
     if task == "qa":
         starts = np.concatenate([s for s, _ in outputs])
         ends = np.concatenate([e for _, e in outputs])
@@ -514,7 +487,7 @@ def evaluate(task_model: TaskModel, data: TaskData, encoded: Encoded, tokenizer,
         return task_metrics.squad_scores([[a["text"] for a in r["answers"]] for r in records], predicted)
     logits = np.concatenate(outputs)
     if task == "regression":
-        return task_metrics.regression_scores([r["label"] for r in records], logits.tolist())
+        return task_metrics.regression_scores([r["label"] for r in records], logits.reshape(-1).tolist())
     if task == "tokens":
         gold, predicted = [], []
         labels = encoded.arrays["labels"]
@@ -544,4 +517,4 @@ def chance_scores(data: TaskData) -> dict:
 
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "prepare", "evaluate", "predict", "best_span",
-           "ExampleOrder", "RUN_KEYS", "STATE_FORMAT", "HEAD_NAME", "TASK_NAME", "EVAL_NAME"]
+           "ExampleOrder", "RUN_KEYS", "STATE_FORMAT", "TASK_NAME", "EVAL_NAME", "TASK_HEADS"]
