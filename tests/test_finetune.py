@@ -173,9 +173,21 @@ def test_squad_rules():
 
 
 # --- learning: each head beyond chance on its embedded data ---------------------------------------------------
-# task -> (settings, metric, floor). Seed 0, tiny config, batch 8, 32 tokens (48 for qa), dropout as the
-# tiny config has it. The floor is chance plus a margin; the figures reached are in the comments.
-LEARNING = {}
+# task -> (settings, metric, floor). Seed 0, the tiny config from scratch with its dropout (0.1), batch 16
+# unless set. The floor is chance plus a margin; the figure reached (measured) is in each comment.
+#   classification: chance = the majority class's share of the eval file, 58/150 = 0.387 (essay);
+#                   reached accuracy 0.653 in 200 steps of 64 tokens.
+#   regression:     chance = Pearson 0 (a prediction independent of the text); reached 0.571 in 40 steps
+#                   of 8 examples of 32 tokens (the target is the length in words / 10).
+#   seq2seq:        chance = always decoding the majority kind, exact match 0.387; reached 0.713 after 300
+#                   steps of 32 tokens at lr 2e-3 (greedy decoding of the source's kind).
+# tokens, qa and multiple-choice do not leave chance from scratch within this budget (report in the
+# closing note of issue 13); they have no learning test here rather than one that cannot fail.
+LEARNING = {
+    "classification": (dict(steps=200, seq_len=64), "accuracy", 0.387 + 0.15),
+    "regression": (dict(steps=40, batch_size=8, seq_len=32), "pearson", 0.4),
+    "seq2seq": (dict(steps=300, seq_len=32, lr=2e-3), "exact_match", 0.387 + 0.15),
+}
 
 
 @pytest.mark.parametrize("task", sorted(LEARNING))
