@@ -47,7 +47,9 @@ def add_arguments(parser) -> None:
     a("--num-labels", type=int, default=None, help="classes of the head (default: from the training file)")
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--backend", default=None, help="numpy or cupy (default: $REF_BERT_BACKEND or numpy)")
-    a("--dtype", default=None, choices=DTYPES, help=f"(default {d.dtype}: a model is trained)")
+    from . import DTYPE_RULE
+
+    a("--dtype", default=None, choices=DTYPES, help=f"(default {d.dtype}: {DTYPE_RULE})")
     a("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
     a("--batch-size", type=int, default=None, help=f"examples per micro-batch (default {d.batch_size})")
     a("--grad-accum", type=int, default=None, help=f"micro-batches per step (default {d.grad_accum})")
