@@ -21,7 +21,6 @@ from ref_bert.data import Tokenizer, default_corpus_path
 from ref_bert.finetune import TASKS, embedded_path, finetune, load_task_file, make_examples
 from ref_bert.finetune import loop
 from ref_bert.finetune.embedded import jsonl_bytes
-from ref_bert.finetune.heads import loss_and_grads
 from ref_bert.finetune.metrics import squad_f1, squad_normalize, squad_scores
 from ref_bert.model import Model
 
@@ -113,12 +112,8 @@ def test_accumulated_micro_batches_equal_one_batch(spiece, tmp_path):
     job = loop.prepare(cfg)
     model, be = job.model, job.model.backend
     arrays = [loop._host_batch(job, np.arange(i * 3, i * 3 + 3), 0) for i in range(2)]
-    total = sum(units for _, units, _ in arrays)
     assert arrays[0][1] != arrays[1][1]      # unequal label counts: weighting by examples would be wrong
-    accumulated = None
-    for host, units, _ in arrays:
-        r = loss_and_grads(model, "tokens", {k: be.from_host(v) for k, v in host.items()}, False, units / total)
-        accumulated = r.grads if accumulated is None else {k: accumulated[k] + r.grads[k] for k in accumulated}
+    accumulated, _ = loop.effective_batch_gradients(model, "tokens", arrays, training=False)
     whole = {k: np.concatenate([arrays[0][0][k], arrays[1][0][k]]) for k in arrays[0][0]}
     one = loss_and_grads(model, "tokens", {k: be.from_host(v) for k, v in whole.items()}, False, 1.0)
     # Errors relative to the largest gradient entry: a few tensors' exact gradient is 0 (the key bias:

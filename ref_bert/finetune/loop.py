@@ -374,22 +374,30 @@ def _host_batch(job: Job, indices: np.ndarray, micro: int) -> tuple:
     return arrays, units, int(arrays["attention_mask"].sum())
 
 
-def _step(job: Job, log, stop: int) -> None:
-    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step)."""
-    cfg, model = job.cfg, job.model
-    lr = linear_warmup_decay(job.step, cfg.learning_rate(), cfg.steps, cfg.warmup_steps())
-    host = [_host_batch(job, job.order.next_indices(cfg.batch_size), i) for i in range(cfg.grad_accum)]
+def effective_batch_gradients(model: Model, task: str, host: list, training: bool = True,
+                              label_smoothing: float = LABEL_SMOOTHING) -> tuple:
+    """``(grads, loss)`` of the effective batch made of the micro-batches ``host`` (``(arrays, units,
+    tokens)`` each): micro-batch i's loss weighted by n_i / N (module docstring)."""
     total = sum(units for _, units, _ in host)
     grads, loss = None, None
     for arrays, units, _ in host:
         batch = {k: model.backend.from_host(v) for k, v in arrays.items()}
-        result = loss_and_grads(model, cfg.task, batch, True, units / total if total else 0.0, cfg.label_smoothing)
+        result = loss_and_grads(model, task, batch, training, units / total if total else 0.0, label_smoothing)
         if grads is None:
             grads, loss = result.grads, result.loss
         else:
             for name, g in result.grads.items():
                 grads[name] += g
             loss = loss + result.loss
+    return grads, loss
+
+
+def _step(job: Job, log, stop: int) -> None:
+    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step)."""
+    cfg, model = job.cfg, job.model
+    lr = linear_warmup_decay(job.step, cfg.learning_rate(), cfg.steps, cfg.warmup_steps())
+    host = [_host_batch(job, job.order.next_indices(cfg.batch_size), i) for i in range(cfg.grad_accum)]
+    grads, loss = effective_batch_gradients(model, cfg.task, host, True, cfg.label_smoothing)
     checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
     log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
     grad_norm = global_grad_norm(grads.values(), model.xp) if log_now else None   # before clipping
