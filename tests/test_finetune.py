@@ -21,6 +21,7 @@ from ref_bert.data import Tokenizer, default_corpus_path
 from ref_bert.finetune import TASKS, embedded_path, finetune, load_task_file, make_examples
 from ref_bert.finetune import loop
 from ref_bert.finetune.embedded import jsonl_bytes
+from ref_bert.finetune.heads import loss_and_grads
 from ref_bert.finetune.metrics import squad_f1, squad_normalize, squad_scores
 from ref_bert.model import Model
 
