@@ -594,6 +594,16 @@ def read_hf(path, head: str | None = None, **options) -> HfCheckpoint:
     return HfCheckpoint(config, tensors_out, missing, arch, family, directory, unused)
 
 
+HEAD_GROUPS = ("albert.pooler", "bert.pooler", "pooler", "cls.predictions", "cls.seq_relationship", "predictions",
+               "sop_classifier", "classifier", "qa_outputs")
+
+
+def head_group(hf_name: str) -> str:
+    """The head a Hugging Face tensor name belongs to, e.g. "cls.predictions" for
+    "cls.predictions.transform.dense.weight" (the name itself when it is none of them)."""
+    return next((g for g in HEAD_GROUPS if hf_name.startswith(g + ".")), hf_name)
+
+
 def _mlm_bias_name(family: str) -> str:
     return "predictions.bias" if family == "albert" else "cls.predictions.bias"
 

@@ -603,7 +603,7 @@ class Model:
                          f"{model.config.architecture}; they are freshly initialised (seed {seed}) and must be "
                          f"trained (model.fresh_parameters)")
         if checkpoint.unused:
-            groups = sorted({n.rsplit(".", 2)[0] for n in checkpoint.unused})
+            groups = sorted({hf.head_group(n) for n in checkpoint.unused})
             notes.append(f"{model.config.architecture} does not use the checkpoint's {', '.join(groups)} weights")
         if notes:
             warnings.warn(f"{checkpoint.directory}: " + "; ".join(notes), stacklevel=2)
