@@ -254,3 +254,33 @@ def test_bad_head_configs_are_named():
     out = model.forward(np.ones((2, 5), dtype=np.int64), keep_cache=True)
     with pytest.raises(ValueError, match="d_logits was given but the AlbertForPreTraining head has no task logits"):
         model.backward(out, d_logits=np.zeros((2, 2)))
+
+
+# --- golden files for every head --------------------------------------------------------------------
+@pytest.mark.parametrize("head", FINE_TUNING_HEADS)
+def test_golden_file_of_every_head(head, tmp_path):
+    from ref_bert.golden import head_loss_and_grads, make_inputs, read_golden, write_golden
+
+    model_type = "bert" if head in BERT_ONLY_HEADS else "albert"
+    config = Config(vocab_size=20, embedding_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=8, max_position_embeddings=8, model_type=model_type,
+                    sharing="none" if model_type == "bert" else "all").with_head(head, is_decoder=head == "causal_lm")
+    model = Model(config, dtype="float64", seed=1)
+    inputs = make_inputs(config, batch=2, seq_len=6, seed=0)
+    write_golden(tmp_path / "g.safetensors", model, inputs, steps=1)
+    tensors, meta = read_golden(tmp_path / "g.safetensors")
+    assert meta["architecture"] == config.architecture and meta["config"]["head"] == head
+    names = {n.split("/", 1)[1] for n in tensors if n.startswith("inputs/")}
+    expected = {"input_ids", "token_type_ids", "attention_mask", "position_ids"} | {
+        "base": {"d_last_hidden_state", "d_pooled_output"},
+        "question_answering": {"start_positions", "end_positions"}}.get(head, {"labels"})
+    assert names == expected
+    losses = {n for n in tensors if n.startswith("loss/")}
+    assert losses == {"loss/total"} | ({"loss/start", "loss/end"} if head == "question_answering" else
+                                       set() if head == "base" else {"loss/task"})
+    result = head_loss_and_grads(model, {k: v for k, v in inputs.items()})
+    assert tensors["loss/total"].item() == float(result.loss)
+    assert {n.split("/", 1)[1] for n in tensors if n.startswith("grads/")} == set(model.params)
+    for name, grad in result.grads.items():
+        assert np.array_equal(tensors[f"grads/{name}"], grad), name
+    assert not np.array_equal(tensors["steps/loss"], np.zeros(1))
