@@ -315,23 +315,23 @@ class Model:
         return ModelOutput(hidden_states, pooled, mlm_logits, sop_logits, cache, logits)
 
     def _task_forward(self, last, pooled, drop, num_choices, trace):
-        """The classifier / QA head (tasks.py): ``(logits, cache)``, (None, None) for the other heads."""
+        """The classifier / QA head (tasks.py): ``(logits, cache)``, (None, None) for the other heads.
+        The trace's "head.logits" is the head's raw output ((B * C, 1) for multiple choice)."""
         cfg, p, head = self.config, self.params, self.config.head
         if head in ("sequence_classification", "multiple_choice"):
-            logits, cache = classifier_forward(pooled, p["classifier.weight"], p["classifier.bias"],
-                                               drop(pooled.shape, cfg.head_dropout_prob))
-            if head == "multiple_choice":          # (B * C, 1) -> (B, C): one logit per choice
-                logits = logits.reshape(-1, num_choices)
+            raw, cache = classifier_forward(pooled, p["classifier.weight"], p["classifier.bias"],
+                                            drop(pooled.shape, cfg.head_dropout_prob))
         elif head == "token_classification":
-            logits, cache = classifier_forward(last, p["classifier.weight"], p["classifier.bias"],
-                                               drop(last.shape, cfg.head_dropout_prob))
+            raw, cache = classifier_forward(last, p["classifier.weight"], p["classifier.bias"],
+                                            drop(last.shape, cfg.head_dropout_prob))
         elif head == "question_answering":
-            _, logits, cache = span_logits_forward(last, p["qa_outputs.weight"], p["qa_outputs.bias"])
+            _, raw, cache = span_logits_forward(last, p["qa_outputs.weight"], p["qa_outputs.bias"])
         else:
             return None, None
         if trace is not None:
-            trace("logits", logits)
-        return logits, cache
+            trace("head.logits", raw)
+        # multiple choice: (B * C, 1) -> (B, C), one logit per choice
+        return (raw.reshape(-1, num_choices) if head == "multiple_choice" else raw), cache
 
     # --- backward ------------------------------------------------------------------------------
     def backward(self, output: ModelOutput, *, d_hidden_states=None, d_pooled_output=None, d_mlm_logits=None,
@@ -581,22 +581,49 @@ class Model:
 
     # --- Hugging Face checkpoints (the name map and file formats live in ref_bert/hf.py) ---------
     @classmethod
-    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0) -> "Model":
+    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0, head: Optional[str] = None,
+                **options) -> "Model":
         """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors); see :mod:`ref_bert.hf`.
-        Heads missing from the checkpoint keep their initialisation from ``seed`` (with a warning)."""
-        checkpoint = hf.read_hf(path)
+
+        The model is the checkpoint's architecture, or ``head`` (a :class:`Config` head) with ``options``
+        (``num_labels``, ``problem_type``, ``classifier_dropout``, ``classifier_dropout_prob``,
+        ``is_decoder``): e.g. ``Model.from_hf("bert-base", head="sequence_classification", num_labels=3)``
+        puts a classifier on an encoder checkpoint. Parameters the checkpoint lacks are initialised from
+        ``seed`` (as ``Model(config, seed=seed)``), named in a warning and in ``model.fresh_parameters``;
+        the warning also names checkpoint head tensors the model does not use."""
+        checkpoint = hf.read_hf(path, head=head, **options)
         model = cls(checkpoint.config, backend=backend, dtype=dtype, seed=seed)
         for name, array in checkpoint.tensors.items():
             model.params[name] = model.backend.from_host(array, dtype=model.dtype)
+        model.fresh_parameters = tuple(checkpoint.missing)
+        notes = []
         if checkpoint.missing:
             groups = sorted({n.split(".")[0] for n in checkpoint.missing})
-            warnings.warn(f"{checkpoint.directory}: the {checkpoint.architecture} checkpoint has no "
-                          f"{', '.join(groups)} weights; they are freshly initialised (seed {seed})", stacklevel=2)
+            notes.append(f"the {checkpoint.architecture} checkpoint has no {', '.join(groups)} weights for "
+                         f"{model.config.architecture}; they are freshly initialised (seed {seed}) and must be "
+                         f"trained (model.fresh_parameters)")
+        if checkpoint.unused:
+            groups = sorted({hf.head_group(n) for n in checkpoint.unused})
+            notes.append(f"{model.config.architecture} does not use the checkpoint's {', '.join(groups)} weights")
+        if notes:
+            warnings.warn(f"{checkpoint.directory}: " + "; ".join(notes), stacklevel=2)
         return model
 
-    def save_hf(self, path):
-        """Write a directory that ``transformers`` loads as Albert/BertForPreTraining; see :mod:`ref_bert.hf`.
-        ``Model.from_hf(model.save_hf(d))`` reproduces every parameter bit for bit."""
+    def save_hf(self, path, allow_fresh: bool = False):
+        """Write a directory that ``transformers`` loads as ``config.architecture`` (the architecture this
+        model has); see :mod:`ref_bert.hf`. ``Model.from_hf(model.save_hf(d))`` reproduces every parameter
+        bit for bit.
+
+        A model whose ``fresh_parameters`` (a head freshly put on a checkpoint) were never declared trained
+        (:meth:`mark_trained`) is refused, so that random weights are never published as a trained
+        checkpoint; ``allow_fresh=True`` writes them anyway, with a warning."""
+        if self.fresh_parameters:
+            names = ", ".join(self.fresh_parameters[:6]) + (", ..." if len(self.fresh_parameters) > 6 else "")
+            if not allow_fresh:
+                raise ValueError(f"save_hf: {len(self.fresh_parameters)} parameters ({names}) are freshly initialised "
+                                 f"and were never trained; train them and call model.mark_trained(), or pass "
+                                 f"allow_fresh=True to write them as they are")
+            warnings.warn(f"save_hf: writing freshly initialised (untrained) parameters: {names}", stacklevel=2)
         return hf.write_hf(path, self.config, self._host_tensors(), self.dtype.name)
 
     def hf_state_dict(self, tensors=None) -> dict:
