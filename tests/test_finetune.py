@@ -194,3 +194,26 @@ def test_each_head_learns_its_embedded_task(task, spiece, tmp_path):
     assert result.scores[metric] > floor, (task, result.scores)
     written = json.loads((tmp_path / task / "eval.json").read_text())
     assert written[metric] == result.scores[metric]
+
+
+# --- Hugging Face starting points ------------------------------------------------------------------------
+def test_init_from_hugging_face_base_and_mismatched_head(spiece, tmp_path, capsys):
+    """An AlbertModel directory gets a fresh sequence-classification head and trains; an
+    AlbertForTokenClassification directory is refused for --task classification before OUT is made."""
+    from tests._hf_models import ALBERT_SHARED, hf_model
+
+    spec = dict(ALBERT_SHARED, vocab_size=1000, max_position_embeddings=40)
+    for arch in ("Model", "ForTokenClassification"):
+        hf_model(spec, arch=arch, dtype="float32").save_pretrained(tmp_path / arch)
+        Tokenizer.load(spiece).save(tmp_path / arch / "spiece.model")
+    train = _write(tmp_path / "train.jsonl", [{"text": "the sea is calm", "label": "calm"},
+                                              {"text": "the storm breaks", "label": "rough"}])
+    common = ["--task", "classification", "--train", train, "--steps", "2", "--seq-len", "16", "--no-progress"]
+    assert main(["finetune", "--init", str(tmp_path / "Model"), "--out", str(tmp_path / "a"), *common]) == 0
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["head"] == "sequence_classification" and saved["num_labels"] == 2
+    assert main(["finetune", "--init", str(tmp_path / "ForTokenClassification"), "--out", str(tmp_path / "b"),
+                 *common]) == 2
+    assert "is a AlbertForTokenClassification checkpoint; --task classification needs a " \
+           "AlbertForSequenceClassification" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

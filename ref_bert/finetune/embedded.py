@@ -19,14 +19,16 @@ to the evaluation file when i % 5 == 0 and to the training file otherwise; each 
 
     classification   the kind of the sentence's source (five classes)
     regression       the sentence's length in words, divided by 10
-    tokens           tags by one rule: a word that starts with a capital letter and is not the
-                     sentence's first word is part of a CAP entity; a run of such words is one entity
-                     (B-CAP, then I-CAP), every other word is O
-    qa               the context is the sentence; the question asks for its first, second or last word
-                     (the kind cycles with i); the answer is that word without surrounding punctuation
+    tokens           noun-phrase chunks by one rule: a determiner (DETERMINERS, any case, punctuation
+                     aside) starts an NP chunk (B-NP) and the word after it, unless it is a determiner
+                     too, continues it (I-NP); every other word is O
+    qa               the context is the sentence's first 12 words; the question asks for its first,
+                     second or last word (the kind cycles with i, skipping a kind whose answer is an
+                     article, which SQuAD's normalisation erases); the answer is that word without
+                     surrounding punctuation
     multiple-choice  the context is the sentence's first half (words[:n // 2]); the four choices are its
-                     true second half and the second halves of three sentences of the other kinds; the
-                     right choice's position is i % 4
+                     true second half (which ends the sentence) and the first halves of three sentences
+                     of the other kinds (which do not); the right choice's position is i % 4
     seq2seq          the source is the sentence, the target the kind of its source
 """
 from __future__ import annotations
@@ -44,6 +46,8 @@ MIN_WORDS = 4
 LIMITS = {"train": 600, "eval": 150}
 DATA_DIR = Path(__file__).resolve().parent / "data"
 QA_QUESTIONS = ("What is the first word?", "What is the second word?", "What is the last word?")
+QA_CONTEXT_WORDS = 12
+DETERMINERS = frozenset("the a an this that these those his her its their my your our".split())
 
 
 def embedded_path(task: str, split: str) -> str:
@@ -84,13 +88,14 @@ def _bare(word: str) -> tuple:
     return (stripped, word.index(stripped)) if stripped else (word, 0)
 
 
-def cap_tags(words: list) -> list:
-    """The tagging rule (module docstring): B-CAP / I-CAP for runs of capitalised non-initial words."""
+def np_tags(words: list) -> list:
+    """The tagging rule (module docstring): B-NP on a determiner, I-NP on the word after it."""
     tags = []
-    for k, word in enumerate(words):
-        bare, _ = _bare(word)
-        if k > 0 and bare[:1].isupper():
-            tags.append("I-CAP" if tags[-1] != "O" else "B-CAP")
+    for word in words:
+        if _bare(word)[0].lower() in DETERMINERS:
+            tags.append("B-NP")
+        elif tags and tags[-1] == "B-NP":
+            tags.append("I-NP")
         else:
             tags.append("O")
     return tags
@@ -102,9 +107,14 @@ def qa_example(sentence: str, i: int) -> dict:
         start = sentence.index(word, pos)
         words.append((word, start))
         pos = start + len(word)
-    which = i % len(QA_QUESTIONS)
-    word, start = words[(0, 1, -1)[which]]
-    bare, shift = _bare(word)
+    from .metrics import squad_normalize
+
+    for k in range(len(QA_QUESTIONS)):     # the kind i % 3, or the next one whose answer is not an article
+        which = (i + k) % len(QA_QUESTIONS)
+        word, start = words[(0, 1, -1)[which]]
+        bare, shift = _bare(word)
+        if squad_normalize(bare):
+            break
     return {"context": sentence, "question": QA_QUESTIONS[which],
             "answers": [{"text": bare, "answer_start": start + shift}]}
 
@@ -122,9 +132,9 @@ def make_examples(task: str, sentences=None) -> dict:
         elif task == "regression":
             record = {"text": sentence, "label": len(words) / 10}
         elif task == "tokens":
-            record = {"tokens": words, "tags": cap_tags(words)}
+            record = {"tokens": words, "tags": np_tags(words)}
         elif task == "qa":
-            record = qa_example(sentence, i)
+            record = qa_example(" ".join(words[:QA_CONTEXT_WORDS]), i)
         elif task == "multiple-choice":
             half = len(words) // 2
             others = [k for k in KINDS if k != kind]
@@ -132,7 +142,7 @@ def make_examples(task: str, sentences=None) -> dict:
             for j, other in enumerate(others[:3]):
                 pool = by_kind[other]
                 other_words = pool[(i * 7 + j * 13) % len(pool)].split()
-                distractors.append(" ".join(other_words[len(other_words) // 2:]))
+                distractors.append(" ".join(other_words[:len(other_words) // 2]))
             choices = list(distractors)
             choices.insert(i % 4, " ".join(words[half:]))
             record = {"context": " ".join(words[:half]), "choices": choices, "label": i % 4}

@@ -272,7 +272,15 @@ def _file_digest(path: str) -> str:
 def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
     """Check that the model directory ``init`` has no head of another task (its config's head, or a
     Hugging Face directory's architecture); return its task.json (a finished finetune OUT) or None."""
-    config, _ = ckpt.load_config_any(init)
+    config, kind = ckpt.load_config_any(init)
+    if kind == ckpt.HF_DIRECTORY:   # its head is the class config.json names (load_config_any reads the encoder)
+        from ..hf import ARCHITECTURES
+
+        raw = files.read_json(init / ckpt.CONFIG_NAME, "model config")
+        named = [a for a in (raw.get("architectures") or []) if a in ARCHITECTURES]
+        if named:
+            config = config.with_head(ARCHITECTURES[named[0]][1], **({"problem_type": raw["problem_type"]}
+                                                                    if raw.get("problem_type") else {}))
     check_task_head(config, cfg.task, f"--init {init}")
     if not (init / TASK_NAME).is_file():
         return None
@@ -312,7 +320,21 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
                          f"the same file to resume exactly")
 
     if source is not None:
-        model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
+        if cfg.config_overrides:
+            raise ValueError("--set changes the config of a model built from --config; with --init the "
+                             "checkpoint's config is used (omit --set)")
+        if resume_dir is None and ckpt.directory_kind(source) == ckpt.HF_DIRECTORY:
+            # transformers' directory: the task's architecture straight from it (its own head when it
+            # has this one, else a fresh head on its encoder: Model.from_hf warns and names them).
+            wanted = task_config(ckpt.load_config_any(source)[0], cfg.task, train_data.num_labels)
+            options = {k: getattr(wanted, k) for k in ("num_labels", "problem_type")
+                       if wanted.head in ("sequence_classification", "token_classification", "question_answering")}
+            if wanted.head != "sequence_classification":
+                options.pop("problem_type", None)
+            model = Model.from_hf(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, head=wanted.head,
+                                  **options)
+        else:
+            model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
         if cfg.config_overrides:
             raise ValueError("--set changes the config of a model built from --config; with --init the "
                              "checkpoint's config is used (omit --set)")
