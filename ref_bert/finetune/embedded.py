@@ -22,7 +22,7 @@ to the evaluation file when i % 5 == 0 and to the training file otherwise; each 
     tokens           noun-phrase chunks by one rule: a determiner (DETERMINERS, any case, punctuation
                      aside) starts an NP chunk (B-NP) and the word after it, unless it is a determiner
                      too, continues it (I-NP); every other word is O
-    qa               the context is the sentence's first 12 words; the question asks for its first,
+    qa               the context is the sentence's first 8 words; the question asks for its first,
                      second or last word (the kind cycles with i, skipping a kind whose answer is an
                      article, which SQuAD's normalisation erases); the answer is that word without
                      surrounding punctuation
@@ -46,7 +46,7 @@ MIN_WORDS = 4
 LIMITS = {"train": 600, "eval": 150}
 DATA_DIR = Path(__file__).resolve().parent / "data"
 QA_QUESTIONS = ("What is the first word?", "What is the second word?", "What is the last word?")
-QA_CONTEXT_WORDS = 12
+QA_CONTEXT_WORDS = 8
 DETERMINERS = frozenset("the a an this that these those his her its their my your our".split())
 
 
