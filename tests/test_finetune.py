@@ -175,17 +175,20 @@ def test_squad_rules():
 #                   reached accuracy 0.653 in 200 steps of 64 tokens.
 #   regression:     chance = Pearson 0 (a prediction independent of the text); reached 0.571 in 40 steps
 #                   of 8 examples of 32 tokens (the target is the length in words / 10).
-#   seq2seq:        chance = always decoding the majority kind, exact match 0.387; reached 0.713 after 300
-#                   steps of 32 tokens at lr 2e-3 (greedy decoding of the source's kind).
+#   seq2seq:        chance = always decoding the majority kind, exact match 0.387; reached 0.773 after 250
+#                   steps of 24 tokens at lr 2e-3 (greedy decoding of the source's kind).
 #   tokens:         chance = entity F1 0 (tagging every word O; a tagger guessing at the tags' rates
 #                   finds almost no whole chunk); reached F1 0.233 in 100 steps of 32 tokens at lr 2e-3.
 #   multiple-choice: chance = 1/4; reached accuracy 0.88 in 40 steps of 4 examples (16 rows) of 32 tokens.
+#   qa:             has no learning test: from scratch it does not leave its input-blind baseline (always
+#                   the first word: exact match ~30%) within a test budget; measured exact match 18-26%
+#                   (train 45%: it memorises) in 150-400 steps of 24-40 tokens, lr 1e-3 to 2e-3.
 LEARNING = {
     "tokens": (dict(steps=100, seq_len=32, lr=2e-3), "f1", 0.15),
     "multiple-choice": (dict(steps=40, batch_size=4, seq_len=32), "accuracy", 0.25 + 0.3),
     "classification": (dict(steps=200, seq_len=64), "accuracy", 0.387 + 0.15),
     "regression": (dict(steps=40, batch_size=8, seq_len=32), "pearson", 0.4),
-    "seq2seq": (dict(steps=300, seq_len=32, lr=2e-3), "exact_match", 0.387 + 0.15),
+    "seq2seq": (dict(steps=250, seq_len=24, lr=2e-3), "exact_match", 0.387 + 0.2),
 }
 
 
