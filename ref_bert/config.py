@@ -85,7 +85,7 @@ class Config:
     # finite value keeps fully masked rows (UniLM pad queries) finite and differentiable.
     attention_mask_value: float = -10000.0
     model_type: str = "albert"
-    # --- the head (docs/reference.md §7): which Hugging Face architecture this model is -------------
+    # --- the head (docs/reference.md §11): which Hugging Face architecture this model is -------------
     head: str = "pretraining"
     num_labels: int = 2                   # classifier width (sequence/token classification; QA needs 2)
     problem_type: Optional[str] = None    # sequence classification: None = chosen from labels, as HF

@@ -78,10 +78,10 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
     """A transformers model for ``config`` (a ref-bert Config or an HF config dict with ``model_type``).
 
     In order: ``torch.manual_seed(seed)`` when given; the model is built (float32, transformers'
-    initialisation); ``init(model)`` runs under ``torch.no_grad()`` when given; ``weights`` (a dict of
-    arrays by HF checkpoint name, e.g. ``Model.hf_state_dict()``) are loaded, every parameter but the
-    tied decoder required, and the decoder re-tied; then the model moves to ``device`` and ``dtype`` and
-    is put in eval mode (dropout off), or train mode when ``train``.
+    initialisation); ``init(model)`` runs under ``torch.no_grad()`` when given; the model moves to
+    ``device`` and ``dtype``; ``weights`` (a dict of arrays by HF checkpoint name, e.g.
+    ``Model.hf_state_dict()``) are loaded in that dtype, every parameter but the tied decoder required,
+    and the decoder re-tied; then the model is put in eval mode (dropout off), or train mode when ``train``.
     """
     import torch
 
@@ -93,6 +93,9 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
     if init is not None:
         with torch.no_grad():
             init(model)
+    # to the target dtype *before* the weights are copied in: a float64 weight copied into the float32
+    # model transformers builds would be rounded to float32 on the way
+    model = model.to(device=device, dtype=torch_dtype(dtype))
     if weights is not None:
         state = {k: torch.from_numpy(v) for k, v in weights.items()}
         result = model.load_state_dict(state, strict=False)
@@ -101,7 +104,6 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
             raise RuntimeError(f"weights do not map onto {cls.__name__}: missing {untied}, "
                                f"unexpected {result.unexpected_keys}")
         model.tie_weights()
-    model = model.to(device=device, dtype=torch_dtype(dtype))
     if weights is not None and model.get_output_embeddings() is not None and (
             model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()):
         raise RuntimeError("the MLM decoder is not tied to the word embeddings in the torch model")

@@ -2,7 +2,7 @@
 
 Each head sits on the encoder's last hidden state h (B, T, H) or on the pooled output
 pooled = tanh(h[:, 0] Wp + bp) (B, H) (``heads.pooler_forward``), and matches the transformers class of
-the same name in structure, parameter names and loss (docs/reference.md §7):
+the same name in structure, parameter names and loss (docs/reference.md §11):
 
     head (Config.head)        transformers class                 on        logits                   loss
     sequence_classification   *ForSequenceClassification         pooled    dropout(x) Wc + bc (B, L) problem_type

@@ -13,7 +13,7 @@ log p_n = z_n - logsumexp(z_n), and the per-row loss with smoothing eps (eps = 0
                                                             sum(w * nll) / (sum(w) + 1e-5), w = 1 on S)
 
 torch smooths exactly this way, ignored rows included: they contribute neither term, and the mean
-divides by the number of non-ignored rows (docs/reference.md §7.3).
+divides by the number of non-ignored rows (docs/reference.md §11.3).
 
 Backward: d l_n / d z_n = sum_c q_n[c] (p_n - onehot(c)) = p_n - q_n (sum_c q_n[c] = 1), so
     dz_n = dloss * (softmax(z_n) - q_n) / D   for n in S;   rows not in S get 0.
