@@ -224,3 +224,16 @@ def test_init_from_hugging_face_base_and_mismatched_head(spiece, tmp_path, capsy
     assert "is a AlbertForTokenClassification checkpoint; --task classification needs a " \
            "AlbertForSequenceClassification" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_qa_runs_on_its_embedded_data_and_prints_the_table(spiece, tmp_path, capsys):
+    """qa has no learning test (LEARNING's comment); its whole path runs: embedded files, span labels,
+    best-span decoding, SQuAD scores in OUT/eval.json and the printed table."""
+    out = tmp_path / "qa"
+    assert main(["finetune", "--task", "qa", "--out", str(out), "--tokenizer", spiece, "--steps", "2",
+                 "--seq-len", "32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "eval.json").read_text())
+    assert scores["examples"] == 150 and all(0 <= scores[k] <= 100 for k in ("exact_match", "f1"))
+    assert f"exact_match  {scores['exact_match']:.4f}" in printed
+    assert json.loads((out / "config.json").read_text())["head"] == "question_answering"

@@ -343,7 +343,8 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
         check_task_head(config, cfg.task, f"--config {cfg.config}")
         model = Model(task_config(config, cfg.task, train_data.num_labels), backend=cfg.backend, dtype=cfg.dtype,
                       seed=cfg.seed)
-    tokenizer = _tokenizer(cfg, source, model)
+    tokenizer = (rundir.checkpoint_tokenizer(resume_dir, cfg.tokenizer) if resume_dir is not None
+                 else _tokenizer(cfg, source, model))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocab_size="
                          f"{model.config.vocab_size}; expected the model's own tokenizer")
