@@ -237,3 +237,46 @@ def test_qa_runs_on_its_embedded_data_and_prints_the_table(spiece, tmp_path, cap
     assert scores["examples"] == 150 and all(0 <= scores[k] <= 100 for k in ("exact_match", "f1"))
     assert f"exact_match  {scores['exact_match']:.4f}" in printed
     assert json.loads((out / "config.json").read_text())["head"] == "question_answering"
+
+
+def test_encoding_layouts(spiece, tmp_path):
+    """Pairs as [CLS] a [SEP] b [SEP] with types 0/1, cut longest-first; a word's tag on its first piece
+    only; QA labels on the answer's pieces, read back to the answer's words; C rows per choice."""
+    from ref_bert.data import CLS_ID, SEP_ID
+    from ref_bert.finetune.data import encode
+
+    tok = Tokenizer.load(spiece)
+    pair = load_task_file("classification", _write(tmp_path / "c.jsonl", [
+        {"text": "the sea is calm today and the wind has dropped", "text_pair": "calm", "label": 1},
+        {"text": "x y", "label": 0}]))
+    enc = encode(pair, tok, 12)
+    a, b = tok.encode("the sea is calm today and the wind has dropped"), tok.encode("calm")
+    expected = [CLS_ID, *a[:12 - 3 - len(b)], SEP_ID, *b, SEP_ID]          # only the longer side loses tokens
+    assert enc.arrays["input_ids"][0].tolist() == expected
+    assert enc.arrays["token_type_ids"][0].tolist() == [0] * (len(expected) - len(b) - 1) + [1] * (len(b) + 1)
+    assert enc.arrays["attention_mask"][1].tolist() == [1] * (len(tok.encode("x y")) + 2) + \
+        [0] * (12 - len(tok.encode("x y")) - 2)
+
+    tags = load_task_file("tokens", _write(tmp_path / "t.jsonl", [{"tokens": ["Unalienable", "rights"],
+                                                                   "tags": ["B-NP", "I-NP"]}]))
+    enc = encode(tags, tok, 16)
+    first = tok.encode("Unalienable")
+    assert len(first) > 1
+    labels = enc.arrays["labels"][0].tolist()
+    assert labels[1] == tags.label_names.index("B-NP") and labels[2:1 + len(first)] == [-100] * (len(first) - 1)
+    assert labels[1 + len(first)] == tags.label_names.index("I-NP") and labels[0] == -100
+
+    context = "Call me Ishmael, some years ago."
+    qa = load_task_file("qa", _write(tmp_path / "q.jsonl", [{"context": context, "question": "Who?",
+                                                           "answers": [{"text": "Ishmael", "answer_start": 8}]}]))
+    enc = encode(qa, tok, 32)
+    s, e = int(enc.arrays["start_positions"][0]), int(enc.arrays["end_positions"][0])
+    assert tok.decode(enc.arrays["input_ids"][0][s:e + 1].tolist()) == "Ishmael,"     # the whole word
+    meta = enc.meta[0]
+    assert context[meta["words"][2][0]:meta["words"][2][1]] == "Ishmael,"
+    assert s == meta["offset"] + meta["first_piece"][2] and e == meta["offset"] + meta["last_piece"][2]
+
+    mc = load_task_file("multiple-choice", _write(tmp_path / "m.jsonl", [{"context": "c", "choices": ["x", "y", "z"],
+                                                                        "label": 2}]))
+    enc = encode(mc, tok, 8)
+    assert enc.arrays["input_ids"].shape == (1, 3, 8) and enc.arrays["labels"].tolist() == [2]
