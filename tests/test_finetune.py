@@ -280,3 +280,24 @@ def test_encoding_layouts(spiece, tmp_path):
                                                                         "label": 2}]))
     enc = encode(mc, tok, 8)
     assert enc.arrays["input_ids"].shape == (1, 3, 8) and enc.arrays["labels"].tolist() == [2]
+
+
+def test_a_finetuned_directory_starts_the_same_task_with_its_classes(spiece, tmp_path, capsys):
+    """--init a finetune OUT: its head and class names are kept; a class it lacks is refused by line."""
+    lines = [{"text": "the sea is calm", "label": "calm"}, {"text": "the storm breaks", "label": "rough"}]
+    train = _write(tmp_path / "train.jsonl", lines)
+    common = ["--task", "classification", "--steps", "2", "--seq-len", "16", "--no-progress"]
+    assert main(["finetune", "--train", train, "--out", str(tmp_path / "a"), "--tokenizer", spiece, *common]) == 0
+    assert main(["finetune", "--train", train, "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    a = files.load_tensors(tmp_path / "a" / "model.safetensors")[0]
+    b_first = json.loads((tmp_path / "b" / "task.json").read_text())
+    assert b_first["label_names"] == ["calm", "rough"] and "classifier.weight" in a
+    more = _write(tmp_path / "more.jsonl", lines + [{"text": "fog", "label": "grey"}])
+    assert main(["finetune", "--train", more, "--init", str(tmp_path / "a"), "--out", str(tmp_path / "c"),
+                 *common]) == 2
+    assert "more.jsonl line 3: label 'grey' is not one of the 2 classes ['calm', 'rough']" in capsys.readouterr().err
+    assert main(["finetune", "--task", "regression", "--train", _write(tmp_path / "r.jsonl", [{"text": "a", "label": 1.5}]),
+                 "--init", str(tmp_path / "a"), "--out", str(tmp_path / "d"), "--steps", "2", "--no-progress"]) == 2
+    assert "--task regression needs a AlbertForSequenceClassification with problem_type regression" in \
+        capsys.readouterr().err

@@ -39,7 +39,7 @@ from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
 from ..validate import is_int, require
 from . import metrics as task_metrics
-from .data import TASKS, Encoded, TaskData, check_task, encode, load_task_file
+from .data import Encoded, TaskData, check_task, encode, load_task_file
 from .embedded import embedded_path
 from .heads import (LABEL_SMOOTHING, TASK_HEADS, check_task_head, loss_and_grads, task_config, task_outputs,
                     with_task_head)
