@@ -178,6 +178,9 @@ class Model:
             raise ValueError(f"config must be a ref_bert.Config or a preset name, got {type(config).__name__}")
         if str(np.dtype(dtype)) not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if config.head == "causal_lm" and not config.is_decoder:
+            warnings.warn("a causal_lm head (BertLMHeadModel) with is_decoder=False attends both ways, as "
+                          "transformers' does; set is_decoder=True for left-to-right language modelling", stacklevel=2)
         self.config = config
         self.backend = backends.get(backend)
         self.xp = self.backend.xp

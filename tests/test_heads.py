@@ -284,3 +284,10 @@ def test_golden_file_of_every_head(head, tmp_path):
     for name, grad in result.grads.items():
         assert np.array_equal(tensors[f"grads/{name}"], grad), name
     assert not np.array_equal(tensors["steps/loss"], np.zeros(1))
+
+
+def test_generate_refuses_a_model_without_an_mlm_head():
+    from ref_bert.generate import generate
+
+    with pytest.raises(ValueError, match="generate needs a bidirectional model with an MLM head.*AlbertForSequence"):
+        generate(_tiny("sequence_classification"), [[3, 4]])
