@@ -20,7 +20,7 @@ from ref_bert.config import Config
 from ref_bert.data import Tokenizer, default_corpus_path
 from ref_bert.finetune import TASKS, embedded_path, finetune, load_task_file, make_examples
 from ref_bert.finetune import loop
-from ref_bert.finetune.embedded import jsonl_bytes
+from ref_bert.finetune.embedded import LIMITS, jsonl_bytes
 from ref_bert.finetune.heads import loss_and_grads
 from ref_bert.finetune.metrics import squad_f1, squad_normalize, squad_scores
 from ref_bert.model import Model
@@ -45,7 +45,7 @@ def test_embedded_files_are_what_the_functions_make():
         for split in ("train", "eval"):
             assert Path(embedded_path(task, split)).read_bytes() == jsonl_bytes(made[split]), (task, split)
             data = load_task_file(task, embedded_path(task, split))       # and they pass validation
-            assert len(data.records) == {"train": 600, "eval": 150}[split]
+            assert len(data.records) == len(made[split]) and 100 <= len(data.records) <= LIMITS[split]
 
 
 # --- bad input: error, exit 2, nothing written -----------------------------------------------------------
@@ -180,12 +180,13 @@ def test_squad_rules():
 #   tokens:         chance = entity F1 0 (tagging every word O; a tagger guessing at the tags' rates
 #                   finds almost no whole chunk); reached F1 0.233 in 100 steps of 32 tokens at lr 2e-3.
 #   multiple-choice: chance = 1/4; reached accuracy 0.88 in 40 steps of 4 examples (16 rows) of 32 tokens.
-#   qa:             has no learning test: from scratch it does not leave its input-blind baseline (always
-#                   the first word: exact match ~30%) within a test budget; measured exact match 18-26%
-#                   (train 45%: it memorises) in 150-400 steps of 24-40 tokens, lr 1e-3 to 2e-3.
+#   qa:             chance = the best input-blind span rule (the best fixed word span; it is the window's
+#                   last two words): exact match 24.2% (the first two words: 10.1%); reached exact match
+#                   48.3% (F1 66.8) in 150 steps of 32 tokens at lr 2e-3.
 LEARNING = {
     "tokens": (dict(steps=100, seq_len=32, lr=2e-3), "f1", 0.15),
     "multiple-choice": (dict(steps=40, batch_size=4, seq_len=32), "accuracy", 0.25 + 0.3),
+    "qa": (dict(steps=150, seq_len=32, lr=2e-3), "exact_match", 24.2 + 15),
     "classification": (dict(steps=200, seq_len=64), "accuracy", 0.387 + 0.15),
     "regression": (dict(steps=40, batch_size=8, seq_len=32), "pearson", 0.4),
     "seq2seq": (dict(steps=250, seq_len=24, lr=2e-3), "exact_match", 0.387 + 0.2),
@@ -226,15 +227,14 @@ def test_init_from_hugging_face_base_and_mismatched_head(spiece, tmp_path, capsy
     assert not (tmp_path / "b").exists()
 
 
-def test_qa_runs_on_its_embedded_data_and_prints_the_table(spiece, tmp_path, capsys):
-    """qa has no learning test (LEARNING's comment); its whole path runs: embedded files, span labels,
-    best-span decoding, SQuAD scores in OUT/eval.json and the printed table."""
+def test_qa_prints_the_table(spiece, tmp_path, capsys):
+    """The command line prints OUT/eval.json's scores as a table."""
     out = tmp_path / "qa"
     assert main(["finetune", "--task", "qa", "--out", str(out), "--tokenizer", spiece, "--steps", "2",
                  "--seq-len", "32", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     scores = json.loads((out / "eval.json").read_text())
-    assert scores["examples"] == 150 and all(0 <= scores[k] <= 100 for k in ("exact_match", "f1"))
+    assert scores["examples"] == 149 and all(0 <= scores[k] <= 100 for k in ("exact_match", "f1"))
     assert f"exact_match  {scores['exact_match']:.4f}" in printed
     assert json.loads((out / "config.json").read_text())["head"] == "question_answering"
 

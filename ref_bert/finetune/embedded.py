@@ -22,10 +22,11 @@ to the evaluation file when i % 5 == 0 and to the training file otherwise; each 
     tokens           noun-phrase chunks by one rule: a determiner (DETERMINERS, any case, punctuation
                      aside) starts an NP chunk (B-NP) and the word after it, unless it is a determiner
                      too, continues it (I-NP); every other word is O
-    qa               the context is the sentence's first 8 words; the question asks for its first,
-                     second or last word (the kind cycles with i, skipping a kind whose answer is an
-                     article, which SQuAD's normalisation erases); the answer is that word without
-                     surrounding punctuation
+    qa               the context is the first window of 8 consecutive words of the sentence that holds
+                     exactly one noun-phrase chunk of the tokens rule (a determiner and the word after
+                     it, not ending the window); the question is "Which noun phrase is in the text?";
+                     the answer is that chunk (trailing punctuation aside). Sentences without such a
+                     window give no qa example
     multiple-choice  the context is the sentence's first half (words[:n // 2]); the four choices are its
                      true second half (which ends the sentence) and the first halves of three sentences
                      of the other kinds (which do not); the right choice's position is i % 4
@@ -45,7 +46,7 @@ KINDS = ("state", "scripture", "novel", "fable", "essay")
 MIN_WORDS = 4
 LIMITS = {"train": 600, "eval": 150}
 DATA_DIR = Path(__file__).resolve().parent / "data"
-QA_QUESTIONS = ("What is the first word?", "What is the second word?", "What is the last word?")
+QA_QUESTION = "Which noun phrase is in the text?"
 QA_CONTEXT_WORDS = 8
 DETERMINERS = frozenset("the a an this that these those his her its their my your our".split())
 
@@ -101,22 +102,24 @@ def np_tags(words: list) -> list:
     return tags
 
 
-def qa_example(sentence: str, i: int) -> dict:
-    words, pos = [], 0
-    for word in sentence.split():
-        start = sentence.index(word, pos)
-        words.append((word, start))
-        pos = start + len(word)
-    from .metrics import squad_normalize
-
-    for k in range(len(QA_QUESTIONS)):     # the kind i % 3, or the next one whose answer is not an article
-        which = (i + k) % len(QA_QUESTIONS)
-        word, start = words[(0, 1, -1)[which]]
-        bare, shift = _bare(word)
-        if squad_normalize(bare):
-            break
-    return {"context": sentence, "question": QA_QUESTIONS[which],
-            "answers": [{"text": bare, "answer_start": start + shift}]}
+def qa_example(sentence: str):
+    """The qa record of ``sentence`` (module docstring), or None when it has no suitable window."""
+    words = sentence.split()
+    for first in range(max(1, len(words) - QA_CONTEXT_WORDS + 1)):
+        window = words[first:first + QA_CONTEXT_WORDS]
+        found = [k for k, w in enumerate(window) if _bare(w)[0].lower() in DETERMINERS]
+        if len(found) != 1 or found[0] == len(window) - 1:
+            continue
+        k = found[0]
+        following, _ = _bare(window[k + 1])
+        if following.lower() in DETERMINERS or not following:
+            continue
+        context = " ".join(window)
+        start = len(" ".join(window[:k])) + (1 if k else 0)
+        text = window[k] + " " + following
+        if context[start:start + len(text)] == text and text.strip() == text:
+            return {"context": context, "question": QA_QUESTION, "answers": [{"text": text, "answer_start": start}]}
+    return None
 
 
 def make_examples(task: str, sentences=None) -> dict:
@@ -134,7 +137,9 @@ def make_examples(task: str, sentences=None) -> dict:
         elif task == "tokens":
             record = {"tokens": words, "tags": np_tags(words)}
         elif task == "qa":
-            record = qa_example(" ".join(words[:QA_CONTEXT_WORDS]), i)
+            record = qa_example(sentence)
+            if record is None:
+                continue
         elif task == "multiple-choice":
             half = len(words) // 2
             others = [k for k in KINDS if k != kind]
