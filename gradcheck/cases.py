@@ -21,6 +21,8 @@ from ref_bert.encoder import (attention_sublayer_backward, attention_sublayer_fo
                               ffn_sublayer_forward)
 from ref_bert.heads import (mlm_head_backward, mlm_head_forward, pooler_backward, pooler_forward,
                             sop_head_backward, sop_head_forward)
+from ref_bert.tasks import (classifier_backward, classifier_forward, sequence_loss_backward, sequence_loss_forward,
+                            span_logits_backward, span_logits_forward, span_loss_backward, span_loss_forward)
 
 from .core import Report, check_inplace, check_vjp
 
@@ -133,6 +135,32 @@ def op_cases(seed: int = 0, B: int = 2, T: int = 5, H: int = 8, heads: int = 2, 
         lambda dout, x=ce_logits: {"x": ops.cross_entropy_backward(dout, ops.cross_entropy_forward(x, ce_labels)[1])},
         {"x": ce_logits}))
 
+    # the same with label smoothing 0.1 (torch's definition) and with TF ALBERT's sum / (count + 1e-5)
+    cases.append(OpCase(
+        "cross_entropy.label_smoothing",
+        lambda x: ops.cross_entropy_forward(x, ce_labels, label_smoothing=0.1)[0],
+        lambda dout, x=ce_logits: {"x": ops.cross_entropy_backward(
+            dout, ops.cross_entropy_forward(x, ce_labels, label_smoothing=0.1)[1])},
+        {"x": ce_logits}))
+    cases.append(OpCase(
+        "cross_entropy.tf_albert",
+        lambda x: ops.cross_entropy_forward(x, ce_labels, normalization="tf_albert")[0],
+        lambda dout, x=ce_logits: {"x": ops.cross_entropy_backward(
+            dout, ops.cross_entropy_forward(x, ce_labels, normalization="tf_albert")[1])},
+        {"x": ce_logits}))
+
+    # binary cross-entropy with logits (soft targets in [0, 1], some logits large) and mean squared error
+    bce_targets = rng.random((B, V))
+    bce_logits = normal(B, V) * 3
+    cases.append(OpCase("bce_with_logits", lambda x: ops.bce_with_logits_forward(x, bce_targets)[0],
+                        lambda dout, x=bce_logits: {"x": ops.bce_with_logits_backward(
+                            dout, ops.bce_with_logits_forward(x, bce_targets)[1])}, {"x": bce_logits}))
+    mse_targets = normal(B, V)
+    mse_x = normal(B, V)
+    cases.append(OpCase("mse", lambda x: ops.mse_forward(x, mse_targets)[0],
+                        lambda dout, x=mse_x: {"x": ops.mse_backward(dout, ops.mse_forward(x, mse_targets)[1])},
+                        {"x": mse_x}))
+
     # self-attention with a padding mask (last key of example 0 masked) and a frozen probs-dropout mask
     attn_mask = np.ones((B, T))
     attn_mask[0, -1] = 0
@@ -207,6 +235,40 @@ def op_cases(seed: int = 0, B: int = 2, T: int = 5, H: int = 8, heads: int = 2, 
     sop_mask = mask(B, H)
     fwd, bwd = _with_params(list(sop_p), lambda x, p: sop_head_forward(x, p, sop_mask), sop_head_backward)
     cases.append(OpCase("heads.sop", fwd, bwd, {"x": normal(B, H), **sop_p}))
+
+    # task heads (tasks.py): the classifier (dropout then dense) on (B, T, H), the span (QA) logits
+    cls_p = {"classifier.weight": normal(H, 3), "classifier.bias": normal(3)}
+    cls_mask = mask(B, T, H)
+    fwd, bwd = _with_params(list(cls_p), lambda x, p: classifier_forward(x, p["classifier.weight"],
+                                                                         p["classifier.bias"], cls_mask),
+                            lambda d, c, g: classifier_backward(d, c, g["classifier.weight"], g["classifier.bias"]))
+    cases.append(OpCase("tasks.classifier", fwd, bwd, {"x": normal(B, T, H), **cls_p}))
+    qa_p = {"qa_outputs.weight": normal(H, 2), "qa_outputs.bias": normal(2)}
+    fwd, bwd = _with_params(list(qa_p), lambda x, p: span_logits_forward(x, p["qa_outputs.weight"],
+                                                                         p["qa_outputs.bias"])[1:],
+                            lambda d, c, g: span_logits_backward(d, c, g["qa_outputs.weight"], g["qa_outputs.bias"]))
+    cases.append(OpCase("tasks.span_logits", fwd, bwd, {"x": normal(B, T, H), **qa_p}))
+
+    # the question-answering loss, with a position past the end (ignored) and a negative one (clamped to 0)
+    starts, ends = rng.integers(0, T, B), rng.integers(0, T, B)
+    starts[0], ends[-1] = T + 3, -2
+    span_x = normal(B, T, 2)
+
+    def span_loss(x):
+        return span_loss_forward(x[..., 0], x[..., 1], starts, ends, label_smoothing=0.1)
+
+    cases.append(OpCase("tasks.span_loss", lambda x: span_loss(x)[0][0],
+                        lambda dout, x=span_x: {"x": span_loss_backward(dout, span_loss(x)[1])}, {"x": span_x}))
+
+    # the sequence-classification losses, one case per problem type
+    for problem, targets in (("regression", normal(B, 1)), ("single_label_classification", rng.integers(0, 3, B)),
+                             ("multi_label_classification", rng.random((B, 3)))):
+        seq_x = normal(B, targets.shape[1] if targets.ndim == 2 else 3)
+        cases.append(OpCase(
+            f"tasks.sequence_loss.{problem.split('_')[0]}",
+            lambda x, problem=problem, targets=targets: sequence_loss_forward(x, targets, problem)[0],
+            lambda dout, x=seq_x, problem=problem, targets=targets: {"x": sequence_loss_backward(
+                dout, sequence_loss_forward(x, targets, problem)[1])}, {"x": seq_x}))
     return cases
 
 

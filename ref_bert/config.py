@@ -20,13 +20,29 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from .ops.activations import ACTIVATIONS
 
 SHARING = ("all", "attention", "ffn", "none")
 GROUP_RULES = ("hf", "tf")
 INITIALIZERS = ("normal", "truncated_normal")
+
+# The head on top of the encoder, and the Hugging Face class each one is (``Config.architecture``):
+#   head                      Hugging Face class suffix      pooler  head parameters
+HEADS = {
+    "pretraining":             ("ForPreTraining", True),            # mlm.*, sop.*  (MLM + SOP / NSP)
+    "base":                    ("Model", True),                     # none          (AlbertModel / BertModel)
+    "masked_lm":               ("ForMaskedLM", False),              # mlm.*
+    "causal_lm":               ("LMHeadModel", False),              # mlm.*         (BERT only: BertLMHeadModel)
+    "next_sentence":           ("ForNextSentencePrediction", True),  # sop.*        (BERT only)
+    "sequence_classification": ("ForSequenceClassification", True),  # classifier.* (H, num_labels)
+    "token_classification":    ("ForTokenClassification", False),   # classifier.*  (H, num_labels)
+    "question_answering":      ("ForQuestionAnswering", False),     # qa_outputs.*  (H, num_labels = 2)
+    "multiple_choice":         ("ForMultipleChoice", True),         # classifier.*  (H, 1)
+}
+BERT_ONLY_HEADS = ("causal_lm", "next_sentence")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,10 @@ class Config:
     hidden_act: str = "gelu_new"
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
-    classifier_dropout_prob: float = 0.0
+    # ALBERT's head dropout (SOP, sequence classification, multiple choice; token classification falls
+    # back to hidden_dropout_prob when it is None). For BERT it is ref-bert's own NSP-head dropout in
+    # pretraining (0 in Hugging Face). See ``head_dropout_prob``.
+    classifier_dropout_prob: Optional[float] = 0.0
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -66,6 +85,12 @@ class Config:
     # finite value keeps fully masked rows (UniLM pad queries) finite and differentiable.
     attention_mask_value: float = -10000.0
     model_type: str = "albert"
+    # --- the head (docs/reference.md §11): which Hugging Face architecture this model is -------------
+    head: str = "pretraining"
+    num_labels: int = 2                   # classifier width (sequence/token classification; QA needs 2)
+    problem_type: Optional[str] = None    # sequence classification: None = chosen from labels, as HF
+    classifier_dropout: Optional[float] = None   # BERT's head dropout; None falls back to hidden_dropout_prob
+    is_decoder: bool = False              # BERT: causal self-attention in every layer (BertLMHeadModel)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
@@ -86,9 +111,13 @@ class Config:
         need(self.sharing in SHARING, "sharing", f"one of {SHARING}")
         need(self.group_rule in GROUP_RULES, "group_rule", f"one of {GROUP_RULES}")
         need(self.initializer in INITIALIZERS, "initializer", f"one of {INITIALIZERS}")
-        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"):
+        for f in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             v = getattr(self, f)
             need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, f, "a probability in [0, 1)")
+        for f in ("classifier_dropout_prob", "classifier_dropout"):
+            v = getattr(self, f)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0), f,
+                 "a probability in [0, 1) or None")
         need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
              "layer_norm_eps", "a positive number")
         need(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0,
@@ -100,6 +129,27 @@ class Config:
         need(isinstance(self.attention_mask_value, (int, float)) and math.isfinite(self.attention_mask_value)
              and self.attention_mask_value < 0, "attention_mask_value", "a finite negative number")
         need(self.model_type in ("albert", "bert"), "model_type", "'albert' or 'bert'")
+        need(self.head in HEADS, "head", f"one of {sorted(HEADS)}")
+        need(self.model_type == "bert" or self.head not in BERT_ONLY_HEADS, "head",
+             f"an ALBERT head (transformers has {', '.join(BERT_ONLY_HEADS)} for BERT only)")
+        need(isinstance(self.num_labels, int) and not isinstance(self.num_labels, bool) and self.num_labels > 0,
+             "num_labels", "a positive integer")
+        need(self.head != "question_answering" or self.num_labels == 2, "num_labels",
+             "2 for question answering (start and end logits)")
+        need(self.problem_type is None or self.problem_type in PROBLEM_TYPES, "problem_type",
+             f"None or one of {PROBLEM_TYPES}")
+        need(isinstance(self.is_decoder, bool), "is_decoder", "a bool")
+        need(not self.is_decoder or self.model_type == "bert", "is_decoder",
+             "False for ALBERT (transformers' ALBERT has no decoder mode)")
+        need(self.model_type == "bert" or self.classifier_dropout is None, "classifier_dropout",
+             "None for ALBERT (ALBERT's heads read classifier_dropout_prob)")
+        if self.head in ("pretraining", "sequence_classification", "multiple_choice") and self.model_type == "albert":
+            need(self.classifier_dropout_prob is not None, "classifier_dropout_prob",
+                 f"a probability for ALBERT's {self.head} head (only token classification falls back to "
+                 f"hidden_dropout_prob when it is None)")
+        if self.head == "pretraining" and self.model_type == "bert":
+            need(self.classifier_dropout_prob is not None, "classifier_dropout_prob",
+                 "a probability (ref-bert's NSP-head dropout in BERT pretraining)")
         # Every group must be used by at least one layer, or its parameters would never train.
         used = {self.group_of_layer(i) for i in range(self.num_hidden_layers)}
         need(len(used) == self.num_hidden_groups, "num_hidden_groups",
@@ -147,6 +197,42 @@ class Config:
     def num_ffn_sets(self) -> int:
         n = self.num_hidden_groups if self.sharing in ("all", "ffn") else self.num_hidden_layers
         return n * self.inner_group_num
+
+    # --- the head ------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        """The Hugging Face class this model is, e.g. "AlbertForSequenceClassification", "BertModel"."""
+        return ("Albert" if self.model_type == "albert" else "Bert") + HEADS[self.head][0]
+
+    @property
+    def has_pooler(self) -> bool:
+        """Whether the architecture has the pooler (HF builds *ForMaskedLM, *ForTokenClassification,
+        *ForQuestionAnswering and BertLMHeadModel with ``add_pooling_layer=False``)."""
+        return HEADS[self.head][1]
+
+    @property
+    def head_dropout_prob(self) -> float:
+        """The dropout probability the head applies to its input, read exactly as transformers reads it:
+
+        ALBERT  SOP, sequence classification, multiple choice: classifier_dropout_prob;
+                token classification: classifier_dropout_prob, or hidden_dropout_prob when it is None.
+        BERT    sequence / token classification, multiple choice: classifier_dropout, or
+                hidden_dropout_prob when it is None; pretraining's NSP head: classifier_dropout_prob
+                (ref-bert's own; HF's is 0); next-sentence prediction: 0.
+        Question answering and the MLM heads apply no dropout (0)."""
+        if self.head in ("base", "masked_lm", "causal_lm", "question_answering", "next_sentence"):
+            return 0.0
+        if self.head == "pretraining":
+            return float(self.classifier_dropout_prob)
+        if self.model_type == "albert":
+            prob = self.classifier_dropout_prob
+        else:
+            prob = self.classifier_dropout
+        return float(self.hidden_dropout_prob if prob is None else prob)
+
+    def with_head(self, head: str, **changes) -> "Config":
+        """This config with another head (and e.g. ``num_labels``, ``problem_type``); validated."""
+        return self.replace(head=head, **changes)
 
     # --- construction helpers ------------------------------------------------------------------
     def replace(self, **changes) -> "Config":

@@ -24,6 +24,10 @@ results depend on it, so none may change):
     label ids in [5, V).
 
 SOP labels are uniform 0/1 in every recipe.
+
+:func:`task_batch` makes a batch for any head (``Config.head``): the ``"rows"`` recipe (B * C rows for
+multiple choice, viewed (B, C, T)), then the head's labels drawn from ``default_rng([*seed, 3])``
+(:func:`task_labels`), so the pretraining batch of the same seed is unchanged by them.
 """
 from __future__ import annotations
 
@@ -112,3 +116,63 @@ def _counted(rng, config, B, T, label_rate) -> dict:
         mlm_labels[b, where] = rng.integers(5, V, masked)
     return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=np.ones((B, T), dtype=np.int64),
                 mlm_labels=mlm_labels, sop_labels=rng.integers(0, 2, B, dtype=np.int64))
+
+
+TASK_LABEL_NAMES = ("labels", "start_positions", "end_positions")
+
+
+def task_labels(config, inputs: dict, rng, dtype="float64") -> dict:
+    """Labels for ``config.head`` on ``inputs`` (host arrays, (B, T) or (B, C, T) for multiple choice),
+    drawn from ``rng`` (a numpy Generator). Empty for pretraining (``inputs`` has its labels) and base.
+
+    masked_lm: the inputs' ``mlm_labels``; causal_lm: the input ids at real positions (-100 at pads:
+    transformers shifts them inside the loss); next_sentence: ``sop_labels``; sequence classification
+    by problem type (``config.problem_type``, else regression for one label and single-label
+    otherwise): class ids, 0/1 multi-label targets (B, L) or N(0, 1) regression targets ((B,) for one
+    label) in ``dtype``; token classification: class ids at real positions, -100 at pads; question
+    answering: a start in the real tokens and an end at or after it; multiple choice: a choice id.
+    """
+    head, L = config.head, config.num_labels
+    mask = inputs["attention_mask"]
+    B = mask.shape[0]
+    if head in ("pretraining", "base"):
+        return {}
+    if head == "masked_lm":
+        return {"labels": inputs["mlm_labels"]}
+    if head == "causal_lm":
+        return {"labels": np.where(mask == 1, inputs["input_ids"], -100)}
+    if head == "next_sentence":
+        return {"labels": inputs["sop_labels"]}
+    if head == "multiple_choice":
+        return {"labels": rng.integers(0, mask.shape[1], B)}
+    if head == "token_classification":
+        return {"labels": np.where(mask == 1, rng.integers(0, L, mask.shape), -100)}
+    if head == "question_answering":
+        lengths = mask.sum(axis=1)
+        start = np.array([rng.integers(0, n) for n in lengths], dtype=np.int64)
+        end = np.array([rng.integers(s, n) for s, n in zip(start, lengths)], dtype=np.int64)
+        return {"start_positions": start, "end_positions": end}
+    problem = config.problem_type or ("regression" if L == 1 else "single_label_classification")
+    if problem == "single_label_classification":
+        return {"labels": rng.integers(0, L, B)}
+    if problem == "multi_label_classification":
+        return {"labels": (rng.random((B, L)) < 0.5).astype(dtype)}
+    return {"labels": rng.standard_normal(B if L == 1 else (B, L)).astype(dtype)}
+
+
+def task_batch(config, batch_size: int = 2, seq_len: int = 16, seed=0, *, lengths=None, num_choices: int = 2,
+               label_rate: float = 0.15, dtype="float64") -> dict:
+    """A deterministic padded batch with the labels of ``config.head`` (module docstring): host arrays
+    input_ids, token_type_ids, attention_mask, position_ids and the head's labels (pretraining: mlm_labels
+    and sop_labels). Multiple choice: ``batch_size * num_choices`` rows (``lengths`` one per row) viewed
+    (B, C, T)."""
+    seed = list(np.atleast_1d(seed))
+    rows = batch_size * num_choices if config.head == "multiple_choice" else batch_size
+    x = make_batch(config, rows, seq_len, seed, recipe="rows", lengths=lengths, label_rate=label_rate)
+    labels = task_labels(config, x, np.random.default_rng([*seed, 3]), dtype=dtype)
+    if config.head != "pretraining":
+        x = {k: v for k, v in x.items() if k not in ("mlm_labels", "sop_labels")}
+    if config.head == "multiple_choice":
+        x = {k: v.reshape(batch_size, num_choices, seq_len) for k, v in x.items()}
+        labels = task_labels(config, x, np.random.default_rng([*seed, 3]), dtype=dtype)
+    return {**x, **labels}

@@ -317,6 +317,11 @@ def generate(model, source_ids, *, max_length: int | None = None, beam_size: int
     unilm_segments: segment ids source 4 / target 5 (True) or 0 / 1 (False); default: True when the
         model has UniLM's type_vocab_size of 6 or more.
     """
+    if model.config.head not in ("pretraining", "masked_lm") or model.config.is_decoder:
+        raise ValueError(f"generate needs a bidirectional model with an MLM head (UniLM's seq2seq mask is its "
+                         f"own attention pattern); this model is {model.config.architecture}"
+                         f"{' with is_decoder=True' if model.config.is_decoder else ''}. Load a *ForPreTraining or "
+                         f"*ForMaskedLM checkpoint, or from_hf(..., head='masked_lm') for a bare encoder")
     cfg = model.config
     sources = _as_sources(source_ids, cfg.vocab_size)
     if not isinstance(beam_size, (int, np.integer)) or isinstance(beam_size, bool) or beam_size < 1:

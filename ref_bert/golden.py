@@ -25,21 +25,73 @@ FORMAT = "ref-bert-golden"
 FORMAT_VERSION = 1
 SECTIONS = ("inputs", "params", "forward", "loss", "grads", "steps", "after_steps")
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+# Inputs a head other than pretraining may have instead of the MLM/SOP labels, in file order.
+HEAD_INPUT_NAMES = ("labels", "start_positions", "end_positions", "d_last_hidden_state", "d_pooled_output")
 
 
 # --- inputs --------------------------------------------------------------------------------------
-def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
-    """A deterministic padded pretraining batch as host int64 arrays: :func:`ref_bert.examples.make_batch`
-    with the ``"rows"`` recipe drawn from ``default_rng([seed, 2])``.
+def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0, dtype: str = "float64") -> dict:
+    """A deterministic padded batch for ``config.head`` as host arrays. Pretraining:
+    :func:`ref_bert.examples.make_batch` with the ``"rows"`` recipe drawn from ``default_rng([seed, 2])``.
+    Other heads: :func:`ref_bert.examples.task_batch` on the same rows (``batch * 2`` rows viewed
+    (B, 2, T) for multiple choice), the head's labels instead of the MLM/SOP labels (float targets in
+    ``dtype``); question answering has no padded rows (transformers' span softmax reads padded
+    positions, and nn.Embedding(padding_idx) would drop the pad row's gradient); the bare model gets
+    random upstream gradients ``d_last_hidden_state`` (B, T, H) (zero at padded positions) and
+    ``d_pooled_output`` (B, H) from ``default_rng([seed, 2, 4])``, which stand in for a loss.
 
     Row 0 is full length, the others are padded: random lengths in [max(2, T // 2), T - 1]; real tokens avoid
     ``pad_token_id`` (so Hugging Face's pad-row gradient rule does not apply), padded positions hold
     it. Token type 0 for the first half of the real tokens, 1 after (when type_vocab_size > 1). MLM
     labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
     """
-    from .examples import make_batch
+    from .examples import make_batch, task_batch
 
-    return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
+    if config.head == "pretraining":
+        return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
+    lengths = [seq_len] * batch if config.head == "question_answering" else None
+    x = task_batch(config, batch, seq_len, [seed, 2], lengths=lengths, label_rate=0.15, dtype=dtype)
+    if config.head == "base":
+        rng = np.random.default_rng([seed, 2, 4])
+        x["d_last_hidden_state"] = (rng.standard_normal((batch, seq_len, config.hidden_size))
+                                    * x["attention_mask"][..., None]).astype(dtype)
+        x["d_pooled_output"] = rng.standard_normal((batch, config.hidden_size)).astype(dtype)
+    return x
+
+
+LABEL_NAMES = ("mlm_labels", "sop_labels", "labels", "start_positions", "end_positions")
+
+
+def head_loss_and_grads(model, inputs: dict):
+    """``model.loss_and_grads`` on ``inputs`` (backend arrays from :func:`make_inputs`), for any head. The
+    bare model has no loss: its "loss" is <d_last_hidden_state, last_hidden_state> + <d_pooled_output,
+    pooled_output>, whose gradient is backward with those upstream gradients. Returns a LossAndGrads."""
+    from .model import LossAndGrads
+
+    args = (inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"])
+    if model.config.head == "base":
+        out = model.forward(*args, position_ids=inputs["position_ids"], keep_cache=True)
+        d_last, d_pooled = inputs["d_last_hidden_state"], inputs["d_pooled_output"]
+        grads = model.backward(out, d_hidden_states={-1: d_last}, d_pooled_output=d_pooled).params
+        loss = (out.last_hidden_state * d_last).sum() + (out.pooled_output * d_pooled).sum()
+        return LossAndGrads(loss, grads, {})
+    labels = {k: inputs[k] for k in LABEL_NAMES if k in inputs}
+    return model.loss_and_grads(*args, position_ids=inputs["position_ids"], **labels)
+
+
+LOSS_DEFINITIONS = {
+    "pretraining": "mlm = mean cross-entropy over labels != -100; sop = mean cross-entropy; total = mlm + sop",
+    "base": "total = sum(d_last_hidden_state * last_hidden_state) + sum(d_pooled_output * pooled_output)",
+    "masked_lm": "total = task = mean cross-entropy of logits over labels != -100",
+    "causal_lm": "total = task = mean cross-entropy of logits[:, t] against labels[:, t + 1] over labels != -100",
+    "next_sentence": "total = task = mean cross-entropy of logits against labels",
+    "sequence_classification": "total = task = by problem_type: MSE (regression; num_labels 1 squeezed), "
+                               "mean cross-entropy (single label), mean BCE with logits (multi label)",
+    "token_classification": "total = task = mean cross-entropy over labels != -100",
+    "question_answering": "start, end = mean cross-entropy of start/end logits against positions clamped to "
+                          "[0, T], T ignored; total = (start + end) / 2",
+    "multiple_choice": "total = task = mean cross-entropy of the (B, C) choice logits against labels",
+}
 
 
 # --- the K optimiser steps --------------------------------------------------------------------------
@@ -85,18 +137,20 @@ def golden_tensors(model, inputs: dict, steps: int = 1, progress=None) -> tuple[
             raise ValueError(f"golden: tensor {key} was produced twice")
         out[key] = np.ascontiguousarray(bk.to_host(array)).copy()
 
-    for name in INPUT_NAMES:
-        put("inputs", name, inputs[name])
-    dev = {k: bk.from_host(v) for k, v in inputs.items()}
+    for name in INPUT_NAMES + HEAD_INPUT_NAMES:
+        if name in inputs:
+            put("inputs", name, inputs[name])
+    dev = {k: bk.from_host(v, dtype=model.dtype) if np.asarray(v).dtype.kind == "f" else bk.from_host(v)
+           for k, v in inputs.items()}
     args = (dev["input_ids"], dev["token_type_ids"], dev["attention_mask"])
     for name, view in model.params.items():
         put("params", name, view)
 
     model.forward(*args, position_ids=dev["position_ids"], trace=lambda name, x: put("forward", name, x))
     advance("forward")
-    result = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
-    put("loss", "mlm", result.parts["mlm"])
-    put("loss", "sop", result.parts["sop"])
+    result = head_loss_and_grads(model, dev)
+    for part, value in result.parts.items():
+        put("loss", part, value)
     put("loss", "total", result.loss)
     for name in model.params.shapes:
         put("grads", name, result.grads[name])
@@ -107,7 +161,7 @@ def golden_tensors(model, inputs: dict, steps: int = 1, progress=None) -> tuple[
     losses = []
     try:
         for _ in range(steps):
-            step = model.loss_and_grads(*args, dev["mlm_labels"], dev["sop_labels"], position_ids=dev["position_ids"])
+            step = head_loss_and_grads(model, dev)
             losses.append(float(step.loss))
             opt.step(step.grads)
             advance(f"step {len(losses)}/{steps}")
@@ -167,7 +221,8 @@ def _metadata(model, inputs, tensors, info, steps, seed, source, version) -> dic
         "steps": str(steps),
         "optimizer": json.dumps(info["optimizer"], sort_keys=True),
         "dropout": "off",
-        "loss": "mlm = mean cross-entropy over labels != -100; sop = mean cross-entropy; total = mlm + sop",
+        "loss": LOSS_DEFINITIONS[model.config.head],
+        "architecture": model.config.architecture,
         "tensor_order": json.dumps(list(tensors)),
     }
     try:

@@ -1,9 +1,19 @@
 """Hugging Face checkpoints in and out: ALBERT and BERT, with one name map in one place.
 
-Supported architectures (``config.json`` "architectures", else "model_type" plus the tensor names):
+Supported architectures (``config.json`` "architectures", else "model_type" plus the tensor names),
+one per :class:`Config` head (``Config.architecture``):
 
-    AlbertModel, AlbertForPreTraining, AlbertForMaskedLM      tensors under "albert." (bare for AlbertModel)
-    BertModel,   BertForPreTraining,   BertForMaskedLM        tensors under "bert."   (bare for BertModel)
+    AlbertModel, AlbertForPreTraining, AlbertForMaskedLM, AlbertForSequenceClassification,
+    AlbertForTokenClassification, AlbertForQuestionAnswering, AlbertForMultipleChoice
+                                                              tensors under "albert." (bare for AlbertModel)
+    BertModel, BertForPreTraining, BertForMaskedLM, BertLMHeadModel, BertForNextSentencePrediction,
+    BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering,
+    BertForMultipleChoice                                     tensors under "bert."   (bare for BertModel)
+
+A checkpoint can be read as another head of the same family (``read_hf(dir, head=...)``): the encoder
+(and the pooler, and any head tensors with the same name and shape) come from the checkpoint, the rest
+is reported ``missing`` (the model initialises it freshly, with a warning), and the checkpoint's head
+tensors the new head does not use are reported ``unused``.
 
 Everything a checkpoint depends on comes from its config.json (hidden_act, layer_norm_eps, groups,
 sizes, pad_token_id, dropouts), with Hugging Face's own defaults for keys an old config omits.
@@ -24,6 +34,7 @@ The name map (:func:`hf_name_map`) pairs every ref-bert parameter with its Huggi
       pooler.*                                          albert.pooler.*                                (T)
       mlm.dense.* / mlm.layer_norm.* / mlm.bias         predictions.dense.* (T) / predictions.LayerNorm.* / predictions.bias
       sop.*                                             sop_classifier.classifier.*                    (T)
+      classifier.* / qa_outputs.*                       classifier.* / qa_outputs.*                    (T)
     BERT (layer l owns attention set l and ffn set l)
       embeddings.*                                      bert.embeddings.* (as ALBERT, no projection)
       encoder.attention.l.{query,key,value}.*           bert.encoder.layer.l.attention.self.{query,key,value}.* (T)
@@ -32,7 +43,9 @@ The name map (:func:`hf_name_map`) pairs every ref-bert parameter with its Huggi
       encoder.ffn.l.output.* / layer_norm.*             bert.encoder.layer.l.output.dense.* (T) / .LayerNorm.*
       pooler.*                                          bert.pooler.dense.*                            (T)
       mlm.dense.* / mlm.layer_norm.* / mlm.bias         cls.predictions.transform.dense.* (T) / .transform.LayerNorm.* / cls.predictions.bias
-      sop.*                                             cls.seq_relationship.*                         (T)
+      sop.*                                             cls.seq_relationship.*  (ForPreTraining and
+                                                        ForNextSentencePrediction alike)               (T)
+      classifier.* / qa_outputs.*                       classifier.* / qa_outputs.*                    (T)
 
 The MLM decoder is tied: ``predictions.decoder.weight`` is the word embedding table and
 ``predictions.decoder.bias`` is ``predictions.bias``; like ``save_pretrained`` we do not write them.
@@ -43,7 +56,9 @@ Behaviour differences that are *not* in the tensors, and how they map onto :clas
 * HF's AlbertLayer never applies its ffn_output dropout -> ``ffn_output_dropout=False``; BERT's
   BertOutput does -> ``True``.
 * AlbertSOPHead applies ``classifier_dropout_prob``; BertOnlyNSPHead / BertPreTrainingHeads apply no
-  dropout -> ``classifier_dropout_prob=0`` for BERT.
+  dropout -> ``classifier_dropout_prob=0`` for BERT. The task heads read their dropout as transformers
+  does (``Config.head_dropout_prob``); config.json's ``classifier_dropout`` (BERT), ``num_labels`` (or
+  the length of ``id2label``), ``problem_type`` and ``is_decoder`` (BERT) are kept.
 * HF ALBERT always has ``embedding_hidden_mapping_in``, even when E == H; ref-bert has no projection then.
   Such a checkpoint loads only if that projection is exactly the identity with zero bias (what
   :func:`write_hf` writes for an E == H ALBERT model); otherwise it is a ValueError.
@@ -66,19 +81,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ACTIVATIONS, Config
+from .config import ACTIVATIONS, BERT_ONLY_HEADS, HEADS, Config
 from .files import atomic_write_json, load_tensors, parse_json, read_json, save_tensors
 from .params import parameter_shapes
 
+# name: (family, Config.head), e.g. "AlbertForSequenceClassification": ("albert", "sequence_classification")
 ARCHITECTURES = {
-    # name: (family, has pooler, has MLM head, has SOP/NSP head)
-    "AlbertModel": ("albert", True, False, False),
-    "AlbertForPreTraining": ("albert", True, True, True),
-    "AlbertForMaskedLM": ("albert", False, True, False),
-    "BertModel": ("bert", True, False, False),
-    "BertForPreTraining": ("bert", True, True, True),
-    "BertForMaskedLM": ("bert", False, True, False),
+    ("Albert" if family == "albert" else "Bert") + suffix: (family, head)
+    for family in ("albert", "bert") for head, (suffix, _) in HEADS.items()
+    if family == "bert" or head not in BERT_ONLY_HEADS
 }
+# The head-only options a config.json may carry (Config fields), read by config_from_hf.
+HEAD_OPTIONS = ("num_labels", "problem_type", "classifier_dropout", "classifier_dropout_prob", "is_decoder")
 
 # Hugging Face's defaults (AlbertConfig / BertConfig), used for keys an older config.json omits.
 HF_DEFAULTS = {
@@ -137,12 +151,14 @@ def _check_bert_layout(config: Config) -> None:
 
 
 def hf_name_map(config: Config) -> list[tuple[str, str, bool]]:
-    """``(our name, Hugging Face name, transposed)`` for every parameter, in our parameter order.
+    """``(our name, Hugging Face name, transposed)`` for every parameter of ``config``'s model (its head
+    decides which), in our parameter order.
 
-    HF names are those of Albert/BertForPreTraining (base model under "albert."/"bert."). Raises
+    HF names are those of ``config.architecture`` (base model under "albert."/"bert."). Raises
     ValueError when the config cannot be expressed in Hugging Face's layout.
     """
     entries: list[tuple[str, str, bool]] = []
+    ours_names = parameter_shapes(config, heads=True)
 
     def add(ours, hf, transpose=False):
         entries.append((ours, hf, transpose))
@@ -195,7 +211,9 @@ def hf_name_map(config: Config) -> list[tuple[str, str, bool]]:
         norm("mlm.layer_norm", "cls.predictions.transform.LayerNorm")
         add("mlm.bias", "cls.predictions.bias")
         linear("sop", "cls.seq_relationship")
-    return entries
+    linear("classifier", "classifier")
+    linear("qa_outputs", "qa_outputs")
+    return [entry for entry in entries if entry[0] in ours_names]
 
 
 def _to_hf_layout(array: np.ndarray, transpose: bool) -> np.ndarray:
@@ -206,7 +224,8 @@ def to_hf_names(config: Config, tensors: dict) -> dict:
     """Map host arrays under our names (all parameters of ``config``'s model with heads; any dict with
     our names and shapes, such as the gradients of ``loss_and_grads``) to Hugging Face names and layouts.
 
-    Keys are those of ``dict(Albert/BertForPreTrainingModel.named_parameters())``: the tied decoder
+    Keys are those of ``dict(hf_model.named_parameters())`` for ``config.architecture`` (a bare
+    Albert/BertModel's with the base prefix, as ``hf_torch.parameters`` writes them): the tied decoder
     appears once, as the word embeddings and ``predictions.bias``. For an E == H ALBERT model the
     identity ``embedding_hidden_mapping_in`` that :func:`write_hf` adds is not included (ref-bert has
     no such parameter, so it has no gradient either).
@@ -224,8 +243,10 @@ def to_hf_names(config: Config, tensors: dict) -> dict:
 
 
 # --- configs -----------------------------------------------------------------------------------
-def config_from_hf(hf: dict, family: str, name: str = "hf") -> Config:
-    """A Hugging Face config.json dict -> :class:`Config` (every checkpoint-relevant value from ``hf``)."""
+def config_from_hf(hf: dict, family: str, name: str = "hf", head: str = "pretraining") -> Config:
+    """A Hugging Face config.json dict -> :class:`Config` (every checkpoint-relevant value from ``hf``),
+    with the given ``head`` and the head options config.json records (num_labels or id2label,
+    problem_type, classifier_dropout, is_decoder)."""
     d = {**HF_DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None or k == "pad_token_id"}}
     act = d["hidden_act"]
     if act not in ACTIVATIONS:
@@ -233,10 +254,12 @@ def config_from_hf(hf: dict, family: str, name: str = "hf") -> Config:
     pos_type = hf.get("position_embedding_type", "absolute")
     if pos_type != "absolute":
         raise ValueError(f"config.json position_embedding_type={pos_type!r} is not supported; expected 'absolute'")
-    if hf.get("is_decoder") or hf.get("add_cross_attention"):
-        raise ValueError(f"config.json is_decoder={hf.get('is_decoder')!r}, add_cross_attention="
-                         f"{hf.get('add_cross_attention')!r}: only bidirectional encoders are supported "
-                         f"(expected both false)")
+    if hf.get("add_cross_attention"):
+        raise ValueError(f"config.json add_cross_attention={hf.get('add_cross_attention')!r}: ref-bert has no "
+                         f"cross-attention (expected false)")
+    if hf.get("is_decoder") and family != "bert":
+        raise ValueError(f"config.json is_decoder={hf.get('is_decoder')!r}: only BERT has a decoder mode "
+                         f"(expected false for {family})")
     if hf.get("tie_word_embeddings") is False:
         raise ValueError("config.json tie_word_embeddings=false: ref-bert always ties the MLM decoder to the "
                          "word embeddings (expected true)")
@@ -250,12 +273,20 @@ def config_from_hf(hf: dict, family: str, name: str = "hf") -> Config:
         max_position_embeddings=d["max_position_embeddings"], type_vocab_size=d["type_vocab_size"],
         layer_norm_eps=float(d["layer_norm_eps"]), initializer_range=float(d["initializer_range"]),
         initializer="normal", group_rule="hf", pad_token_id=pad, model_type=family, name=name)
+    # transformers keeps num_labels as the length of id2label (and accepts num_labels itself)
+    id2label = hf.get("id2label")
+    num_labels = hf.get("num_labels") or (len(id2label) if isinstance(id2label, dict) and id2label else 2)
+    common.update(head=head, num_labels=num_labels, problem_type=hf.get("problem_type"))
     if family == "albert":
+        prob = d["classifier_dropout_prob"]
         return Config(**common, embedding_size=d["embedding_size"], num_hidden_groups=d["num_hidden_groups"],
                       inner_group_num=d["inner_group_num"], sharing="all",
-                      classifier_dropout_prob=float(d["classifier_dropout_prob"]), ffn_output_dropout=False)
+                      classifier_dropout_prob=None if prob is None else float(prob), ffn_output_dropout=False)
+    classifier_dropout = hf.get("classifier_dropout")
     return Config(**common, embedding_size=d["hidden_size"], num_hidden_groups=1, inner_group_num=1,
-                  sharing="none", classifier_dropout_prob=0.0, ffn_output_dropout=True)
+                  sharing="none", classifier_dropout_prob=0.0, ffn_output_dropout=True,
+                  classifier_dropout=None if classifier_dropout is None else float(classifier_dropout),
+                  is_decoder=bool(hf.get("is_decoder", False)))
 
 
 def config_to_hf(config: Config, dtype: str = "float32") -> dict:
@@ -268,7 +299,7 @@ def config_to_hf(config: Config, dtype: str = "float32") -> dict:
     if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"Config.hidden_act={config.hidden_act!r} has no Hugging Face equivalent here; "
                          f"expected one of {ACTIVATIONS}")
-    d = dict(architectures=["AlbertForPreTraining" if family == "albert" else "BertForPreTraining"],
+    d = dict(architectures=[config.architecture],
              model_type=family, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
              num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
              intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
@@ -286,13 +317,17 @@ def config_to_hf(config: Config, dtype: str = "float32") -> dict:
             training_only.append("ffn_output_dropout=True (HF ALBERT never applies that dropout)")
     else:
         _check_bert_layout(config)
-        d.update(position_embedding_type="absolute", is_decoder=False, add_cross_attention=False,
-                 classifier_dropout=None)
+        d.update(position_embedding_type="absolute", is_decoder=config.is_decoder, add_cross_attention=False,
+                 classifier_dropout=config.classifier_dropout)
         if not config.ffn_output_dropout and config.hidden_dropout_prob > 0:
             training_only.append("ffn_output_dropout=False (HF BERT applies that dropout)")
-        if config.classifier_dropout_prob > 0:
+        if config.head == "pretraining" and config.classifier_dropout_prob > 0:
             training_only.append(f"classifier_dropout_prob={config.classifier_dropout_prob} "
                                  f"(HF's NSP head applies no dropout)")
+    if config.head in ("sequence_classification", "token_classification", "question_answering"):
+        d["num_labels"] = config.num_labels
+    if config.head == "sequence_classification" and config.problem_type is not None:
+        d["problem_type"] = config.problem_type
     if training_only:
         warnings.warn(f"save_hf: Hugging Face will not reproduce training-time behaviour of this config: "
                       f"{'; '.join(training_only)}. Inference is unaffected.", stacklevel=3)
@@ -447,6 +482,10 @@ def detect_architecture(hf_config: dict, tensors: dict) -> tuple[str, str, bool]
         nsp = any(k.startswith(("sop_classifier.", "cls.seq_relationship.")) for k in tensors)
         pooler = any(".pooler." in "." + k for k in tensors)
         name = "Albert" if family == "albert" else "Bert"
+        task = sorted({k.split(".")[0] for k in tensors if k.startswith(("classifier.", "qa_outputs."))})
+        if task:
+            raise ValueError(f"config.json has no architectures, and the checkpoint has {', '.join(task)} tensors, "
+                             f"which several {name} heads use; add \"architectures\": [\"{name}For...\"] to config.json")
         arch = (f"{name}ForPreTraining" if nsp else f"{name}ForMaskedLM" if heads and not pooler
                 else f"{name}ForPreTraining" if heads else f"{name}Model")
     other = "bert" if family == "albert" else "albert"
@@ -474,11 +513,15 @@ def architecture_of(directory) -> tuple[str, str]:
 class HfCheckpoint:
     """What :func:`read_hf` finds in a Hugging Face directory.
 
-    config:  the :class:`Config` its config.json describes.
-    tensors: host arrays under our names and in our layout, every parameter the checkpoint has.
-    missing: our names of the head parameters the architecture lacks (the pooler of *ForMaskedLM, the
-             heads of *Model); a model built from ``config`` keeps its fresh initialisation for them.
-    architecture, family: e.g. ("AlbertForPreTraining", "albert").
+    config:  the :class:`Config` of the model to build: config.json's, with the head asked for
+             (the checkpoint's own by default).
+    tensors: host arrays under our names and in our layout: every parameter of that model the
+             checkpoint has (the encoder always; the pooler and head tensors where names and shapes match).
+    missing: our names of the parameters of that model the checkpoint lacks (the pooler of *ForMaskedLM
+             asked for as a classifier, a head added to *Model, ...): a model built from ``config``
+             keeps its fresh initialisation for them.
+    unused:  Hugging Face names of the checkpoint's head tensors the asked-for head does not use.
+    architecture, family: the checkpoint's, e.g. ("AlbertForPreTraining", "albert").
     """
 
     config: Config
@@ -487,19 +530,24 @@ class HfCheckpoint:
     architecture: str
     family: str
     directory: Path
+    unused: list = None
 
 
-def read_hf(path) -> HfCheckpoint:
+def read_hf(path, head: str | None = None, **options) -> HfCheckpoint:
     """Read a Hugging Face ALBERT/BERT directory into a config and host arrays under our names.
 
-    A missing encoder tensor, an unexpected tensor, a tensor of the wrong shape or an unsupported
-    config is a ValueError naming the directory and the tensor.
+    ``head`` (a :class:`Config` head, e.g. "sequence_classification") and ``options`` (Config fields such
+    as ``num_labels``, ``problem_type``, ``classifier_dropout``) describe the model to build when it is not
+    the checkpoint's own architecture. A missing encoder tensor, an unexpected tensor, a tensor of the
+    wrong shape or an unsupported config is a ValueError naming the directory and the tensor.
     """
     directory = Path(path)
     hf_config = _read_hf_config(directory)
     tensors = _normalise_names(read_hf_tensors(directory))
     arch, family, prefixed = detect_architecture(hf_config, tensors)
-    config = config_from_hf(hf_config, family, name=str(hf_config.get("_name_or_path") or directory.name))
+    source_head = ARCHITECTURES[arch][1]
+    config = config_from_hf(hf_config, family, name=str(hf_config.get("_name_or_path") or directory.name),
+                            head=source_head)
     shapes = parameter_shapes(config, heads=True)
     base = BASE_PREFIX[family]
     decoder_bias = DECODER_NAMES[family][1]
@@ -509,20 +557,20 @@ def read_hf(path) -> HfCheckpoint:
     def file_name(hf_name: str) -> str:
         return hf_name if prefixed or not hf_name.startswith(base) else hf_name[len(base):]
 
-    ours_found, used, missing = {}, set(), []
+    found, used, hf_of = {}, set(), {}
     for ours, hf, transpose in hf_name_map(config):
         key = file_name(hf)
+        hf_of[ours] = key
         if key not in tensors:
-            if ours.startswith(("mlm.", "sop.", "pooler.")):
-                missing.append(ours)
-                continue
+            if ours.startswith(("mlm.", "sop.", "pooler.", "classifier.", "qa_outputs.")):
+                continue    # a head the checkpoint lacks: fresh (reported as missing below)
             raise ValueError(f"{directory}: tensor {key!r} (ref-bert {ours!r}) is missing from the {arch} checkpoint")
         array = tensors[key]
         expected = tuple(reversed(shapes[ours])) if transpose else tuple(shapes[ours])
         if tuple(array.shape) != expected:
             raise ValueError(f"{directory}: tensor {key!r} has shape {tuple(array.shape)}, expected {expected} "
                              f"from config.json")
-        ours_found[ours] = array.T if transpose else array
+        found[ours] = array.T if transpose else array
         used.add(key)
 
     if family == "albert" and not config.has_projection:
@@ -533,7 +581,27 @@ def read_hf(path) -> HfCheckpoint:
     if unexpected:
         raise ValueError(f"{directory}: tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} are not "
                          f"part of {arch}; ref-bert cannot represent them")
-    return HfCheckpoint(config, ours_found, missing, arch, family, directory)
+
+    if head is not None or options:
+        unknown = sorted(set(options) - set(HEAD_OPTIONS))
+        if unknown:
+            raise ValueError(f"read_hf: unknown head options {unknown}; expected some of {list(HEAD_OPTIONS)}")
+        config = config.replace(head=source_head if head is None else head, **options)
+    target = parameter_shapes(config, heads=True)
+    tensors_out = {ours: a for ours, a in found.items() if ours in target and tuple(a.shape) == tuple(target[ours])}
+    missing = [ours for ours in target if ours not in tensors_out]
+    unused = sorted(hf_of[ours] for ours in found if ours not in tensors_out)
+    return HfCheckpoint(config, tensors_out, missing, arch, family, directory, unused)
+
+
+HEAD_GROUPS = ("albert.pooler", "bert.pooler", "pooler", "cls.predictions", "cls.seq_relationship", "predictions",
+               "sop_classifier", "classifier", "qa_outputs")
+
+
+def head_group(hf_name: str) -> str:
+    """The head a Hugging Face tensor name belongs to, e.g. "cls.predictions" for
+    "cls.predictions.transform.dense.weight" (the name itself when it is none of them)."""
+    return next((g for g in HEAD_GROUPS if hf_name.startswith(g + ".")), hf_name)
 
 
 def _mlm_bias_name(family: str) -> str:
@@ -570,7 +638,7 @@ def _check_tied_decoder(tensors: dict, word_name: str, bias_name: str, decoder_n
 
 # --- saving ------------------------------------------------------------------------------------
 def write_hf(path, config: Config, tensors: dict, dtype: str) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that transformers loads as Albert/BertForPreTraining.
+    """Write ``config.json`` + ``model.safetensors`` that transformers loads as ``config.architecture``.
 
     ``tensors``: host arrays under our names (every parameter, heads included), kept in ``dtype``; the
     tied decoder is left out (as ``save_pretrained`` does). An E == H ALBERT model gets the identity
@@ -589,5 +657,5 @@ def write_hf(path, config: Config, tensors: dict, dtype: str) -> Path:
     return directory
 
 
-__all__ = ["ARCHITECTURES", "HfCheckpoint", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
+__all__ = ["ARCHITECTURES", "HEAD_OPTIONS", "HfCheckpoint", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
            "read_hf_tensors", "detect_architecture", "architecture_of", "read_hf", "write_hf"]

@@ -10,7 +10,8 @@ the benchmark's PyTorch side and the parity tests:
     from_pretrained(directory, dtype)        a saved HF directory, eager attention, eval mode (quietly:
                                   quiet_transformers() silences transformers' progress bars and logging)
     model_class(family, architecture)        e.g. ("albert", "ForPreTraining") -> AlbertForPreTraining
-    forward_kwargs(inputs, family, labels)   ref-bert's batch dict -> the model's keyword arguments
+    forward_kwargs(inputs, family, labels)   ref-bert's batch dict -> the model's keyword arguments (a task
+                                  head's ``labels`` / ``start_positions`` / ``end_positions`` when present)
     parameters(hf_model, grads=False)        parameters (or their gradients) by checkpoint name
     capture_hooks(hf_model, store) / capture(hf_model)
                                   forward hooks recording activations under ref-bert's trace names
@@ -77,10 +78,10 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
     """A transformers model for ``config`` (a ref-bert Config or an HF config dict with ``model_type``).
 
     In order: ``torch.manual_seed(seed)`` when given; the model is built (float32, transformers'
-    initialisation); ``init(model)`` runs under ``torch.no_grad()`` when given; ``weights`` (a dict of
-    arrays by HF checkpoint name, e.g. ``Model.hf_state_dict()``) are loaded, every parameter but the
-    tied decoder required, and the decoder re-tied; then the model moves to ``device`` and ``dtype`` and
-    is put in eval mode (dropout off), or train mode when ``train``.
+    initialisation); ``init(model)`` runs under ``torch.no_grad()`` when given; the model moves to
+    ``device`` and ``dtype``; ``weights`` (a dict of arrays by HF checkpoint name, e.g.
+    ``Model.hf_state_dict()``) are loaded in that dtype, every parameter but the tied decoder required,
+    and the decoder re-tied; then the model is put in eval mode (dropout off), or train mode when ``train``.
     """
     import torch
 
@@ -92,6 +93,9 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
     if init is not None:
         with torch.no_grad():
             init(model)
+    # to the target dtype *before* the weights are copied in: a float64 weight copied into the float32
+    # model transformers builds would be rounded to float32 on the way
+    model = model.to(device=device, dtype=torch_dtype(dtype))
     if weights is not None:
         state = {k: torch.from_numpy(v) for k, v in weights.items()}
         result = model.load_state_dict(state, strict=False)
@@ -100,7 +104,6 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
             raise RuntimeError(f"weights do not map onto {cls.__name__}: missing {untied}, "
                                f"unexpected {result.unexpected_keys}")
         model.tie_weights()
-    model = model.to(device=device, dtype=torch_dtype(dtype))
     if weights is not None and model.get_output_embeddings() is not None and (
             model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()):
         raise RuntimeError("the MLM decoder is not tied to the word embeddings in the torch model")
@@ -151,7 +154,9 @@ def from_pretrained(directory, dtype: str = "float64", architecture: str | None 
 
 def forward_kwargs(inputs: dict, family: str, labels: bool = True, device: str | None = None, **extra) -> dict:
     """ref-bert's batch dict (input_ids, token_type_ids, attention_mask, optional position_ids; with
-    ``labels`` also mlm_labels and sop_labels) -> keyword arguments of the transformers model."""
+    ``labels`` also the labels: a task head's ``labels`` / ``start_positions`` / ``end_positions`` when the
+    dict has them, else mlm_labels and sop_labels) -> keyword arguments of the transformers model.
+    Float labels (regression, multi-label) should already have the model's dtype."""
     import torch
 
     def t(key):
@@ -161,7 +166,10 @@ def forward_kwargs(inputs: dict, family: str, labels: bool = True, device: str |
     kwargs = dict(input_ids=t("input_ids"), token_type_ids=t("token_type_ids"), attention_mask=t("attention_mask"))
     if "position_ids" in inputs:
         kwargs["position_ids"] = t("position_ids")
-    if labels:
+    task_labels = [key for key in ("labels", "start_positions", "end_positions") if key in inputs]
+    if labels and task_labels:
+        kwargs.update({key: t(key) for key in task_labels})
+    elif labels:
         kwargs["labels"] = t("mlm_labels")
         kwargs[ORDER_LABEL[family]] = t("sop_labels")
     kwargs.update(extra)
@@ -258,6 +266,7 @@ def capture_hooks(hf_model, store: dict) -> list:
             global_out(base.pooler_activation, "pooled_output")
         if hasattr(hf_model, "sop_classifier"):
             global_out(hf_model.sop_classifier, "sop_logits")
+        _task_hooks(hf_model, global_out)
         if hasattr(hf_model, "predictions"):
             head = hf_model.predictions
             global_out(head.dense, "mlm.dense")
@@ -282,16 +291,26 @@ def capture_hooks(hf_model, store: dict) -> list:
         if getattr(base, "pooler", None) is not None:
             global_out(base.pooler.dense, "pooler.dense")
             global_out(base.pooler, "pooled_output")
+        _task_hooks(hf_model, global_out)
         cls = getattr(hf_model, "cls", None)
-        if cls is not None:
+        if cls is not None and hasattr(cls, "predictions"):
             transform = cls.predictions.transform
             global_out(transform.dense, "mlm.dense")
             global_out(transform.transform_act_fn, "mlm.activation")
             global_out(transform.LayerNorm, "mlm.layer_norm")
             global_out(cls.predictions, "mlm_logits")
-            if hasattr(cls, "seq_relationship"):
-                global_out(cls.seq_relationship, "sop_logits")
+        if cls is not None and hasattr(cls, "seq_relationship"):
+            global_out(cls.seq_relationship, "sop_logits")
     return handles
+
+
+def _task_hooks(hf_model, global_out) -> None:
+    """The task heads' raw output, traced by ref-bert as "head.logits": the classifier's (B, L),
+    (B, T, L) or (B * C, 1) for multiple choice, or qa_outputs' (B, T, 2)."""
+    for attr in ("classifier", "qa_outputs"):
+        module = getattr(hf_model, attr, None)
+        if module is not None:
+            global_out(module, "head.logits")
 
 
 @contextmanager

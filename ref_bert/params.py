@@ -14,9 +14,13 @@ treat the whole model as one array (or go tensor by tensor, as LAMB must). Names
     encoder.ffn.{f}.intermediate.{weight (H, I), bias (I,)}
     encoder.ffn.{f}.output.{weight (I, H), bias (H,)}
     encoder.ffn.{f}.layer_norm.{weight,bias}             (H,)
-    pooler.{weight (H, H), bias (H,)}
-    mlm.dense.{weight (H, E), bias (E,)}, mlm.layer_norm.{weight,bias} (E,), mlm.bias (V,)   heads
-    sop.{weight (H, 2), bias (2,)}                                                           heads
+    pooler.{weight (H, H), bias (H,)}                    when the architecture has one (Config.has_pooler)
+    mlm.dense.{weight (H, E), bias (E,)}, mlm.layer_norm.{weight,bias} (E,), mlm.bias (V,)
+                                                 heads pretraining, masked_lm, causal_lm
+    sop.{weight (H, 2), bias (2,)}               heads pretraining, next_sentence
+    classifier.{weight (H, L), bias (L,)}        heads sequence_classification, token_classification
+                                                 (L = num_labels), multiple_choice (L = 1)
+    qa_outputs.{weight (H, 2), bias (2,)}        head question_answering
 
 ``a`` and ``f`` index the distinct attention and FFN parameter sets (Config.block_schedule says which
 layer uses which). Weights are (n_in, n_out): the forward computes ``x @ W``.
@@ -29,7 +33,10 @@ from collections import OrderedDict
 from .config import Config
 
 def parameter_shapes(config: Config, heads: bool = True) -> "OrderedDict[str, tuple[int, ...]]":
-    """Every parameter's name and shape, in a fixed order (the order of initialisation)."""
+    """Every parameter's name and shape, in a fixed order (the order of initialisation).
+
+    ``heads=True``: the model ``config.head`` describes (its pooler only when the architecture has one).
+    ``heads=False``: the bare AlbertModel / BertModel (embeddings, encoder, pooler), whatever the head."""
     V, E, H, I = config.vocab_size, config.embedding_size, config.hidden_size, config.intermediate_size
     s: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     s["embeddings.word_embeddings"] = (V, E)
@@ -53,17 +60,35 @@ def parameter_shapes(config: Config, heads: bool = True) -> "OrderedDict[str, tu
         s[f"encoder.ffn.{f}.output.bias"] = (H,)
         s[f"encoder.ffn.{f}.layer_norm.weight"] = (H,)
         s[f"encoder.ffn.{f}.layer_norm.bias"] = (H,)
-    s["pooler.weight"] = (H, H)
-    s["pooler.bias"] = (H,)
-    if heads:
+    if not heads or config.has_pooler:
+        s["pooler.weight"] = (H, H)
+        s["pooler.bias"] = (H,)
+    if not heads:
+        return s
+    head = config.head
+    if head in ("pretraining", "masked_lm", "causal_lm"):
         s["mlm.dense.weight"] = (H, E)
         s["mlm.dense.bias"] = (E,)
         s["mlm.layer_norm.weight"] = (E,)
         s["mlm.layer_norm.bias"] = (E,)
         s["mlm.bias"] = (V,)
+    if head in ("pretraining", "next_sentence"):
         s["sop.weight"] = (H, 2)
         s["sop.bias"] = (2,)
+    if head in ("sequence_classification", "token_classification", "multiple_choice"):
+        L = 1 if head == "multiple_choice" else config.num_labels
+        s["classifier.weight"] = (H, L)
+        s["classifier.bias"] = (L,)
+    if head == "question_answering":
+        s["qa_outputs.weight"] = (H, config.num_labels)
+        s["qa_outputs.bias"] = (config.num_labels,)
     return s
+
+
+def head_parameter_names(config: Config) -> list:
+    """The names of the parameters the head adds on top of the bare encoder (pooler excluded)."""
+    base = parameter_shapes(config, heads=False)
+    return [name for name in parameter_shapes(config, heads=True) if name not in base]
 
 
 def count_parameters(config: Config, heads: bool = False) -> int:
@@ -146,4 +171,4 @@ def initialize(buffer: FlatBuffer, config: Config, backend, seed) -> None:
             view[...] = backend.normal(rng, view.shape, config.initializer_range, dtype, truncated=truncated)
 
 
-__all__ = ["parameter_shapes", "count_parameters", "FlatBuffer", "initialize", "init_kind"]
+__all__ = ["parameter_shapes", "head_parameter_names", "count_parameters", "FlatBuffer", "initialize", "init_kind"]

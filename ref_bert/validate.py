@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import IGNORE_INDEX
+from .tasks import sequence_problem_type
 
 
 def _describe(a) -> str:
@@ -99,6 +100,77 @@ def check_labels(config, backend, batch_shape, mlm_labels=None, sop_labels=None)
         require_array("sop_labels", sop_labels, backend)
         require_int("sop_labels", sop_labels, (B,))
         require_range("sop_labels", sop_labels, 0, 2, allow=IGNORE_INDEX)
+
+
+def flatten_choices(config, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
+    """Multiple choice: (B, C, T) inputs -> (B * C, T) rows, as transformers' *ForMultipleChoice views
+    them; returns the four arrays and C (None for every other head, whose inputs pass unchanged)."""
+    if config.head != "multiple_choice":
+        return input_ids, token_type_ids, attention_mask, position_ids, None
+    if getattr(input_ids, "ndim", None) != 3:
+        raise ValueError(f"input_ids of a multiple-choice model must be 3-D (batch, num_choices, seq_len), got "
+                         f"shape {tuple(getattr(input_ids, 'shape', ()))}")
+    B, C, T = input_ids.shape
+    flat = []
+    for name, a in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask),
+                    ("position_ids", position_ids)):
+        if a is not None and tuple(getattr(a, "shape", ())) != (B, C, T):
+            raise ValueError(f"{name} has shape {tuple(getattr(a, 'shape', ()))}, expected {(B, C, T)} "
+                             f"(batch, num_choices, seq_len) like input_ids")
+        flat.append(None if a is None else a.reshape(B * C, T))
+    return (input_ids.reshape(B * C, T), *flat, C)
+
+
+def check_task_labels(config, backend, batch_shape, labels=None, start_positions=None, end_positions=None):
+    """The labels of a fine-tuning head (Config.head), as transformers takes them. ``batch_shape`` is
+    (B, T), or (B, C) for multiple choice. Returns (labels, start_positions, end_positions), with
+    sequence-classification float targets in the model's dtype left to the loss."""
+    head, B, L = config.head, batch_shape[0], config.num_labels
+    if head == "question_answering":
+        if labels is not None:
+            raise ValueError("question answering takes start_positions and end_positions, not labels")
+        if start_positions is None or end_positions is None:
+            raise ValueError("question answering needs both start_positions and end_positions (B,), got "
+                             f"start_positions={'given' if start_positions is not None else None}, "
+                             f"end_positions={'given' if end_positions is not None else None}")
+        for name, a in (("start_positions", start_positions), ("end_positions", end_positions)):
+            require_array(name, a, backend)
+            require_int(name, a)
+            if tuple(a.shape) not in ((B,), (B, 1)):
+                raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {(B,)}")
+        return None, start_positions, end_positions
+    if start_positions is not None or end_positions is not None:
+        raise ValueError(f"start_positions / end_positions are for question answering; the {config.architecture} "
+                         f"head takes labels")
+    if labels is None:
+        raise ValueError(f"the {config.architecture} head needs labels")
+    require_array("labels", labels, backend)
+    if head in ("masked_lm", "causal_lm", "token_classification"):
+        T = batch_shape[1]
+        require_int("labels", labels, (B, T))
+        high = config.vocab_size if head != "token_classification" else L
+        require_range("labels", labels, 0, high, allow=IGNORE_INDEX)
+    elif head in ("next_sentence", "multiple_choice"):
+        require_int("labels", labels, (B,))
+        require_range("labels", labels, 0, 2 if head == "next_sentence" else batch_shape[1], allow=IGNORE_INDEX)
+    else:   # sequence classification: the problem type decides what labels are
+        problem = sequence_problem_type(config.problem_type, L, labels)
+        if problem == "single_label_classification":
+            require_int("labels", labels)
+            if tuple(labels.shape) not in ((B,), (B, 1)):
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {(B,)} class ids "
+                                 f"(single_label_classification)")
+            require_range("labels", labels, 0, L, allow=IGNORE_INDEX)
+        else:
+            expected = ((B,), (B, 1)) if (problem == "regression" and L == 1) else ((B, L),)
+            if tuple(labels.shape) not in expected:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {expected[0]} ({problem} with "
+                                 f"num_labels={L})")
+            if labels.dtype.kind not in "fiub":
+                raise ValueError(f"labels must be numeric for {problem}, got dtype {labels.dtype}")
+            if labels.size and not bool(backend.xp.isfinite(labels.astype(float)).all()):
+                raise ValueError(f"labels contain a non-finite value ({problem} needs finite targets)")
+    return labels, None, None
 
 
 # --- settings -------------------------------------------------------------------------------------

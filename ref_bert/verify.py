@@ -197,7 +197,10 @@ def require_transformers():
 def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None,
               progress: bool = False) -> Report:
     """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
-    activation, the loss and every gradient (the last two for *ForPreTraining checkpoints).
+    activation, the loss and every gradient, for every architecture (:data:`ref_bert.hf.ARCHITECTURES`).
+    The inputs and labels are :func:`ref_bert.golden.make_inputs`'s for the checkpoint's head; a bare
+    Albert/BertModel has no loss, so both sides backpropagate the same random upstream gradient
+    (d_last_hidden_state, d_pooled_output) and report <upstream, outputs> as the loss.
     ``directory`` is a Hugging Face model directory (transformers' or ``save_hf``'s); ``progress`` shows
     a bar on stderr, one update per stage (loading each side, then running each side)."""
     import sys
@@ -205,30 +208,48 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
     from tqdm import tqdm
 
     transformers = require_transformers()
-    from .hf import ARCHITECTURES, architecture_of
+    from .hf import architecture_of
 
     directory = Path(directory)
     arch, family = architecture_of(directory)
-    _, _, has_mlm, has_sop = ARCHITECTURES[arch]
-    full = has_mlm and has_sop
-    bar = tqdm(total=5 if full else 4, desc="verify", unit="stage", disable=not progress, file=sys.stderr,
-               leave=False)
+    bar = tqdm(total=5, desc="verify", unit="stage", disable=not progress, file=sys.stderr, leave=False)
 
     def advance(stage):
         bar.set_postfix_str(stage, refresh=False)
         bar.update(1)
 
     try:
-        return _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
+        return _verify_hf(directory, arch, family, dtype, seed, batch, seq_len, rtol, atol, advance,
                           transformers.__version__)
     finally:
         bar.close()
 
 
-def _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
+def _hf_loss(hf, out, kwargs, x, head):
+    """transformers' loss for ``head`` as a torch scalar, and notes. The causal LM loss is recomputed in
+    the model's dtype (transformers' ForCausalLMLoss upcasts with ``logits.float()``, which turns float64
+    into float32); the bare model's is <upstream, outputs>."""
+    import torch
+
+    if head == "base":
+        d_last = torch.from_numpy(x["d_last_hidden_state"]).to(out.last_hidden_state.dtype)
+        d_pooled = torch.from_numpy(x["d_pooled_output"]).to(out.pooler_output.dtype)
+        return (out.last_hidden_state * d_last).sum() + (out.pooler_output * d_pooled).sum(), \
+            ["note: BertModel/AlbertModel has no loss: both sides backpropagate the same random upstream "
+             "gradient (inputs d_last_hidden_state, d_pooled_output); loss/total is <upstream, outputs>"]
+    if head == "causal_lm":
+        logits, labels = out.logits, kwargs["labels"]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1))
+        return loss, ["note: BertLMHeadModel's loss is transformers' shifted cross-entropy recomputed in the "
+                      "model's dtype (transformers upcasts the logits with .float(), i.e. to float32)"]
+    return out.loss, []
+
+
+def _verify_hf(directory, arch, family, dtype, seed, batch, seq_len, rtol, atol, advance,
                transformers_version) -> Report:
     from . import hf_torch
-    from .golden import make_inputs
+    from .golden import head_loss_and_grads, make_inputs
     from .model import Model
 
     with warnings.catch_warnings():
@@ -238,14 +259,20 @@ def _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol,
     hf = hf_torch.from_pretrained(directory, dtype=dtype)
     advance("transformers loaded")
     cfg = ours.config
-    x = make_inputs(cfg, batch, seq_len, seed)
+    head = cfg.head
+    x = make_inputs(cfg, batch, seq_len, seed, dtype=dtype)
 
-    # transformers, with hooks
+    # transformers, with hooks: forward, its loss (or the upstream product), backward
+    kwargs = hf_torch.forward_kwargs(x, family, labels=head not in ("base", "causal_lm"))
+    if head == "causal_lm":
+        import torch
+
+        kwargs["labels"] = torch.from_numpy(x["labels"])
     with hf_torch.capture(hf) as captured:
         hf.zero_grad(set_to_none=True)
-        out = hf(**hf_torch.forward_kwargs(x, family, labels=full))
-        if full:
-            out.loss.backward()
+        out = hf(**{k: v for k, v in kwargs.items() if not (head == "causal_lm" and k == "labels")})
+        hf_loss, notes = _hf_loss(hf, out, kwargs, x, head)
+        hf_loss.backward()
     advance("transformers ran")
 
     # ref-bert, in the same order
@@ -269,24 +296,26 @@ def _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol,
     for name in order:
         if name in captured:
             reference[f"forward/{name}"] = captured[name]
-    notes = []
     if skipped:
         notes.append(f"note: {arch} does not compute {len(skipped)} of ref-bert's activations (not compared): "
                      f"{', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
-    if full:
-        result = ours.loss_and_grads(x["input_ids"], x["token_type_ids"], x["attention_mask"], x["mlm_labels"],
-                                     x["sop_labels"], x["position_ids"])
-        loss, grads = result.loss, result.grads
-        reference["loss/total"] = out.loss.detach().cpu().numpy()
-        candidate["loss/total"] = np.asarray(loss)
-        hf_grads = hf_torch.parameters(hf, grads=True)
-        for name, g in ours.hf_state_dict(grads).items():
-            if name in hf_grads:
-                reference[f"grads/{name}"] = hf_grads[name]
-                candidate[f"grads/{name}"] = g
-        advance("ref-bert gradients")
-    else:
-        notes.append(f"note: {arch} has no pretraining loss; loss and gradients not compared")
+    dev = {k: ours.backend.from_host(v, dtype=ours.dtype) if v.dtype.kind == "f" else ours.backend.from_host(v)
+           for k, v in x.items()}
+    result = head_loss_and_grads(ours, dev)
+    reference["loss/total"] = hf_loss.detach().cpu().numpy()
+    candidate["loss/total"] = np.asarray(ours.backend.to_host(result.loss))
+    hf_grads = hf_torch.parameters(hf, grads=True)
+    missing = []
+    for name, g in ours.hf_state_dict(result.grads).items():
+        if name in hf_grads:
+            reference[f"grads/{name}"] = hf_grads[name]
+            candidate[f"grads/{name}"] = g
+        else:
+            missing.append(name)
+    if missing:
+        notes.append(f"note: transformers gives no gradient for {len(missing)} parameters (not compared): "
+                     f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+    advance("ref-bert gradients")
     report = compare(reference, candidate, *tolerances(dtype, rtol, atol), dtype=dtype)
     report.notes = [f"reference: transformers {transformers_version} {arch} (eager attention); "
                     f"candidate: ref-bert; batch {batch} x {seq_len}, seed {seed}"] + notes

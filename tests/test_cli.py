@@ -56,6 +56,7 @@ USAGE_ERRORS = {
                "does not exist"),
     "pretrain": (["pretrain", "--out", "{tmp}/run", "--steps", "-1", "--no-progress"], "steps=-1 is invalid"),
     "bench": (["bench", "--steps", "0"], "--steps must be >= 1"),
+    "finetune": (["finetune", "--task", "ner", "--out", "{tmp}/ft", "--no-progress"], "task='ner' is invalid"),
 }
 
 

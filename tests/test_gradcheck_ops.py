@@ -46,7 +46,10 @@ def test_op_backward_matches_finite_differences(name, ops_run, sizes):
 def test_every_op_family_is_covered():
     expected = {"linear", "layer_norm", "activation.gelu", "activation.gelu_new", "activation.relu",
                 "activation.tanh", "softmax", "masked_softmax", "dropout", "cross_entropy", "self_attention", "embeddings",
-                "encoder.attention_sublayer", "encoder.ffn_sublayer", "heads.pooler", "heads.mlm", "heads.sop"}
+                "encoder.attention_sublayer", "encoder.ffn_sublayer", "heads.pooler", "heads.mlm", "heads.sop",
+                "cross_entropy.label_smoothing", "cross_entropy.tf_albert", "bce_with_logits", "mse",
+                "tasks.classifier", "tasks.span_logits", "tasks.span_loss", "tasks.sequence_loss.regression",
+                "tasks.sequence_loss.single", "tasks.sequence_loss.multi"}
     assert expected == set(OP_NAMES)
 
 

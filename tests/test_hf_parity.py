@@ -177,25 +177,35 @@ def test_pad_row_differs_exactly_by_its_lookup_gradient(tmp_path):
     assert_grads_close(ours, hf_grads, 1e-10, 1e-12, skip={key})
 
 
-@pytest.mark.parametrize("arch, spec, fresh", [
-    ("ForMaskedLM", ALBERT_SHARED, "pooler, sop"),
-    ("Model", ALBERT_GROUPS, "mlm, sop"),
-    ("ForMaskedLM", BERT, "pooler, sop"),
-    ("Model", BERT, "mlm, sop"),
+@pytest.mark.parametrize("arch, spec", [
+    ("ForMaskedLM", ALBERT_SHARED),
+    ("Model", ALBERT_GROUPS),
+    ("ForMaskedLM", BERT),
+    ("Model", BERT),
 ])
-def test_other_architectures_load_with_fresh_heads(arch, spec, fresh, tmp_path):
+def test_other_architectures_load_as_themselves(arch, spec, tmp_path):
+    """A *ForMaskedLM or bare *Model checkpoint loads as that architecture: no pooler where transformers
+    has none, no invented heads, nothing fresh, no warning (tests/test_hf_heads.py compares their
+    gradients)."""
+    import warnings
+
     hf = hf_model(spec, arch=arch)
     hf.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=f"no {fresh} weights"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model = Model.from_hf(tmp_path, dtype="float64")
+    assert model.config.architecture == type(hf).__name__ and model.fresh_parameters == ()
+    assert set(model.hf_state_dict()) == set(hf_torch.parameters(hf))
     inputs = batch(spec)
     hf_out, _ = hf_run(hf, inputs, spec["family"], backward=False)
     out, blocks = block_outputs(model, inputs)
     last = hf_out.hidden_states[-1].detach().numpy()
     assert rel_err(out.hidden_states[-1], last) <= 1e-10
     if arch == "ForMaskedLM":
+        assert out.pooled_output is None
         assert rel_err(out.mlm_logits, hf_out.logits.detach().numpy()) <= 1e-10
     else:
+        assert out.mlm_logits is None and out.sop_logits is None
         assert rel_err(out.pooled_output, hf_out.pooler_output.detach().numpy()) <= 1e-10
 
 
@@ -292,8 +302,8 @@ def test_from_hf_errors_name_the_problem(tmp_path):
     hf_model(ALBERT_SHARED, dtype="float32").save_pretrained(tmp_path)
     Model.from_hf(tmp_path)  # loads as saved
 
-    _rewrite_config(tmp_path, architectures=["AlbertForSequenceClassification"])
-    with pytest.raises(ValueError, match="AlbertForSequenceClassification.*not supported"):
+    _rewrite_config(tmp_path, architectures=["AlbertForCausalLM"])
+    with pytest.raises(ValueError, match="AlbertForCausalLM.*not supported"):
         Model.from_hf(tmp_path)
     _rewrite_config(tmp_path, architectures=["AlbertForPreTraining"], hidden_act="silu")
     with pytest.raises(ValueError, match="hidden_act='silu'"):
@@ -361,10 +371,10 @@ def test_untied_or_missing_pieces_are_reported(tmp_path):
     _rewrite_config(tmp_path, tie_word_embeddings=False)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         Model.from_hf(tmp_path)
-    _rewrite_config(tmp_path, tie_word_embeddings=True, is_decoder=True)
-    with pytest.raises(ValueError, match="is_decoder=True"):
+    _rewrite_config(tmp_path, tie_word_embeddings=True, add_cross_attention=True)
+    with pytest.raises(ValueError, match="add_cross_attention=True"):
         Model.from_hf(tmp_path)
-    _rewrite_config(tmp_path, is_decoder=False)
+    _rewrite_config(tmp_path, add_cross_attention=False)
     _rewrite_tensors(tmp_path, lambda t: {k.replace("bert.", "albert.", 1) if k.startswith("bert.") else k: v
                                           for k, v in t.items()})
     with pytest.raises(ValueError, match="expects tensors under 'bert.'"):

@@ -94,6 +94,8 @@ COMMANDS = {
     "golden": ("ref_bert.cli.golden", "write a golden file: inputs, parameters, every activation, losses, gradients, K steps"),
     "verify": ("ref_bert.cli.verify", "divergence report: ref-bert vs transformers (--hf), or a candidate vs a golden file"),
     "pretrain": ("ref_bert.cli.pretrain", "ALBERT pretraining (MLM + SOP) with LAMB, atomic resumable checkpoints"),
+    "finetune": ("ref_bert.cli.finetune", "fine-tune a task head (classification, regression, tokens, qa, multiple-choice, "
+                                          "seq2seq) with checkpoints, exact resume and evaluation"),
     "bench": ("ref_bert.cli.bench", "time a training step and a forward pass against PyTorch (and the sgemm peak)"),
 }
 

@@ -58,7 +58,7 @@ def run(args) -> int:
         model, kind = load_any(args.hf, backend=args.backend, dtype=args.dtype, seed=args.seed)
         print(f"golden: found {describe_kind(kind)} at {args.hf}", file=sys.stderr)
         source = f"{'hf' if kind == HF_DIRECTORY else 'ref-bert'}:{args.hf}"
-    inputs = make_inputs(model.config, args.batch_size, args.seq_len, args.seed)
+    inputs = make_inputs(model.config, args.batch_size, args.seq_len, args.seed, dtype=model.dtype.name)
     meta = write_golden(args.out, model, inputs, steps=args.steps, seed=args.seed, source=source,
                         progress=not args.no_progress, before_write=lambda n: announce_size(args.out, n))
     order = json.loads(meta["tensor_order"])

@@ -3,7 +3,8 @@
 Backward functions *add* parameter gradients into buffers they are given (so a weight used by several
 layers, or tied between the embedding and the MLM decoder, needs no special case) and return the
 gradient with respect to the op's input. Read them in model order: embedding, layer_norm, linear,
-attention (softmax, dropout), activations, cross_entropy.
+attention (softmax, dropout), activations, cross_entropy, and the heads' other losses (losses: binary
+cross-entropy with logits, mean squared error).
 
 The code here is the reference: each op computes the formula of its docstring. A few ops are marked
 ``@backends.fast_path``; a backend may run a faster arrangement of the same arithmetic in their place
@@ -13,6 +14,7 @@ from .activations import activation_backward, activation_forward
 from .attention import (additive_mask_from, merge_heads, self_attention_backward, self_attention_forward,
                         split_heads)
 from .cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from .losses import bce_with_logits_backward, bce_with_logits_forward, mse_backward, mse_forward, sigmoid
 from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
@@ -26,5 +28,6 @@ __all__ = [
     "cross_entropy_backward", "dropout_forward", "dropout_backward", "embedding_forward",
     "embedding_backward", "embeddings_forward", "embeddings_backward", "layer_norm_forward",
     "layer_norm_backward", "linear_forward", "linear_backward", "softmax_forward", "softmax_backward",
-    "masked_softmax_forward", "masked_softmax_backward",
+    "masked_softmax_forward", "masked_softmax_backward", "bce_with_logits_forward", "bce_with_logits_backward",
+    "mse_forward", "mse_backward", "sigmoid",
 ]

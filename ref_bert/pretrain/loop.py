@@ -183,18 +183,28 @@ class _DeferredInterrupt:
         return False
 
 
-def train(job: Job, on_step: OnStep = None) -> None:
+def train(job: Job, on_step: OnStep = None, step: Optional[Callable] = None, save: Optional[Callable] = None,
+          desc: str = "pretrain") -> None:
     """The loop: steps ``job.step + 1 .. until`` (or ``steps``), logging and checkpointing as set.
     One step is described in the :mod:`ref_bert.pretrain` docstring: the rate is read before the
     update, from the number of updates already made.
+
+    ``step(job, log, stop)`` runs one step with its logging and checkpoint and ``save(job, elapsed)``
+    writes a checkpoint of the last completed step; they default to pretraining's (:func:`_step`,
+    :func:`save_checkpoint`). ``ref-bert finetune`` (:mod:`ref_bert.finetune.loop`) passes its own, so
+    both jobs share this loop, its Ctrl-C handling and its progress bar (``desc``). ``job`` needs the
+    attributes of :class:`Job` that the loop reads: cfg (steps, until, progress), out, step,
+    elapsed_before, history, newest.
 
     Ctrl-C: a KeyboardInterrupt between steps (a first Ctrl-C is deferred to the end of the step it
     arrives in; ``on_step`` may raise one) writes a checkpoint of the last completed step, as every
     checkpoint is written (atomically), then propagates. One raised inside a step (a second Ctrl-C)
     propagates without a checkpoint of that step: its update may be half done."""
     cfg = job.cfg
+    step = step or _step            # looked up at call time (tests replace loop._step)
+    save = save or save_checkpoint
     stop = cfg.steps if cfg.until is None else cfg.until
-    log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress)
+    log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress, desc=desc)
     between_steps = True   # False from the start of a step until it is logged and checkpointed
     try:
         with _DeferredInterrupt() as interrupt:
@@ -203,7 +213,7 @@ def train(job: Job, on_step: OnStep = None) -> None:
                     if interrupt.requested:
                         raise KeyboardInterrupt
                     between_steps = False
-                    _step(job, log, stop)
+                    step(job, log, stop)
                     between_steps = True
                     if on_step is not None:
                         on_step(job.step, job.history[-1] if job.history and job.history[-1]["step"] == job.step
@@ -211,7 +221,7 @@ def train(job: Job, on_step: OnStep = None) -> None:
             except KeyboardInterrupt:
                 newest_step = rundir.checkpoint_step(job.newest) if job.newest is not None else None
                 if between_steps and job.step > 0 and newest_step != job.step:
-                    save_checkpoint(job, log.elapsed())
+                    save(job, log.elapsed())
                     log.close()
                     print(f"\ninterrupted after step {job.step}: wrote checkpoint {job.newest} "
                           f"(continue with --resume)", file=sys.stderr)
@@ -258,7 +268,7 @@ def log_step(job: Job, log: StepLog, lr: float, parts: dict, grad_norm) -> dict:
     xp = job.model.xp
     loss, mlm, sop, norm = (float(v) for v in job.model.backend.to_host(
         xp.stack([parts["loss"], parts["mlm"], parts["sop"], grad_norm])))
-    record = log.record(job.step, lr, loss, mlm, sop, norm, job.tokens_seen)
+    record = log.record(job.step, lr, {"loss": loss, "mlm": mlm, "sop": sop}, norm, job.tokens_seen)
     if not all(math.isfinite(v) for v in (loss, mlm, sop, norm)):
         raise ValueError(f"the loss is not finite at step {job.step} (loss={loss}, mlm={mlm}, sop={sop}, "
                          f"grad_norm={norm}); this step was not checkpointed, the newest complete "

@@ -55,12 +55,13 @@ class StepLog:
     between logged steps; elapsed time adds ``elapsed_before`` (earlier runs of a resumed job).
     """
 
-    def __init__(self, out: Path, steps: int, initial_step: int, elapsed_before: float, progress: bool):
+    def __init__(self, out: Path, steps: int, initial_step: int, elapsed_before: float, progress: bool,
+                 desc: str = "pretrain"):
         from tqdm import tqdm
 
         self.elapsed_before = elapsed_before
         self.progress = tqdm(total=steps, initial=initial_step, disable=not progress, unit="step",
-                             dynamic_ncols=True, desc="pretrain", file=sys.stderr)
+                             dynamic_ncols=True, desc=desc, file=sys.stderr)
         self.file = open(out / METRICS_NAME, "a", encoding="utf-8")
         self.start = time.perf_counter()
         self.window_start, self.window_tokens = self.start, 0
@@ -73,12 +74,12 @@ class StepLog:
         self.window_tokens += tokens
         self.progress.update(1)
 
-    def record(self, step: int, lr: float, loss: float, mlm: float, sop: float, grad_norm: float,
-               tokens_seen: int) -> dict:
+    def record(self, step: int, lr: float, losses: dict, grad_norm: float, tokens_seen: int) -> dict:
         """The metrics line of ``step``; starts the next throughput window. Read the clock only after
-        the step's host sync, so that on a GPU the step's kernels are done."""
+        the step's host sync, so that on a GPU the step's kernels are done. ``losses``: name -> value,
+        "loss" (the total) first (pretraining: loss, mlm, sop)."""
         now = time.perf_counter()
-        record = {"step": step, "loss": loss, "mlm": mlm, "sop": sop, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step, **losses, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
                   "elapsed": self.elapsed_before + (now - self.start), "tokens": tokens_seen}
         self.window_start, self.window_tokens = now, 0
@@ -87,9 +88,9 @@ class StepLog:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        self.progress.set_postfix(loss=f"{record['loss']:.3f}", mlm=f"{record['mlm']:.3f}",
-                                  sop=f"{record['sop']:.3f}", lr=f"{record['lr']:.2e}",
-                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        losses = {k: f"{record[k]:.3f}" for k in ("loss", "mlm", "sop") if k in record}
+        self.progress.set_postfix(**losses, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                  refresh=False)
 
     def close(self) -> None:
         self.file.close()

@@ -26,7 +26,7 @@ import dataclasses
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -86,9 +86,12 @@ def open_output(out: Path, history: list, tokenizer: Tokenizer, config: Config,
 
 
 def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: SentencePairStream,
-                    tokenizer: Tokenizer, run_state: dict) -> Path:
+                    tokenizer: Tokenizer, run_state: dict, extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``out/checkpoints/step-NNNNNN`` atomically, point ``out/latest`` at it, refresh the model
-    files in ``out``. ``run_state`` holds the host-side counters (settings, elapsed, tokens)."""
+    files in ``out``. ``run_state`` holds the host-side counters (settings, elapsed, tokens; a
+    ``format`` key replaces :data:`STATE_FORMAT`). ``extra(directory)``, when given, writes further
+    files (fine-tuning: the task head) into the checkpoint directory and into ``out``; ``stream`` is
+    anything with ``state_dict()`` (the data position)."""
     backend = model.backend
     opt_state = optimizer.state_dict()
     # Host copies now: the optimiser's tensors are its live arrays.
@@ -108,12 +111,16 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: Sente
                            metadata={"format": "ref-bert-optimizer", "step": str(opt_state["step"])})
         files.atomic_write_bytes(directory / TOKENIZER_NAME, tokenizer.model_proto)
         files.atomic_write_json(directory / STATE_NAME, state)
+        if extra is not None:
+            extra(directory)
 
     final = files.publish_directory(out / CHECKPOINTS_DIR / checkpoint_name(step), write)
     files.write_pointer(out / LATEST_NAME, final)
     # OUT itself stays a model directory (config.json + model.safetensors + spiece.model).
     ckpt.save_model(model, out)
     files.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
+    if extra is not None:
+        extra(out)
     return final
 
 
@@ -130,18 +137,18 @@ def prune_checkpoints(out: Path, newest: Path, keep: int) -> None:
 
 
 # --- resuming ----------------------------------------------------------------------------------------
-def resolve_resume(out: Path, resume) -> Optional[Path]:
+def resolve_resume(out: Path, resume, kind: str = "pretraining") -> Optional[Path]:
     """The checkpoint directory ``resume`` names: ``out/latest`` for True, the given path for a path,
-    None for False (then ``out`` must not hold a run already)."""
+    None for False (then ``out`` must not hold a run already). ``kind`` names the job in messages."""
     if resume is False:
         if (out / LATEST_NAME).exists():
-            raise ValueError(f"{out} already holds a pretraining run ({out / LATEST_NAME} exists); pass --resume to "
+            raise ValueError(f"{out} already holds a {kind} run ({out / LATEST_NAME} exists); pass --resume to "
                              f"continue it, or choose another --out")
         return None
     if resume is True:
         if not (out / LATEST_NAME).is_file():
             raise ValueError(f"--resume: {out / LATEST_NAME} does not exist, so {out} holds no complete checkpoint "
-                             f"to resume from; expected the output directory of an earlier pretrain run")
+                             f"to resume from; expected the output directory of an earlier {kind} run")
         return files.read_pointer(out / LATEST_NAME)
     path = Path(resume)
     if not path.is_dir():
@@ -150,13 +157,13 @@ def resolve_resume(out: Path, resume) -> Optional[Path]:
     return path
 
 
-def load_checkpoint_state(directory) -> dict:
+def load_checkpoint_state(directory, expected_format: str = STATE_FORMAT) -> dict:
     """Read and check a checkpoint's ``state.json`` (the cheap part of a resume)."""
     directory = Path(directory)
     state = files.read_json(directory / STATE_NAME, "checkpoint state")
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != expected_format:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{directory / STATE_NAME} has format {got!r}, expected {STATE_FORMAT!r}")
+        raise ValueError(f"{directory / STATE_NAME} has format {got!r}, expected {expected_format!r}")
     for key in STATE_KEYS:
         if key not in state:
             raise ValueError(f"{directory / STATE_NAME} lacks {key!r}; expected keys {', '.join(STATE_KEYS)}")
