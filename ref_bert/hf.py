@@ -469,6 +469,43 @@ def architecture_of(directory) -> tuple[str, str]:
     return arch, family
 
 
+# --- sentence-transformers directories ---------------------------------------------------------------
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+
+
+def sentence_transformers_modules(directory) -> list | None:
+    """The module list of a sentence-transformers directory (its ``modules.json``: entries with "idx",
+    "name", "path", "type"), or None when ``directory`` has no modules.json. ValueError when it is malformed
+    or names a path outside the directory."""
+    path = Path(directory) / SENTENCE_TRANSFORMERS_MODULES
+    if not path.is_file():
+        return None
+    modules = read_json(path, "sentence-transformers module list")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
+                                                and isinstance(m.get("type"), str) for m in modules):
+        raise ValueError(f"{path} is not a sentence-transformers module list (expected a JSON list of objects "
+                         f"with \"path\" and \"type\")")
+    for m in modules:
+        parts = Path(m["path"]).parts
+        if Path(m["path"]).is_absolute() or ".." in parts:
+            raise ValueError(f"{path}: module path {m['path']!r} leaves the directory; expected a sub-directory")
+    return sorted(modules, key=lambda m: m.get("idx", 0))
+
+
+def transformer_directory(path) -> Path:
+    """Where the transformer's config.json and weights are: ``path`` itself, or, in a sentence-transformers
+    directory, the path of its ``...models.Transformer`` module (often "" = the directory itself)."""
+    directory = Path(path)
+    modules = sentence_transformers_modules(directory)
+    if modules is None:
+        return directory
+    found = [m for m in modules if m["type"].rsplit(".", 1)[-1] == "Transformer"]
+    if not found:
+        raise ValueError(f"{directory / SENTENCE_TRANSFORMERS_MODULES} lists no Transformer module (types: "
+                         f"{[m['type'] for m in modules]}); expected sentence_transformers.models.Transformer")
+    return directory / found[0]["path"]
+
+
 # --- loading -----------------------------------------------------------------------------------
 @dataclass
 class HfCheckpoint:
@@ -589,5 +626,5 @@ def write_hf(path, config: Config, tensors: dict, dtype: str) -> Path:
     return directory
 
 
-__all__ = ["ARCHITECTURES", "HfCheckpoint", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
+__all__ = ["ARCHITECTURES", "HfCheckpoint", "sentence_transformers_modules", "transformer_directory", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
            "read_hf_tensors", "detect_architecture", "architecture_of", "read_hf", "write_hf"]

@@ -132,6 +132,7 @@ class Model:
         self.params = FlatBuffer(parameter_shapes(config, heads=True), self.xp, self.dtype)
         initialize(self.params, config, self.backend, seed)
         self.dropout_rng = self.backend.rng([seed, 1])
+        self.tokenizer = None   # a ref_bert.Tokenizer when loaded from a directory that has one; save_hf writes it
 
     def __repr__(self) -> str:
         return (f"Model({self.config.name!r}, backend={self.backend.name!r}, dtype={self.dtype.name!r}, "
@@ -367,13 +368,31 @@ class Model:
 
     # --- Hugging Face checkpoints (the name map and file formats live in ref_bert/hf.py) ---------
     @classmethod
-    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0) -> "Model":
-        """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors); see :mod:`ref_bert.hf`.
-        Heads missing from the checkpoint keep their initialisation from ``seed`` (with a warning)."""
-        checkpoint = hf.read_hf(path)
+    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0, tokenizer="auto") -> "Model":
+        """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors, a shard index or
+        pytorch_model.bin; a sentence-transformers directory's transformer module); see :mod:`ref_bert.hf`.
+        Heads missing from the checkpoint keep their initialisation from ``seed`` (with a warning).
+
+        ``tokenizer``: "auto" attaches the directory's tokenizer as ``model.tokenizer`` when it has one
+        (:meth:`ref_bert.Tokenizer.from_hf`), None otherwise; True requires one (ValueError naming the files
+        looked for); False skips it. An attached tokenizer must have exactly ``config.vocab_size`` tokens."""
+        from .tokenization import Tokenizer, check_vocab_size, find_tokenizer
+
+        if tokenizer not in ("auto", True, False):
+            raise ValueError(f"tokenizer={tokenizer!r} is invalid: expected 'auto', True or False")
+        directory = hf.transformer_directory(path)
+        found = None
+        if tokenizer is True:
+            found = Tokenizer.from_hf(directory)
+        elif tokenizer == "auto":
+            found = find_tokenizer(directory)
+        checkpoint = hf.read_hf(directory)
+        if found is not None:
+            check_vocab_size(found, checkpoint.config.vocab_size, str(directory))
         model = cls(checkpoint.config, backend=backend, dtype=dtype, seed=seed)
         for name, array in checkpoint.tensors.items():
             model.params[name] = model.backend.from_host(array, dtype=model.dtype)
+        model.tokenizer = found
         if checkpoint.missing:
             groups = sorted({n.split(".")[0] for n in checkpoint.missing})
             warnings.warn(f"{checkpoint.directory}: the {checkpoint.architecture} checkpoint has no "
@@ -382,8 +401,16 @@ class Model:
 
     def save_hf(self, path):
         """Write a directory that ``transformers`` loads as Albert/BertForPreTraining; see :mod:`ref_bert.hf`.
-        ``Model.from_hf(model.save_hf(d))`` reproduces every parameter bit for bit."""
-        return hf.write_hf(path, self.config, self._host_tensors(), self.dtype.name)
+        ``Model.from_hf(model.save_hf(d))`` reproduces every parameter bit for bit. With a tokenizer
+        (``model.tokenizer``, set by ``from_hf`` or ``checkpoint.load_model``) its files are written too."""
+        if self.tokenizer is not None:
+            from .tokenization import check_vocab_size
+
+            check_vocab_size(self.tokenizer, self.config.vocab_size, "save_hf")
+        directory = hf.write_hf(path, self.config, self._host_tensors(), self.dtype.name)
+        if self.tokenizer is not None:
+            self.tokenizer.save_hf(directory)
+        return directory
 
     def hf_state_dict(self, tensors=None) -> dict:
         """Our parameters (or any dict shaped like them, e.g. gradients) under Hugging Face names and

@@ -19,6 +19,12 @@ A piece starts a word when it begins with U+2581 ("▁"), SentencePiece's marker
 (docs/reference.md §7). ALBERT's ``_is_start_piece_sp`` additionally treats punctuation pieces and
 pieces with non-ASCII letters as word starts; here the U+2581 rule alone defines a word.
 
+Text preparation: :meth:`Tokenizer.encode` prepares text as ALBERT's own tokenizer does and as
+:class:`ref_bert.Tokenizer` does for a checkpoint's spiece.model (docs/reference.md §9): `` and '' become
+", whitespace runs one space, lower-casing when ``lower_case``, accents kept, and a piece ending in a
+digit and a comma is re-split ("3.0," -> "3.0" pieces, ","). So the pretraining data and a saved
+model's tokenizer give the same ids.
+
 Lower-casing: ALBERT's uncased models lower-case text before SentencePiece (``preprocess_text(line,
 lower=FLAGS.do_lower_case)``), a flag kept next to the model file rather than inside it. ``lower_case``
 plays that role here, and, as in ALBERT, it is not stored in the model file.
@@ -33,6 +39,7 @@ from typing import Iterable, Union
 import numpy as np
 import sentencepiece as spm
 
+from ..tokenization import albert_pieces, albert_prepare
 from .corpus import PathLike, default_corpus_path, read_corpus
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -173,10 +180,9 @@ class Tokenizer:
         return self._model_proto
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``'s pieces; no [CLS]/[SEP] added."""
-        if self.lower_case:
-            text = text.lower()
-        return list(self._sp.encode(text, out_type=int))
+        """Ids of ``text``'s pieces (text prepared as ALBERT's tokenizer does, see above); no [CLS]/[SEP]."""
+        pieces = albert_pieces(self._sp, albert_prepare(text, self.lower_case, keep_accents=True))
+        return [self._sp.piece_to_id(p) for p in pieces]
 
     def decode(self, ids) -> str:
         """Text of ``ids``; control symbols ([CLS], [SEP], [MASK], pad) decode to nothing."""
