@@ -368,6 +368,13 @@ class Tokenizer:
                 out[name][b, :len(e)] = getattr(e, name)
         return out
 
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry of id ``i``."""
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return self._vocab[i] if self.kind == "wordpiece" else self._sp.id_to_piece(i)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (for reading results; not an exact inverse of the normalisation)."""
         ids = [int(i) for i in ids]

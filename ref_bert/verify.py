@@ -195,19 +195,21 @@ def require_transformers():
 
 
 def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None,
-              progress: bool = False) -> Report:
+              progress: bool = False, inputs: dict | None = None) -> Report:
     """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
     activation, the loss and every gradient (the last two for *ForPreTraining checkpoints).
     ``directory`` is a Hugging Face model directory (transformers' or ``save_hf``'s); ``progress`` shows
-    a bar on stderr, one update per stage (loading each side, then running each side)."""
+    a bar on stderr, one update per stage (loading each side, then running each side). ``inputs``: a batch
+    under :data:`ref_bert.examples.BATCH_NAMES` (e.g. :func:`ref_bert.examples.text_batch` of the user's
+    text) in place of the synthetic ``batch`` x ``seq_len`` one."""
     import sys
 
     from tqdm import tqdm
 
     transformers = require_transformers()
-    from .hf import ARCHITECTURES, architecture_of
+    from .hf import ARCHITECTURES, architecture_of, transformer_directory
 
-    directory = Path(directory)
+    directory = transformer_directory(directory)      # a sentence-transformers directory: its transformer
     arch, family = architecture_of(directory)
     _, _, has_mlm, has_sop = ARCHITECTURES[arch]
     full = has_mlm and has_sop
@@ -220,25 +222,26 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
 
     try:
         return _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
-                          transformers.__version__)
+                          transformers.__version__, inputs)
     finally:
         bar.close()
 
 
 def _verify_hf(directory, arch, family, full, dtype, seed, batch, seq_len, rtol, atol, advance,
-               transformers_version) -> Report:
+               transformers_version, inputs=None) -> Report:
     from . import hf_torch
     from .golden import make_inputs
     from .model import Model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
-        ours = Model.from_hf(directory, dtype=dtype, seed=seed)
+        ours = Model.from_hf(directory, dtype=dtype, seed=seed, tokenizer=False)
     advance("ref-bert loaded")
     hf = hf_torch.from_pretrained(directory, dtype=dtype)
     advance("transformers loaded")
     cfg = ours.config
-    x = make_inputs(cfg, batch, seq_len, seed)
+    x = make_inputs(cfg, batch, seq_len, seed) if inputs is None else inputs
+    batch, seq_len = x["input_ids"].shape
 
     # transformers, with hooks
     with hf_torch.capture(hf) as captured:
