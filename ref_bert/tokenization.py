@@ -234,9 +234,10 @@ class Tokenizer:
     def from_sentencepiece(cls, model, do_lower_case: bool = False, keep_accents: bool = True,
                            split_digit_comma: bool = True, special: dict | None = None) -> "Tokenizer":
         """A SentencePiece tokenizer from a model file path, its bytes, or a :class:`ref_bert.data.Tokenizer`
-        (the pretraining job's; its ``lower_case`` is used and accents are kept, as the job does)."""
+        (the pretraining job's; its ``lower_case`` and ``keep_accents`` are used)."""
         if hasattr(model, "model_proto"):
             do_lower_case = bool(getattr(model, "lower_case", do_lower_case))
+            keep_accents = bool(getattr(model, "keep_accents", keep_accents))
             proto, source = model.model_proto, repr(model)
         elif isinstance(model, (bytes, bytearray)):
             proto, source = bytes(model), "<bytes>"
