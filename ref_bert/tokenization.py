@@ -387,11 +387,12 @@ class Tokenizer:
 
     # --- saving --------------------------------------------------------------------------------
     def save_hf(self, path) -> list:
-        """Write the tokenizer's files into ``path`` (which must exist) so that transformers'
+        """Write the tokenizer's files into directory ``path`` (created if needed) so that transformers'
         ``AutoTokenizer.from_pretrained`` and :meth:`from_hf` read it back; returns the file names."""
         directory = Path(path)
-        if not directory.is_dir():
+        if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory} is not a directory; expected the checkpoint directory to write into")
+        directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": self.special[role] for role in ROLES}
         config = {**self.extra_config, **special}
         written = []

@@ -32,12 +32,13 @@ from ref_bert.tokenization import TOKENIZER_FILES, WORD_START, albert_prepare, t
 
 transformers.logging.set_verbosity_error()
 
+NUMBER_LINE = "It cost 3.0, and 4.0, and 5.0, then 10,000, 20,000, 1,000, 3,0,"
 NUMBERS = "It cost 3.0, then 4.5, and 10,000, 20,000, 1,000,000 or 7,5, in all."
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",                     # ASCII prose
     "Café ÉLAN naïve résumé Über façade Ångström",                      # accents
     "MiXeD CaSe WoRdS and ALLCAPS",                                     # mixed case
-    NUMBERS, "3.0, 2,5, 1.000,5",                                       # numbers with commas and decimals
+    NUMBERS, "3.0, 2,5, 1.000,5", "It was 3.0, then 1,000,000.5 and 2,5, ok",# numbers with commas and decimals
     "汉字测试，中文。日本語のテキスト", "한국어 텍스트",                     # CJK
     "emoji 🎉👍🏽 and ❤️ done",                                          # emoji (with a modifier and a selector)
     "x\x01y\x1fz\x85w\x00v\ufffdu\x7ft",                                # control characters
@@ -54,7 +55,8 @@ PAIRS = [("The quick brown fox.", "jumps over the lazy dog"), (NUMBERS, "short")
 
 @pytest.fixture(scope="module")
 def sentences():
-    return [s for doc in read_corpus(default_corpus_path()) for s in doc] + [NUMBERS] * 40
+    # number-heavy lines make pieces such as "0," (ALBERT's re-split) and "00" (a Viterbi tie: "000")
+    return [s for doc in read_corpus(default_corpus_path()) for s in doc] + [NUMBER_LINE] * 50
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,12 @@ def ours_encode(tok, text, pair=None, **kwargs):
     return e.input_ids, e.token_type_ids, e.attention_mask
 
 
+def resplit_fires(spiece, text, lower=False, keep_accents=True) -> bool:
+    """Whether SentencePiece makes a piece ending in a digit and a comma from ``text`` (ALBERT's re-split)."""
+    pieces = spiece._sp.encode(albert_prepare(text, lower, keep_accents), out_type=str)
+    return any(len(p) > 1 and p[-1] == "," and p[-2].isdigit() for p in pieces)
+
+
 def assert_equal_or_tie(ours, theirs, ours_tok, theirs_tok, text):
     """Equal encodings, or (SentencePiece only) equally scored segmentations of the same text."""
     if ours == theirs:
@@ -97,8 +105,10 @@ def assert_equal_or_tie(ours, theirs, ours_tok, theirs_tok, text):
 
 
 # --- SentencePiece (ALBERT) --------------------------------------------------------------------------
-@pytest.mark.parametrize("lower,keep_accents", [(True, False), (False, True)])
-def test_sentencepiece_matches_transformers_albert(spiece, tmp_path, lower, keep_accents):
+@pytest.mark.parametrize("lower,keep_accents,expected_ties", [(True, False, 0), (False, True, 1)])
+def test_sentencepiece_matches_transformers_albert(spiece, tmp_path, lower, keep_accents, expected_ties):
+    """Cased, the trained model segments "000" of "1,000,000.5" as "0"+"00" in sentencepiece and "00"+"0" in
+    tokenizers' Unigram (equal scores): the one tie of the set, checked to be one."""
     ours = ref_bert.Tokenizer.from_sentencepiece(spiece.model_proto, do_lower_case=lower, keep_accents=keep_accents,
                                                  split_digit_comma=False)
     ours.save_hf(tmp_path)
@@ -113,7 +123,7 @@ def test_sentencepiece_matches_transformers_albert(spiece, tmp_path, lower, keep
         kwargs = {} if m is None else dict(max_length=m, truncation=True)
         assert_equal_or_tie(ours_encode(ours, x, y, **kwargs), hf_encode(theirs, x, y, **kwargs),
                             ours, theirs, (x, y, m))
-    assert ties <= 2, ties                                  # the tie is rare: it needs "000"-like strings
+    assert ties == expected_ties
 
 
 def test_albert_digit_comma_resplit(spiece, tmp_path):
@@ -136,8 +146,7 @@ def test_albert_digit_comma_resplit(spiece, tmp_path):
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["split_digit_comma"] is True
     assert theirs.convert_ids_to_tokens(theirs(NUMBERS)["input_ids"])[1:-1] != pieces
     for text in TEXTS:
-        if not any(p[-1:] == "," and p[-2:-1].isdigit() for p in spiece._sp.encode(albert_prepare(text, True, False),
-                                                                                    out_type=str)):
+        if not resplit_fires(spiece, text, True, False):
             assert_equal_or_tie(ours_encode(ours, text), hf_encode(theirs, text), ours, theirs, text)
 
 
@@ -157,7 +166,7 @@ def test_pretraining_tokenizer_is_the_checkpoint_tokenizer(spiece, tmp_path):
     assert loaded.tokenizer is not None and loaded.tokenizer.options == ours.options
     loaded.save_hf(tmp_path / "hf")
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS[:3] + TEXTS[5:]:
+    for text in (t for t in TEXTS if not resplit_fires(spiece, t)):
         assert_equal_or_tie(ours_encode(ours, text), hf_encode(theirs, text), ours, theirs, text)
     # settings other than the job's defaults travel in tokenizer_config.json
     lowered = PretrainingTokenizer(spiece.model_proto, lower_case=True, keep_accents=False)
