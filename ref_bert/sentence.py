@@ -4,7 +4,7 @@ normalisation, run by ref-bert.
     >>> encoder = SentenceEncoder.from_dir("all-MiniLM-L6-v2", dtype="float64")     # doctest: +SKIP
     >>> embeddings = encoder.encode(["A sentence.", "Another one."])                  # (2, 384) host array
 
-A sentence-transformers directory lists its modules in ``modules.json`` (docs/reference.md §9):
+A sentence-transformers directory lists its modules in ``modules.json`` (docs/reference.md §7.2):
 ``...Transformer`` (path "" = the directory itself, or a sub-directory: a Hugging Face BERT/ALBERT
 checkpoint with its tokenizer and ``sentence_bert_config.json``: ``max_seq_length``, ``do_lower_case``),
 ``...Pooling`` (its ``config.json``: ``pooling_mode`` or the older ``pooling_mode_*_tokens`` flags) and,

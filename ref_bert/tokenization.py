@@ -5,7 +5,7 @@
     >>> enc.input_ids, enc.token_type_ids, enc.attention_mask            # doctest: +SKIP
     >>> batch = tok.batch(["one sentence", "another"], max_length=512)  # (B, T) int64 arrays, padded
 
-Two kinds, chosen by the files of the directory (docs/reference.md §9 has the rules in full):
+Two kinds, chosen by the files of the directory (docs/reference.md §7.1 has the rules in full):
 
 ``wordpiece`` (BERT; ``vocab.txt`` or a WordPiece ``tokenizer.json``)
     Hugging Face's ``tokenizers`` library with BERT's basic tokenization: drop control characters and
@@ -36,7 +36,7 @@ first; when both must be cut, each keeps half the room, the longer one the odd t
 Saving: :meth:`Tokenizer.save_hf` writes the files transformers reads (``spiece.model`` or
 ``vocab.txt`` + ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), so that
 ``transformers.AutoTokenizer.from_pretrained(dir)`` gives the same ids (the digit-comma re-split
-aside, which transformers 5 does not perform: docs/reference.md §9).
+aside, which transformers 5 does not perform: docs/reference.md §7.1).
 
 The pretraining pipeline's own SentencePiece model is :class:`ref_bert.data.Tokenizer`;
 :meth:`Tokenizer.from_sentencepiece` wraps it (or any ``spiece.model``) as a checkpoint tokenizer.
@@ -83,7 +83,7 @@ class Encoding:
 
 
 def albert_prepare(text: str, do_lower_case: bool, keep_accents: bool) -> str:
-    """ALBERT's ``preprocess_text`` (docs/reference.md §9): `` and '' -> ", NFKD and no combining marks
+    """ALBERT's ``preprocess_text`` (docs/reference.md §7.1): `` and '' -> ", NFKD and no combining marks
     (Unicode category Mn) unless ``keep_accents``, lower-case if asked, whitespace runs -> one space."""
     text = text.replace("``", '"').replace("''", '"')
     if not keep_accents:

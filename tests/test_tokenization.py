@@ -5,7 +5,7 @@ numbers, so that pieces ending in a digit and a comma exist), and a WordPiece vo
 `tokenizers` library. What transformers 5.24 offers: AlbertTokenizer only on the `tokenizers` backend
 (the sentencepiece-based "slow" ALBERT tokenizer is gone), BertTokenizer on `tokenizers` and the pure-Python
 BertTokenizerLegacy. Ids, token type ids and attention masks must be equal, with two documented
-exceptions, each checked to be exactly what it is said to be (docs/reference.md §9):
+exceptions, each checked to be exactly what it is said to be (docs/reference.md §7.1):
 
 * ALBERT's digit-comma re-split ("3.0," -> "3.0" pieces + ","), which transformers 5 does not perform;
 * SentencePiece and `tokenizers`' Unigram break ties between equally scored segmentations differently

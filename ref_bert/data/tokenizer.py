@@ -20,7 +20,7 @@ A piece starts a word when it begins with U+2581 ("▁"), SentencePiece's marker
 pieces with non-ASCII letters as word starts; here the U+2581 rule alone defines a word.
 
 Text preparation: :meth:`Tokenizer.encode` prepares text as ALBERT's own tokenizer does and as
-:class:`ref_bert.Tokenizer` does for a checkpoint's spiece.model (docs/reference.md §9): `` and '' become
+:class:`ref_bert.Tokenizer` does for a checkpoint's spiece.model (docs/reference.md §7.1): `` and '' become
 ", whitespace runs one space, lower-casing when ``lower_case``, accents kept, and a piece ending in a
 digit and a comma is re-split ("3.0," -> "3.0" pieces, ","). So the pretraining data and a saved
 model's tokenizer give the same ids.

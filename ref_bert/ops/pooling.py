@@ -1,5 +1,5 @@
 """Sentence pooling over the tokens of a sequence, and L2 normalisation: what a sentence-transformers
-directory's ``Pooling`` and ``Normalize`` modules compute (docs/reference.md §9).
+directory's ``Pooling`` and ``Normalize`` modules compute (docs/reference.md §7.2).
 
 Shapes: hidden states h (B, T, H); mask m (B, T), 1 for real tokens and 0 for padding (a constant,
 no gradient); pooled outputs (B, H); n_b = sum_t m_bt.
