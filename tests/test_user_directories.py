@@ -60,9 +60,11 @@ def bert_checkpoint(path: Path, tokenizer, arch="Model", max_shard_size=None, sa
     return path
 
 
-def sentence_transformers_dir(root: Path, tokenizer, pooling: dict, normalize: bool, sub: str = "", safe=True):
+def sentence_transformers_dir(root: Path, tokenizer, pooling: dict, normalize: bool, sub: str = "", safe=True,
+                              lower_first=False):
     transformer = bert_checkpoint(root / sub, tokenizer, safe=safe)
-    (transformer / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
+    (transformer / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16,
+                                                                       "do_lower_case": lower_first}))
     modules = [{"idx": 0, "name": "0", "path": sub, "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     (root / "1_Pooling").mkdir()
@@ -107,18 +109,20 @@ def test_l2_normalize_backward_matches_finite_differences():
 
 
 # --- sentence-transformers directories ---------------------------------------------------------------
-CASES = {
-    "mean+normalize": (dict(pooling_mode_mean_tokens=True, pooling_mode_cls_token=False), True, "", True),
-    "cls,max,sqrt in 0_Transformer, pytorch_model.bin": (
+CASES = {   # pooling config, Normalize, transformer path, safetensors, cased tokenizer + sentence-transformers lower-casing
+    "mean+normalize": (dict(pooling_mode_mean_tokens=True, pooling_mode_cls_token=False), True, "", True, False),
+    "cls,max,sqrt in 0_Transformer, pytorch_model.bin, lower-cased first": (
         dict(pooling_mode_cls_token=True, pooling_mode_max_tokens=True, pooling_mode_mean_sqrt_len_tokens=True),
-        False, "0_Transformer", False),
+        False, "0_Transformer", False, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sentence_transformers_directory_matches_sentence_transformers(tokenizer, tmp_path, case):
-    pooling, normalize, sub, safe = CASES[case]
-    directory = sentence_transformers_dir(tmp_path, tokenizer, pooling, normalize, sub, safe)
+    pooling, normalize, sub, safe, lower_first = CASES[case]
+    if lower_first:       # a cased tokenizer whose vocabulary is lower-case: only the directory's lower-casing helps
+        tokenizer = ref_bert.Tokenizer.from_wordpiece_vocab(tokenizer._vocab, do_lower_case=False)
+    directory = sentence_transformers_dir(tmp_path, tokenizer, pooling, normalize, sub, safe, lower_first)
     ours = SentenceEncoder.from_dir(directory, dtype="float64")
     theirs = sentence_transformers.SentenceTransformer(str(directory), device="cpu").double()
     assert ours.pooling == (("mean",) if normalize else ("cls", "max", "mean_sqrt_len_tokens"))
