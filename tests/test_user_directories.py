@@ -227,6 +227,12 @@ def test_pretrain_tokenizer_may_be_a_checkpoint_directory(tokenizer, tmp_path, c
                  "--seq-len", "16", "--no-progress", "--no-plot"]) == 0
     model, _ = ref_bert.checkpoint.load_any(out)
     assert model.tokenizer.options["do_lower_case"] is True    # the run directory kept the checkpoint's settings
+    # the run directory on real text (an ALBERT with its SentencePiece tokenizer, through a save_hf copy)
+    assert main(["verify", "--hf", str(out), "--text", "The River ran, 3.0, fast!", "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    ids = model.tokenizer.encode("The River ran, 3.0, fast!").input_ids
+    tokens = " ".join(model.tokenizer.id_to_token(i) for i in ids)
+    assert "verify: OK" in report and "▁the" in tokens and f"tokens: {tokens}" in report
     bert = tokenizer.save_hf(tmp_path / "bert") and tmp_path / "bert"
     assert main(["pretrain", "--out", str(tmp_path / "no"), "--tokenizer", str(bert), "--no-progress"]) == 2
     assert "has a WordPiece tokenizer (vocab.txt, tokenizer.json), but pretraining needs a SentencePiece" in \
