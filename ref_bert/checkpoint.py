@@ -18,7 +18,6 @@ from .tokenization import Tokenizer, check_vocab_size, find_tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-SPIECE_NAME = "spiece.model"      # the pretraining job's tokenizer (ref_bert.pretrain.rundir.TOKENIZER_NAME)
 
 
 def save_model(model, directory) -> Path:
@@ -54,15 +53,9 @@ def load_model(directory, backend=None, dtype=None):
 
 
 def run_tokenizer(directory):
-    """The tokenizer of a ref-bert model directory, or None: its tokenizer files as a checkpoint's
-    (:meth:`ref_bert.Tokenizer.from_hf`) when it has a tokenizer_config.json, else a bare ``spiece.model``
-    as the pretraining job uses it (no lower-casing, accents kept, ALBERT's text preparation)."""
-    directory = Path(directory)
-    if (directory / "tokenizer_config.json").is_file():
-        return find_tokenizer(directory)
-    if (directory / SPIECE_NAME).is_file():
-        return Tokenizer.from_sentencepiece(directory / SPIECE_NAME, do_lower_case=False, keep_accents=True)
-    return None
+    """The tokenizer of a ref-bert model directory (:meth:`ref_bert.Tokenizer.from_hf`: a pretraining run's
+    ``spiece.model``, with its settings file when the run had non-default ones), or None."""
+    return find_tokenizer(directory)
 
 
 def load_weights(model, directory) -> dict:

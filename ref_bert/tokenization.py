@@ -196,8 +196,9 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, path) -> "Tokenizer":
         """The tokenizer of a checkpoint directory (transformers', sentence-transformers' transformer
-        module, ``save_hf`` output or a ref-bert pretraining run). ValueError naming the files looked for
-        when there is none."""
+        module, ``save_hf`` output or a ref-bert pretraining run, whose bare ``spiece.model`` is read with the
+        job's settings: no lower-casing, accents kept). ValueError naming the files looked for when there
+        is none."""
         directory = Path(path)
         if not directory.is_dir():
             raise ValueError(f"{directory} is not a directory; expected a checkpoint directory with a tokenizer")
@@ -210,8 +211,11 @@ class Tokenizer:
                 config.update(raw)
         special = {role: _token_text(config.get(f"{role}_token"), str(directory), role) for role in ROLES}
         if (directory / "spiece.model").is_file():
-            options = {"do_lower_case": bool(config.get("do_lower_case", True)),
-                       "keep_accents": bool(config.get("keep_accents", False)),
+            # transformers' AlbertTokenizer defaults, except in a ref-bert pretraining directory without settings
+            # (the job's own: no lower-casing, accents kept)
+            ours = not config and _is_ref_bert_directory(directory)
+            options = {"do_lower_case": bool(config.get("do_lower_case", not ours)),
+                       "keep_accents": bool(config.get("keep_accents", ours)),
                        "split_digit_comma": bool(config.get("split_digit_comma", True))}
             return cls("sentencepiece", special=special, options=options, source=str(directory / "spiece.model"),
                        sp_proto=(directory / "spiece.model").read_bytes(), extra_config=_carried(config))
@@ -460,6 +464,20 @@ def _wordpiece_vocab_from_json(path: Path) -> list:
     for token, i in vocab.items():
         tokens[i] = token
     return tokens
+
+
+def _is_ref_bert_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds a ref-bert config.json (every key a :class:`ref_bert.Config` field), as a
+    pretraining run or ``checkpoint.save_model`` writes it."""
+    import dataclasses
+
+    from .config import Config
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return False
+    raw = read_json(path, "model config")
+    return isinstance(raw, dict) and set(raw) <= {f.name for f in dataclasses.fields(Config)}
 
 
 def find_tokenizer(path) -> Tokenizer | None:

@@ -164,6 +164,7 @@ def test_pretraining_tokenizer_is_the_checkpoint_tokenizer(spiece, tmp_path):
     spiece.save_to(tmp_path / "run")
     loaded, _ = load_any(tmp_path / "run")
     assert loaded.tokenizer is not None and loaded.tokenizer.options == ours.options
+    assert ref_bert.Tokenizer.from_hf(tmp_path / "run").options == ours.options     # a bare spiece.model: the job's
     loaded.save_hf(tmp_path / "hf")
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in (t for t in TEXTS if not resplit_fires(spiece, t)):
