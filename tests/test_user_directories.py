@@ -21,6 +21,7 @@ import transformers
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
+import backends
 import gradcheck
 import ref_bert
 from ref_bert.cli import main
@@ -106,6 +107,26 @@ def test_l2_normalize_backward_matches_finite_differences():
 
     gradcheck.check_vjp(forward, lambda dz: l2_normalize_backward(dz, cache["c"]), [x]).assert_ok()
     np.testing.assert_allclose(np.linalg.norm(forward(x), axis=1), 1.0, rtol=1e-15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.available("cupy"), reason="needs CuPy and a visible GPU")
+@pytest.mark.parametrize("mode", ["cls", "max", "mean", "mean_sqrt_len_tokens"])
+def test_pooling_on_cupy_matches_numpy(mode):
+    """The pooling ops and their backward on CuPy against NumPy, float64, to 1e-12 relative (rounding only)."""
+    cupy = backends.get("cupy")
+    rng = np.random.default_rng(3)
+    h, dy = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 4))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 1, 1, 0]])
+    y, cache = pooling_forward(h, mask, mode)
+    y_gpu, cache_gpu = pooling_forward(cupy.from_host(h), cupy.from_host(mask), mode)
+    assert rel_err(cupy.to_host(y_gpu), y) < 1e-12
+    dh = cupy.to_host(pooling_backward(cupy.from_host(dy), cache_gpu))
+    assert rel_err(dh, pooling_backward(dy, cache)) < 1e-12
+    z, zc = l2_normalize_forward(y)
+    z_gpu, zc_gpu = l2_normalize_forward(y_gpu)
+    assert rel_err(cupy.to_host(z_gpu), z) < 1e-12
+    assert rel_err(cupy.to_host(l2_normalize_backward(cupy.from_host(dy), zc_gpu)), l2_normalize_backward(dy, zc)) < 1e-12
 
 
 # --- sentence-transformers directories ---------------------------------------------------------------
