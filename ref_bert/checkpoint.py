@@ -36,19 +36,25 @@ def load_config(directory) -> Config:
     return Config.from_dict(read_json(path, "model config"))
 
 
-def load_model(directory, backend=None, dtype=None):
+def load_model(directory, backend=None, dtype=None, tokenizer="auto"):
     """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one.
-    The directory's tokenizer, when it has one (a pretraining run's ``spiece.model``), becomes
-    ``model.tokenizer`` (:func:`run_tokenizer`)."""
+    ``tokenizer``: "auto" makes the directory's tokenizer, when it has one (a pretraining run's
+    ``spiece.model``), ``model.tokenizer`` (:func:`run_tokenizer`); True requires one; False skips it."""
+    if tokenizer not in ("auto", True, False):
+        raise ValueError(f"tokenizer={tokenizer!r} is invalid: expected 'auto', True or False")
     directory = Path(directory)
     config = load_config(directory)
-    tokenizer = run_tokenizer(directory)
-    if tokenizer is not None:
-        check_vocab_size(tokenizer, config.vocab_size, str(directory))
+    found = None
+    if tokenizer is True:
+        found = Tokenizer.from_hf(directory)     # a ValueError naming the files looked for when there is none
+    elif tokenizer == "auto":
+        found = run_tokenizer(directory)
+    if found is not None:
+        check_vocab_size(found, config.vocab_size, str(directory))
     tensors, metadata = load_tensors(directory / WEIGHTS_NAME)
     model = Model(config, backend=backend, dtype=dtype or metadata.get("dtype", "float32"))
     _assign(model, tensors, directory / WEIGHTS_NAME)
-    model.tokenizer = tokenizer
+    model.tokenizer = found
     return model
 
 
@@ -134,9 +140,4 @@ def load_any(path, backend=None, dtype=None, seed: int = 0, tokenizer="auto") ->
     kind = directory_kind(path)
     if kind != REF_BERT_DIRECTORY:
         return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed, tokenizer=tokenizer), kind
-    if tokenizer is True and run_tokenizer(path) is None:
-        Tokenizer.from_hf(path)      # raises the ValueError that names the files looked for
-    model = load_model(path, backend=backend, dtype=dtype)
-    if tokenizer is False:
-        model.tokenizer = None
-    return model, kind
+    return load_model(path, backend=backend, dtype=dtype, tokenizer=tokenizer), kind

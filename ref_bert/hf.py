@@ -5,6 +5,10 @@ Supported architectures (``config.json`` "architectures", else "model_type" plus
     AlbertModel, AlbertForPreTraining, AlbertForMaskedLM      tensors under "albert." (bare for AlbertModel)
     BertModel,   BertForPreTraining,   BertForMaskedLM        tensors under "bert."   (bare for BertModel)
 
+A sentence-transformers directory is read through its ``modules.json``: the weights and config are those of
+its Transformer module (:func:`transformer_directory`; docs/reference.md §7.2). The tokenizer beside the
+weights is :mod:`ref_bert.tokenization`'s business.
+
 Everything a checkpoint depends on comes from its config.json (hidden_act, layer_norm_eps, groups,
 sizes, pad_token_id, dropouts), with Hugging Face's own defaults for keys an old config omits.
 

@@ -61,7 +61,7 @@ def run(args) -> int:
         from ref_bert.checkpoint import HF_DIRECTORY, describe_kind, load_any
 
         model, kind = load_any(args.hf, backend=args.backend, dtype=args.dtype, seed=args.seed,
-                               tokenizer=True if texts is not None else "auto")
+                               tokenizer=texts is not None)
         print(f"golden: found {describe_kind(kind)} at {args.hf}", file=sys.stderr)
         source = f"{'hf' if kind == HF_DIRECTORY else 'ref-bert'}:{args.hf}"
     if texts is None:

@@ -74,7 +74,7 @@ def _verify_directory(args):
         return report
     note = "found a ref-bert model directory; comparing it with transformers through save_hf"
     print(f"verify: {note} ({args.hf})", file=sys.stderr)
-    model, _ = load_any(args.hf, dtype=args.dtype, tokenizer=True if texts is not None else "auto")
+    model, _ = load_any(args.hf, dtype=args.dtype, tokenizer=texts is not None)
     if texts is not None:
         run["inputs"] = text_inputs(model.tokenizer, model.config)
     with tempfile.TemporaryDirectory(prefix="ref-bert-verify-") as tmp:
