@@ -126,6 +126,33 @@ def test_sentencepiece_matches_transformers_albert(spiece, tmp_path, lower, keep
     assert ties == expected_ties
 
 
+def test_albert_directory_saved_by_transformers_has_only_tokenizer_json(spiece, tmp_path):
+    """transformers 5 saves an ALBERT tokenizer as tokenizer.json alone (no spiece.model): it is read through
+    the `tokenizers` library's Unigram, so even the sentencepiece tie of the cased test above agrees."""
+    ours = ref_bert.Tokenizer.from_sentencepiece(spiece.model_proto, do_lower_case=False, keep_accents=True,
+                                                 split_digit_comma=False)
+    ours.save_hf(tmp_path / "ours")
+    AutoTokenizer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "spiece.model").exists() and (tmp_path / "saved" / "tokenizer.json").is_file()
+    again = ref_bert.Tokenizer.from_hf(tmp_path / "saved")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert again.kind == "sentencepiece" and again.vocab_size == ours.vocab_size
+    for text in TEXTS:
+        assert ours_encode(again, text) == hf_encode(theirs, text), text
+    for x, y in PAIRS:
+        assert ours_encode(again, x, y, max_length=9, truncation=True) == hf_encode(theirs, x, y, max_length=9,
+                                                                                    truncation=True)
+    again.save_hf(tmp_path / "round")                     # written back as read
+    assert (tmp_path / "round" / "tokenizer.json").read_bytes() == (tmp_path / "saved" / "tokenizer.json").read_bytes()
+    # with ALBERT's re-split (the default when the config does not say): only the re-split differs
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    del config["split_digit_comma"]
+    (tmp_path / "saved" / "tokenizer_config.json").write_text(json.dumps(config))
+    resplit = ref_bert.Tokenizer.from_hf(tmp_path / "saved")
+    assert resplit.options["split_digit_comma"] is True
+    assert "0," in theirs.tokenize(NUMBERS) and "0," not in resplit.tokenize(NUMBERS)
+
+
 def test_albert_digit_comma_resplit(spiece, tmp_path):
     """ALBERT's rule on the trained model: the raw pieces of "3.0," end in the piece "0,"; ALBERT re-encodes
     "0" and appends ","; transformers 5 (no re-split) keeps "0,"."""
