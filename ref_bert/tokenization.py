@@ -15,8 +15,9 @@ Two kinds, chosen by the files of the directory (docs/reference.md §7.1 has the
     then WordPiece: greedy longest match, continuation pieces prefixed ``##``, a word of more than 100
     characters becomes the unknown token. The vocabulary comes from ``vocab.txt`` (one token a line,
     id = line number) or, without it, from ``tokenizer.json``'s model.
-``sentencepiece`` (ALBERT; ``spiece.model``)
-    The ``sentencepiece`` library on text prepared by ALBERT's rules: `````/``''`` become ``"``;
+``sentencepiece`` (ALBERT; ``spiece.model``, or a Unigram ``tokenizer.json`` as transformers 5 saves it)
+    The ``sentencepiece`` library (for a ``tokenizer.json``: the ``tokenizers`` library's Unigram with the
+    file's character map, :class:`UnigramJson`) on text prepared by ALBERT's rules: `````/``''`` become ``"``;
     NFKD and dropping combining marks unless ``keep_accents``; lower-casing if ``do_lower_case``;
     runs of whitespace become one space; then SentencePiece (its own normaliser and the U+2581 word
     marker), and ALBERT's re-split of a piece that ends in a digit and a comma ("3.0," ->
@@ -112,6 +113,68 @@ def albert_pieces(processor, text: str, split_digit_comma: bool = True) -> list:
     return out
 
 
+class UnigramJson:
+    """An ALBERT tokenizer saved as ``tokenizer.json`` only (what transformers 5's ``save_pretrained`` writes:
+    no spiece.model), run as raw SentencePiece would run on prepared text: the ``tokenizers`` library's
+    Unigram over the file's pieces and scores, after the file's SentencePiece character map, with
+    whitespace split and the U+2581 marker. It offers the few ``SentencePieceProcessor`` methods
+    :class:`Tokenizer` uses. (Segmentation ties are then broken as transformers breaks them: §7.1.)"""
+
+    def __init__(self, text: str, source: str):
+        import base64
+        import json
+
+        from tokenizers import Tokenizer as HfTokenizer
+        from tokenizers import decoders, normalizers, pre_tokenizers
+        from tokenizers.models import Unigram
+
+        raw = json.loads(text)
+        model = raw.get("model") if isinstance(raw, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, list) or not all(isinstance(v, list) and len(v) == 2 for v in vocab):
+            raise ValueError(f"{source}: a Unigram tokenizer.json needs model.vocab as [piece, score] pairs")
+        self.text, self.scores = text, [float(score) for _, score in vocab]
+        self.unk = int(model.get("unk_id") or 0)
+        tok = HfTokenizer(Unigram([(p, float(sc)) for p, sc in vocab], self.unk, byte_fallback=False))
+        found = []
+
+        def collect(node):                       # the precompiled SentencePiece character map, wherever it is
+            if isinstance(node, dict):
+                if node.get("type") == "Precompiled" and node.get("precompiled_charsmap"):
+                    found.append(base64.b64decode(node["precompiled_charsmap"]))
+                for child in node.get("normalizers") or []:
+                    collect(child)
+
+        collect(raw.get("normalizer"))
+        if found:
+            tok.normalizer = normalizers.Precompiled(found[0])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always")])
+        tok.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always")
+        self._tok = tok
+
+    def encode(self, text: str, out_type=str):
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.tokens if out_type is str else enc.ids
+
+    def get_piece_size(self) -> int:
+        return len(self.scores)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        i = self._tok.token_to_id(piece)
+        return self.unk if i is None else i
+
+    def get_score(self, i: int) -> float:
+        return self.scores[int(i)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids))
+
+
 def _token_text(value, where: str, role: str):
     """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or an
     AddedToken dict with "content"."""
@@ -154,14 +217,19 @@ class Tokenizer:
     """
 
     def __init__(self, kind: str, *, special: dict, options: dict, source: str = "<memory>",
-                 sp_proto: bytes | None = None, vocab: list | None = None, extra_config: dict | None = None):
+                 sp_proto: bytes | None = None, vocab: list | None = None, extra_config: dict | None = None,
+                 unigram_json: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"tokenizer kind {kind!r} is invalid: expected one of {KINDS}")
         self.kind, self.source = kind, source
         self.special = {role: special.get(role) or DEFAULT_SPECIAL[kind][role] for role in ROLES}
         self.options = dict(options)
         self.extra_config = dict(extra_config or {})
-        if kind == "sentencepiece":
+        if kind == "sentencepiece" and unigram_json is not None:
+            self._sp, self._sp_proto = UnigramJson(unigram_json, source), None
+            self.vocab_size = self._sp.get_piece_size()
+            lookup = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+        elif kind == "sentencepiece":
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor()
@@ -223,6 +291,13 @@ class Tokenizer:
         if (directory / "vocab.txt").is_file():
             vocab = read_vocab_txt(directory / "vocab.txt")
         elif (directory / "tokenizer.json").is_file():
+            text = (directory / "tokenizer.json").read_text(encoding="utf-8")
+            if _json_model_type(text, directory / "tokenizer.json") == "Unigram":     # ALBERT saved by transformers 5
+                options = {"do_lower_case": bool(config.get("do_lower_case", True)),
+                           "keep_accents": bool(config.get("keep_accents", False)),
+                           "split_digit_comma": bool(config.get("split_digit_comma", True))}
+                return cls("sentencepiece", special=special, options=options, extra_config=_carried(config),
+                           source=str(directory / "tokenizer.json"), unigram_json=text)
             vocab = _wordpiece_vocab_from_json(directory / "tokenizer.json")
         if vocab is None:
             present = sorted(p.name for p in directory.iterdir())[:12]
@@ -401,8 +476,12 @@ class Tokenizer:
         config = {**self.extra_config, **special}
         written = []
         if self.kind == "sentencepiece":
-            atomic_write_bytes(directory / "spiece.model", self._sp_proto)
-            written.append("spiece.model")
+            if self._sp_proto is not None:
+                atomic_write_bytes(directory / "spiece.model", self._sp_proto)
+                written.append("spiece.model")
+            else:                                # read from a tokenizer.json: written back as it was
+                atomic_write_bytes(directory / "tokenizer.json", self._sp.text.encode("utf-8"))
+                written.append("tokenizer.json")
             config.update(tokenizer_class="AlbertTokenizer", do_lower_case=self.options["do_lower_case"],
                           keep_accents=self.options["keep_accents"],
                           split_digit_comma=self.options["split_digit_comma"], bos_token=self.special["cls"],
@@ -449,13 +528,21 @@ def read_vocab_txt(path: Path) -> list:
     return tokens
 
 
+def _json_model_type(text: str, path: Path):
+    from .files import parse_json
+
+    raw = parse_json(text, str(path))
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return model.get("type") if isinstance(model, dict) else None
+
+
 def _wordpiece_vocab_from_json(path: Path) -> list:
     raw = read_json(path, "tokenizer.json")
     model = raw.get("model") if isinstance(raw, dict) else None
     if not isinstance(model, dict) or model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
         kind = model.get("type") if isinstance(model, dict) else None
-        raise ValueError(f"{path} holds a {kind or 'non-WordPiece'} tokenizer without spiece.model; expected a "
-                         f"WordPiece tokenizer.json (BERT) or an spiece.model (ALBERT)")
+        raise ValueError(f"{path} holds a {kind or 'non-WordPiece'} tokenizer; expected a WordPiece (BERT) or "
+                         f"Unigram (ALBERT) tokenizer.json, or an spiece.model (ALBERT)")
     vocab = model["vocab"]
     ids = sorted(vocab.values())
     if ids != list(range(len(ids))):
