@@ -46,7 +46,8 @@ def test_op_backward_matches_finite_differences(name, ops_run, sizes):
 def test_every_op_family_is_covered():
     expected = {"linear", "layer_norm", "activation.gelu", "activation.gelu_new", "activation.relu",
                 "activation.tanh", "softmax", "masked_softmax", "dropout", "cross_entropy", "self_attention", "embeddings",
-                "encoder.attention_sublayer", "encoder.ffn_sublayer", "heads.pooler", "heads.mlm", "heads.sop"}
+                "encoder.attention_sublayer", "encoder.ffn_sublayer", "heads.pooler", "heads.mlm", "heads.sop",
+                "sentence_pooling"}
     assert expected == set(OP_NAMES)
 
 
