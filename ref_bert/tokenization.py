@@ -34,8 +34,8 @@ Length. :meth:`Tokenizer.encode` never shortens a text on its own: with ``max_le
 the way Hugging Face's ``tokenizers`` does ("longest first": of a pair, the longer sequence is cut
 first; when both must be cut, each keeps half the room, the longer one the odd token).
 
-Saving: :meth:`Tokenizer.save_hf` writes the files transformers reads (``spiece.model`` or
-``vocab.txt`` + ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), so that
+Saving: :meth:`Tokenizer.save_hf` writes the files transformers reads (``spiece.model`` or ``vocab.txt``,
+each with the equivalent ``tokenizer.json``; ``tokenizer_config.json``, ``special_tokens_map.json``), so that
 ``transformers.AutoTokenizer.from_pretrained(dir)`` gives the same ids (the digit-comma re-split
 aside, which transformers 5 does not perform: docs/reference.md §7.1).
 
@@ -478,10 +478,12 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             if self._sp_proto is not None:
                 atomic_write_bytes(directory / "spiece.model", self._sp_proto)
+                json_text = self._unigram_tokenizer_json()
                 written.append("spiece.model")
             else:                                # read from a tokenizer.json: written back as it was
-                atomic_write_bytes(directory / "tokenizer.json", self._sp.text.encode("utf-8"))
-                written.append("tokenizer.json")
+                json_text = self._sp.text
+            atomic_write_bytes(directory / "tokenizer.json", json_text.encode("utf-8"))
+            written.append("tokenizer.json")
             config.update(tokenizer_class="AlbertTokenizer", do_lower_case=self.options["do_lower_case"],
                           keep_accents=self.options["keep_accents"],
                           split_digit_comma=self.options["split_digit_comma"], bos_token=self.special["cls"],
@@ -494,6 +496,40 @@ class Tokenizer:
         atomic_write_json(directory / "special_tokens_map.json", special)
         atomic_write_json(directory / "tokenizer_config.json", config)
         return written + ["special_tokens_map.json", "tokenizer_config.json"]
+
+    def _unigram_tokenizer_json(self) -> str:
+        """The SentencePiece model as transformers' AlbertTokenizer builds it (docs/reference.md §7.1), as a
+        ``tokenizer.json``: the pieces and scores, the model's precompiled character map (read from the
+        model file with protobuf), the text rules of ``options``. transformers reads it without converting
+        spiece.model itself (which would need protobuf on the reader's side)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HfTokenizer
+        from tokenizers import decoders, normalizers, pre_tokenizers, processors
+        from tokenizers.models import Unigram
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp_proto)
+        vocab = [(p.piece, float(p.score)) for p in proto.pieces]
+        tok = HfTokenizer(Unigram(vocab, self._sp.unk_id(), byte_fallback=False))
+        steps = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"')]
+        if not self.options["keep_accents"]:
+            steps += [normalizers.NFKD(), normalizers.StripAccents()]
+        if self.options["do_lower_case"]:
+            steps.append(normalizers.Lowercase())
+        charsmap = proto.normalizer_spec.precompiled_charsmap
+        if charsmap:
+            steps.append(normalizers.Precompiled(charsmap))
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always")])
+        tok.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always")
+        cls_, sep = self.special["cls"], self.special["sep"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls_}:0 $A:0 {sep}:0", pair=f"{cls_}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls_, self.cls_id), (sep, self.sep_id)])
+        tok.add_special_tokens([AddedToken(self.special[r], special=True, normalized=False) for r in ROLES])
+        return tok.to_str()
 
     def _tokenizer_json(self) -> str:
         """Our WordPiece pipeline as a complete ``tokenizer.json`` (with BERT's [CLS]/[SEP] template)."""

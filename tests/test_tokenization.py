@@ -111,12 +111,18 @@ def test_sentencepiece_matches_transformers_albert(spiece, tmp_path, lower, keep
     tokenizers' Unigram (equal scores): the one tie of the set, checked to be one."""
     ours = ref_bert.Tokenizer.from_sentencepiece(spiece.model_proto, do_lower_case=lower, keep_accents=keep_accents,
                                                  split_digit_comma=False)
-    ours.save_hf(tmp_path)
-    theirs = AutoTokenizer.from_pretrained(tmp_path)       # transformers converts spiece.model itself
-    assert type(theirs).__name__ == "AlbertTokenizer"
+    ours.save_hf(tmp_path / "saved")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "saved")          # reads the tokenizer.json save_hf wrote
+    (tmp_path / "bare").mkdir()
+    for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "bare" / name).write_bytes((tmp_path / "saved" / name).read_bytes())
+    converted = AutoTokenizer.from_pretrained(tmp_path / "bare")        # converts spiece.model itself (protobuf)
+    assert type(theirs).__name__ == type(converted).__name__ == "AlbertTokenizer"
+    plain = HfTokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))   # the file alone, as other readers use it
     ties = 0
     for text in TEXTS:
         a, b = ours_encode(ours, text), hf_encode(theirs, text)
+        assert b == hf_encode(converted, text) and b[0] == plain.encode(text).ids, text
         ties += a != b
         assert_equal_or_tie(a, b, ours, theirs, text)
     for (x, y), m in itertools.product(PAIRS, (None, 9, 16)):
