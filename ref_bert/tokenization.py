@@ -378,7 +378,7 @@ class Tokenizer:
             enc = self._wordpiece.encode(text, add_special_tokens=False)
             return list(zip(enc.tokens, enc.ids))
         out = []
-        by_token = {t: i for r, (t, i) in ((r, (self.special[r], self.special_ids[r])) for r in ROLES)}
+        by_token = {self.special[role]: self.special_ids[role] for role in ROLES}
         o = self.options
         for k, segment in enumerate(self._special_split.split(text)):
             if k % 2:                            # a special token written in the text

@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--corpus", default=None, metavar="FILE",
       help="UTF-8 text, one sentence per line, blank lines between documents (default: the packaged corpus)")
-    a("--tokenizer", default=None, metavar="FILE",
+    a("--tokenizer", default=None, metavar="FILE|DIR",
       help="SentencePiece model file, or a checkpoint directory with one (an ALBERT checkpoint, save_hf output, a "
            "pretraining run; its tokenizer_config.json gives lower-casing and accents); default: train one on the "
            "corpus with the config's vocab_size (saved as OUT/spiece.model)")
