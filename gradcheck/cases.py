@@ -269,7 +269,39 @@ def op_cases(seed: int = 0, B: int = 2, T: int = 5, H: int = 8, heads: int = 2, 
             lambda x, problem=problem, targets=targets: sequence_loss_forward(x, targets, problem)[0],
             lambda dout, x=seq_x, problem=problem, targets=targets: {"x": sequence_loss_backward(
                 dout, sequence_loss_forward(x, targets, problem)[1])}, {"x": seq_x}))
+
+    # sentence pooling (every mode, concatenated) and L2 normalisation, over right- and left-padded rows;
+    # per (row, feature) the values are a shuffled 0..T-1 plus noise, so the max has a clear winner that a
+    # finite-difference step cannot overtake
+    lengths = rng.integers(1, T + 1, size=B)
+    row_starts = [int(rng.integers(0, T - n + 1)) for n in lengths]
+    pool_mask = np.zeros((B, T), dtype=np.int64)
+    for b, (n, start) in enumerate(zip(lengths, row_starts)):
+        pool_mask[b, start:start + n] = 1
+    ranks = np.argsort(rng.random((B, T, H)), axis=1).astype(np.float64)
+    pooled_input = ranks + 0.1 * normal(B, T, H)
+
+    def sentence_forward(h):
+        return _sentence_pooling(h, pool_mask)[0]
+
+    def sentence_backward(dout, inputs={"h": pooled_input}):
+        _, (caches, norm_cache) = _sentence_pooling(inputs["h"], pool_mask)
+        d = ops.l2_normalize_backward(dout, norm_cache)
+        return {"h": sum(ops.pooling_backward(d[:, k * H:(k + 1) * H], c) for k, c in enumerate(caches))}
+
+    cases.append(OpCase("sentence_pooling", sentence_forward, sentence_backward, {"h": pooled_input}))
     return cases
+
+
+def _sentence_pooling(h, mask):
+    """Every pooling mode of ``h`` over ``mask``, concatenated, then L2-normalised (ref_bert.sentence's path)."""
+    pooled, caches = [], []
+    for mode in ops.POOLING_MODES:
+        y, c = ops.pooling_forward(h, mask, mode)
+        pooled.append(y)
+        caches.append(c)
+    z, norm_cache = ops.l2_normalize_forward(np.concatenate(pooled, axis=-1))
+    return z, (caches, norm_cache)
 
 
 def check_op_case(case: OpCase, seed: int = 0, **options) -> Report:

@@ -10,6 +10,7 @@ The math lives in :mod:`ref_bert.ops` (forward/backward pairs), :mod:`ref_bert.e
 from .config import Config, PRESETS
 from .model import Model, ModelOutput
 from .params import count_parameters, parameter_shapes
+from .tokenization import Encoding, Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["Config", "PRESETS", "Model", "ModelOutput", "count_parameters", "parameter_shapes", "__version__"]
+__all__ = ["Config", "PRESETS", "Model", "ModelOutput", "count_parameters", "parameter_shapes", "Tokenizer", "Encoding", "__version__"]

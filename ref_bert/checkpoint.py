@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .config import Config
 from .files import atomic_write_bytes, check_state, load_tensors, read_json, save_tensors
-from .hf import config_from_hf
+from .hf import config_from_hf, transformer_directory
 from .model import Model
+from .tokenization import Tokenizer, check_vocab_size, find_tokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,14 +36,32 @@ def load_config(directory) -> Config:
     return Config.from_dict(read_json(path, "model config"))
 
 
-def load_model(directory, backend=None, dtype=None):
-    """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one."""
+def load_model(directory, backend=None, dtype=None, tokenizer="auto"):
+    """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one.
+    ``tokenizer``: "auto" makes the directory's tokenizer, when it has one (a pretraining run's
+    ``spiece.model``), ``model.tokenizer`` (:func:`run_tokenizer`); True requires one; False skips it."""
+    if tokenizer not in ("auto", True, False):
+        raise ValueError(f"tokenizer={tokenizer!r} is invalid: expected 'auto', True or False")
     directory = Path(directory)
     config = load_config(directory)
+    found = None
+    if tokenizer is True:
+        found = Tokenizer.from_hf(directory)     # a ValueError naming the files looked for when there is none
+    elif tokenizer == "auto":
+        found = run_tokenizer(directory)
+    if found is not None:
+        check_vocab_size(found, config.vocab_size, str(directory))
     tensors, metadata = load_tensors(directory / WEIGHTS_NAME)
     model = Model(config, backend=backend, dtype=dtype or metadata.get("dtype", "float32"))
     _assign(model, tensors, directory / WEIGHTS_NAME)
+    model.tokenizer = found
     return model
+
+
+def run_tokenizer(directory):
+    """The tokenizer of a ref-bert model directory (:meth:`ref_bert.Tokenizer.from_hf`: a pretraining run's
+    ``spiece.model``, with its settings file when the run had non-default ones), or None."""
+    return find_tokenizer(directory)
 
 
 def load_weights(model, directory) -> dict:
@@ -77,6 +96,7 @@ def directory_kind(path) -> str:
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; expected a model directory: ref-bert's (config.json + "
                          f"model.safetensors) or a Hugging Face one")
+    path = transformer_directory(path)       # a sentence-transformers directory: its transformer module
     if not (path / CONFIG_NAME).is_file():
         present = sorted(p.name for p in path.iterdir())[:8]
         raise ValueError(f"{path} has no {CONFIG_NAME} (found {present}); expected a model directory: ref-bert's "
@@ -104,6 +124,7 @@ def load_config_any(path) -> tuple[Config, str]:
     kind = directory_kind(path)
     if kind == REF_BERT_DIRECTORY:
         return load_config(path), kind
+    path = transformer_directory(path)
     raw = read_json(Path(path) / CONFIG_NAME, "model config")
     family = raw.get("model_type")
     if family not in ("albert", "bert"):
@@ -111,10 +132,12 @@ def load_config_any(path) -> tuple[Config, str]:
     return config_from_hf(raw, family, name=str(raw.get("_name_or_path") or Path(path).name)), kind
 
 
-def load_any(path, backend=None, dtype=None, seed: int = 0) -> tuple[Model, str]:
+def load_any(path, backend=None, dtype=None, seed: int = 0, tokenizer="auto") -> tuple[Model, str]:
     """A :class:`Model` from a model directory of either kind, and the kind found. ``dtype`` None keeps a
-    ref-bert directory's saved dtype and reads a Hugging Face one as float32."""
+    ref-bert directory's saved dtype and reads a Hugging Face one as float32. ``tokenizer`` as in
+    :meth:`Model.from_hf`: "auto" attaches the directory's tokenizer when there is one, True requires it,
+    False skips it."""
     kind = directory_kind(path)
-    if kind == REF_BERT_DIRECTORY:
-        return load_model(path, backend=backend, dtype=dtype), kind
-    return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed), kind
+    if kind != REF_BERT_DIRECTORY:
+        return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed, tokenizer=tokenizer), kind
+    return load_model(path, backend=backend, dtype=dtype, tokenizer=tokenizer), kind

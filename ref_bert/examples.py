@@ -176,3 +176,41 @@ def task_batch(config, batch_size: int = 2, seq_len: int = 16, seed=0, *, length
         x = {k: v.reshape(batch_size, num_choices, seq_len) for k, v in x.items()}
         labels = task_labels(config, x, np.random.default_rng([*seed, 3]), dtype=dtype)
     return {**x, **labels}
+# --- inputs from text ------------------------------------------------------------------------------
+def text_batch(tokenizer, config, texts, pairs=None, *, truncation: bool = False, seed=0,
+               label_rate: float = 0.15) -> dict:
+    """A pretraining batch made from real text with the checkpoint's tokenizer (``ref-bert verify --hf DIR
+    --text ...``, ``ref-bert golden --hf DIR --text ...``), as host int64 arrays under :data:`BATCH_NAMES`.
+
+    ``input_ids``, ``token_type_ids``, ``attention_mask``: ``tokenizer.batch(texts, pairs)``, padded on
+    the right, at most ``config.max_position_embeddings`` tokens: a longer text is a ValueError naming its
+    length unless ``truncation`` (then it is cut, longest first). The text is not altered: no [MASK] is
+    put in. MLM labels: on about ``label_rate`` of each row's real positions after [CLS] (at least one),
+    chosen from ``default_rng([seed, 3])``, each the token id already there. SOP labels 0 (the pair as
+    given is in order).
+    """
+    if tokenizer is None:
+        raise ValueError("inputs from text need the checkpoint's tokenizer, and there is none")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's word embeddings have "
+                         f"{config.vocab_size} rows; expected the same number")
+    try:
+        x = tokenizer.batch(texts, pairs, max_length=config.max_position_embeddings, truncation=truncation)
+    except ValueError as error:
+        raise ValueError(f"{error} (max_length is the model's position table, config max_position_embeddings="
+                         f"{config.max_position_embeddings})") from None
+    if pairs is not None and config.type_vocab_size < 2:
+        raise ValueError(f"text pairs need token type 1, but the model has type_vocab_size={config.type_vocab_size}")
+    B, T = x["input_ids"].shape
+    rng = np.random.default_rng(seed if isinstance(seed, (list, tuple)) else [seed, 3])
+    labels = np.full((B, T), -100, np.int64)
+    for b in range(B):
+        n = int(x["attention_mask"][b].sum())
+        chosen = rng.random(n - 1) < label_rate
+        chosen[rng.integers(n - 1)] = True
+        positions = 1 + np.flatnonzero(chosen)
+        labels[b, positions] = x["input_ids"][b, positions]
+    x["position_ids"] = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+    x["mlm_labels"] = labels
+    x["sop_labels"] = np.zeros(B, np.int64)
+    return {name: x[name] for name in BATCH_NAMES}

@@ -51,12 +51,44 @@ def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0, dtype:
         return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
     lengths = [seq_len] * batch if config.head == "question_answering" else None
     x = task_batch(config, batch, seq_len, [seed, 2], lengths=lengths, label_rate=0.15, dtype=dtype)
+    return _with_upstream(config, x, seed, dtype)
+
+
+def _with_upstream(config, x: dict, seed: int, dtype: str) -> dict:
+    """The bare model's stand-in for a loss: random upstream gradients from ``default_rng([seed, 2, 4])``."""
     if config.head == "base":
         rng = np.random.default_rng([seed, 2, 4])
+        batch, seq_len = x["input_ids"].shape
         x["d_last_hidden_state"] = (rng.standard_normal((batch, seq_len, config.hidden_size))
                                     * x["attention_mask"][..., None]).astype(dtype)
         x["d_pooled_output"] = rng.standard_normal((batch, config.hidden_size)).astype(dtype)
     return x
+
+
+def text_inputs(config, x: dict, seed: int = 0, dtype: str = "float64") -> dict:
+    """A batch made from text (:func:`ref_bert.examples.text_batch`: the checkpoint's own tokenization, with
+    MLM/SOP labels) as the inputs of ``config.head``: for a task head its MLM/SOP labels are replaced by the
+    head's (:func:`ref_bert.examples.task_labels` from ``default_rng([seed, 2, 3])``), for the bare model
+    the random upstream gradients of :func:`make_inputs` are added.
+
+    Refused (ValueError): a multiple-choice checkpoint (text rows are (B, T), its inputs (B, C, T)), and a
+    question-answering checkpoint on texts of different lengths (transformers' span softmax reads padded
+    positions, and nn.Embedding(padding_idx) drops the pad row's gradient, so padded rows cannot agree)."""
+    from .examples import task_labels
+
+    head = config.head
+    if head == "pretraining":
+        return x
+    if head == "multiple_choice":
+        raise ValueError("text inputs are (batch, tokens) rows, but a multiple-choice checkpoint takes "
+                         "(batch, choices, tokens): omit the texts to use the synthetic batch")
+    if head == "question_answering" and not x["attention_mask"].all():
+        lengths = sorted(set(int(n) for n in x["attention_mask"].sum(axis=1)))
+        raise ValueError(f"a question-answering checkpoint needs texts of one token length (no padding); the "
+                         f"texts tokenize to lengths {lengths}: give one text, or texts of one length")
+    labels = task_labels(config, x, np.random.default_rng([seed, 2, 3]), dtype=dtype)
+    x = {k: v for k, v in x.items() if k not in ("mlm_labels", "sop_labels") or head in ("masked_lm", "next_sentence")}
+    return _with_upstream(config, {**x, **labels}, seed, dtype)
 
 
 LABEL_NAMES = ("mlm_labels", "sop_labels", "labels", "start_positions", "end_positions")

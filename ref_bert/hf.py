@@ -15,6 +15,10 @@ A checkpoint can be read as another head of the same family (``read_hf(dir, head
 is reported ``missing`` (the model initialises it freshly, with a warning), and the checkpoint's head
 tensors the new head does not use are reported ``unused``.
 
+A sentence-transformers directory is read through its ``modules.json``: the weights and config are those of
+its Transformer module (:func:`transformer_directory`; docs/reference.md §7.2). The tokenizer beside the
+weights is :mod:`ref_bert.tokenization`'s business.
+
 Everything a checkpoint depends on comes from its config.json (hidden_act, layer_norm_eps, groups,
 sizes, pad_token_id, dropouts), with Hugging Face's own defaults for keys an old config omits.
 
@@ -508,6 +512,43 @@ def architecture_of(directory) -> tuple[str, str]:
     return arch, family
 
 
+# --- sentence-transformers directories ---------------------------------------------------------------
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+
+
+def sentence_transformers_modules(directory) -> list | None:
+    """The module list of a sentence-transformers directory (its ``modules.json``: entries with "idx",
+    "name", "path", "type"), or None when ``directory`` has no modules.json. ValueError when it is malformed
+    or names a path outside the directory."""
+    path = Path(directory) / SENTENCE_TRANSFORMERS_MODULES
+    if not path.is_file():
+        return None
+    modules = read_json(path, "sentence-transformers module list")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
+                                                and isinstance(m.get("type"), str) for m in modules):
+        raise ValueError(f"{path} is not a sentence-transformers module list (expected a JSON list of objects "
+                         f"with \"path\" and \"type\")")
+    for m in modules:
+        parts = Path(m["path"]).parts
+        if Path(m["path"]).is_absolute() or ".." in parts:
+            raise ValueError(f"{path}: module path {m['path']!r} leaves the directory; expected a sub-directory")
+    return sorted(modules, key=lambda m: m.get("idx", 0))
+
+
+def transformer_directory(path) -> Path:
+    """Where the transformer's config.json and weights are: ``path`` itself, or, in a sentence-transformers
+    directory, the path of its ``...models.Transformer`` module (often "" = the directory itself)."""
+    directory = Path(path)
+    modules = sentence_transformers_modules(directory)
+    if modules is None:
+        return directory
+    found = [m for m in modules if m["type"].rsplit(".", 1)[-1] == "Transformer"]
+    if not found:
+        raise ValueError(f"{directory / SENTENCE_TRANSFORMERS_MODULES} lists no Transformer module (types: "
+                         f"{[m['type'] for m in modules]}); expected sentence_transformers.models.Transformer")
+    return directory / found[0]["path"]
+
+
 # --- loading -----------------------------------------------------------------------------------
 @dataclass
 class HfCheckpoint:
@@ -657,5 +698,6 @@ def write_hf(path, config: Config, tensors: dict, dtype: str) -> Path:
     return directory
 
 
-__all__ = ["ARCHITECTURES", "HEAD_OPTIONS", "HfCheckpoint", "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
+__all__ = ["ARCHITECTURES", "HEAD_OPTIONS", "HfCheckpoint", "sentence_transformers_modules", "transformer_directory",
+           "hf_name_map", "to_hf_names", "config_from_hf", "config_to_hf",
            "read_hf_tensors", "detect_architecture", "architecture_of", "read_hf", "write_hf"]

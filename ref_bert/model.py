@@ -192,6 +192,7 @@ class Model:
         # Names of parameters that were freshly initialised when the model was loaded (a head added to
         # an encoder checkpoint); save_hf refuses to present them as trained until mark_trained().
         self.fresh_parameters: tuple = ()
+        self.tokenizer = None   # a ref_bert.Tokenizer when loaded from a directory that has one; save_hf writes it
 
     def mark_trained(self) -> None:
         """Declare the freshly initialised parameters trained (call after fine-tuning them)."""
@@ -585,20 +586,38 @@ class Model:
     # --- Hugging Face checkpoints (the name map and file formats live in ref_bert/hf.py) ---------
     @classmethod
     def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0, head: Optional[str] = None,
-                **options) -> "Model":
-        """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors); see :mod:`ref_bert.hf`.
+                tokenizer="auto", **options) -> "Model":
+        """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors, a shard index or
+        pytorch_model.bin; a sentence-transformers directory's transformer module); see :mod:`ref_bert.hf`.
 
         The model is the checkpoint's architecture, or ``head`` (a :class:`Config` head) with ``options``
         (``num_labels``, ``problem_type``, ``classifier_dropout``, ``classifier_dropout_prob``,
         ``is_decoder``): e.g. ``Model.from_hf("bert-base", head="sequence_classification", num_labels=3)``
         puts a classifier on an encoder checkpoint. Parameters the checkpoint lacks are initialised from
         ``seed`` (as ``Model(config, seed=seed)``), named in a warning and in ``model.fresh_parameters``;
-        the warning also names checkpoint head tensors the model does not use."""
-        checkpoint = hf.read_hf(path, head=head, **options)
+        the warning also names checkpoint head tensors the model does not use.
+
+        ``tokenizer``: "auto" attaches the directory's tokenizer as ``model.tokenizer`` when it has one
+        (:meth:`ref_bert.Tokenizer.from_hf`), None otherwise; True requires one (ValueError naming the files
+        looked for); False skips it. An attached tokenizer must have exactly ``config.vocab_size`` tokens."""
+        from .tokenization import Tokenizer, check_vocab_size, find_tokenizer
+
+        if tokenizer not in ("auto", True, False):
+            raise ValueError(f"tokenizer={tokenizer!r} is invalid: expected 'auto', True or False")
+        directory = hf.transformer_directory(path)
+        found = None
+        if tokenizer is True:
+            found = Tokenizer.from_hf(directory)
+        elif tokenizer == "auto":
+            found = find_tokenizer(directory)
+        checkpoint = hf.read_hf(directory, head=head, **options)
+        if found is not None:
+            check_vocab_size(found, checkpoint.config.vocab_size, str(directory))
         model = cls(checkpoint.config, backend=backend, dtype=dtype, seed=seed)
         for name, array in checkpoint.tensors.items():
             model.params[name] = model.backend.from_host(array, dtype=model.dtype)
         model.fresh_parameters = tuple(checkpoint.missing)
+        model.tokenizer = found
         notes = []
         if checkpoint.missing:
             groups = sorted({n.split(".")[0] for n in checkpoint.missing})
@@ -615,7 +634,8 @@ class Model:
     def save_hf(self, path, allow_fresh: bool = False):
         """Write a directory that ``transformers`` loads as ``config.architecture`` (the architecture this
         model has); see :mod:`ref_bert.hf`. ``Model.from_hf(model.save_hf(d))`` reproduces every parameter
-        bit for bit.
+        bit for bit. With a tokenizer (``model.tokenizer``, set by ``from_hf`` or ``checkpoint.load_model``)
+        its files are written too.
 
         A model whose ``fresh_parameters`` (a head freshly put on a checkpoint) were never declared trained
         (:meth:`mark_trained`) is refused, so that random weights are never published as a trained
@@ -627,7 +647,14 @@ class Model:
                                  f"and were never trained; train them and call model.mark_trained(), or pass "
                                  f"allow_fresh=True to write them as they are")
             warnings.warn(f"save_hf: writing freshly initialised (untrained) parameters: {names}", stacklevel=2)
-        return hf.write_hf(path, self.config, self._host_tensors(), self.dtype.name)
+        if self.tokenizer is not None:
+            from .tokenization import check_vocab_size
+
+            check_vocab_size(self.tokenizer, self.config.vocab_size, "save_hf")
+        directory = hf.write_hf(path, self.config, self._host_tensors(), self.dtype.name)
+        if self.tokenizer is not None:
+            self.tokenizer.save_hf(directory)
+        return directory
 
     def hf_state_dict(self, tensors=None) -> dict:
         """Our parameters (or any dict shaped like them, e.g. gradients) under Hugging Face names and

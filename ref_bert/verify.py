@@ -195,22 +195,24 @@ def require_transformers():
 
 
 def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None, atol=None,
-              progress: bool = False) -> Report:
+              progress: bool = False, inputs: dict | None = None) -> Report:
     """Run transformers and ref-bert on the same inputs and weights and compare parameters, every
     activation, the loss and every gradient, for every architecture (:data:`ref_bert.hf.ARCHITECTURES`).
     The inputs and labels are :func:`ref_bert.golden.make_inputs`'s for the checkpoint's head; a bare
     Albert/BertModel has no loss, so both sides backpropagate the same random upstream gradient
     (d_last_hidden_state, d_pooled_output) and report <upstream, outputs> as the loss.
     ``directory`` is a Hugging Face model directory (transformers' or ``save_hf``'s); ``progress`` shows
-    a bar on stderr, one update per stage (loading each side, then running each side)."""
+    a bar on stderr, one update per stage (loading each side, then running each side). ``inputs``: a batch
+    under :data:`ref_bert.examples.BATCH_NAMES` (e.g. :func:`ref_bert.examples.text_batch` of the user's
+    text) in place of the synthetic ``batch`` x ``seq_len`` one."""
     import sys
 
     from tqdm import tqdm
 
     transformers = require_transformers()
-    from .hf import architecture_of
+    from .hf import architecture_of, transformer_directory
 
-    directory = Path(directory)
+    directory = transformer_directory(directory)      # a sentence-transformers directory: its transformer
     arch, family = architecture_of(directory)
     bar = tqdm(total=5, desc="verify", unit="stage", disable=not progress, file=sys.stderr, leave=False)
 
@@ -220,7 +222,7 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
 
     try:
         return _verify_hf(directory, arch, family, dtype, seed, batch, seq_len, rtol, atol, advance,
-                          transformers.__version__)
+                          transformers.__version__, inputs)
     finally:
         bar.close()
 
@@ -247,20 +249,21 @@ def _hf_loss(hf, out, kwargs, x, head):
 
 
 def _verify_hf(directory, arch, family, dtype, seed, batch, seq_len, rtol, atol, advance,
-               transformers_version) -> Report:
+               transformers_version, inputs=None) -> Report:
     from . import hf_torch
-    from .golden import head_loss_and_grads, make_inputs
+    from .golden import head_loss_and_grads, make_inputs, text_inputs
     from .model import Model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fresh heads: those rows are simply not compared
-        ours = Model.from_hf(directory, dtype=dtype, seed=seed)
+        ours = Model.from_hf(directory, dtype=dtype, seed=seed, tokenizer=False)
     advance("ref-bert loaded")
     hf = hf_torch.from_pretrained(directory, dtype=dtype)
     advance("transformers loaded")
     cfg = ours.config
     head = cfg.head
-    x = make_inputs(cfg, batch, seq_len, seed, dtype=dtype)
+    x = make_inputs(cfg, batch, seq_len, seed, dtype=dtype) if inputs is None else text_inputs(cfg, inputs, seed, dtype)
+    batch, seq_len = x["input_ids"].shape[0], x["input_ids"].shape[-1]
 
     # transformers, with hooks: forward, its loss (or the upstream product), backward
     kwargs = hf_torch.forward_kwargs(x, family, labels=head not in ("base", "causal_lm"))

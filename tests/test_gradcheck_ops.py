@@ -49,7 +49,8 @@ def test_every_op_family_is_covered():
                 "encoder.attention_sublayer", "encoder.ffn_sublayer", "heads.pooler", "heads.mlm", "heads.sop",
                 "cross_entropy.label_smoothing", "cross_entropy.tf_albert", "bce_with_logits", "mse",
                 "tasks.classifier", "tasks.span_logits", "tasks.span_loss", "tasks.sequence_loss.regression",
-                "tasks.sequence_loss.single", "tasks.sequence_loss.multi"}
+                "tasks.sequence_loss.single", "tasks.sequence_loss.multi",
+                "sentence_pooling"}
     assert expected == set(OP_NAMES)
 
 

@@ -86,6 +86,49 @@ def resolve_config(value: str):
 def add_progress_flag(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
 
+def add_text_arguments(parser, command: str) -> None:
+    """``--text``, ``--text-file``, ``--truncate``: run on the checkpoint's own tokenization of real text."""
+    parser.add_argument("--text", action="append", default=None, metavar="TEXT",
+                        help=f"--hf only: {command} on this text, tokenized by the checkpoint's own tokenizer "
+                             f"(repeatable: one sequence each; default: synthetic ids)")
+    parser.add_argument("--text-file", default=None, metavar="FILE",
+                        help="--hf only: texts from a UTF-8 file, one sequence a line (blank lines skipped)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="cut a text longer than the model's position table (default: it is an error)")
+
+
+def read_texts(args):
+    """The texts of ``--text`` and ``--text-file`` (in that order), or None when neither was given."""
+    from pathlib import Path
+
+    texts = list(args.text or [])
+    if args.text_file is not None:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise ValueError(f"--text-file {args.text_file!r} does not exist; expected a UTF-8 text file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text-file {args.text_file!r} is not UTF-8 text ({e})") from None
+        file_texts = [line for line in lines if line.strip()]
+        if not file_texts:
+            raise ValueError(f"--text-file {args.text_file!r} has no non-blank line; expected one text a line")
+        texts += file_texts
+    if args.text_file is None and args.text is None:
+        return None
+    return texts
+
+
+def describe_text_batch(tokenizer, inputs: dict, limit: int = 16) -> list:
+    """One line per row of a text batch: its length and first tokens, for the report."""
+    lines = []
+    for b, row in enumerate(inputs["input_ids"]):
+        n = int(inputs["attention_mask"][b].sum())
+        tokens = [tokenizer.id_to_token(i) for i in row[:min(n, limit)]]
+        lines.append(f"note: text {b}: {n} tokens: {' '.join(tokens)}{' ...' if n > limit else ''}")
+    return lines
+
+
 # name -> (module, one-line help)
 COMMANDS = {
     "gradcheck": ("ref_bert.cli.gradcheck", "gradient-check every op and every model parameter (float64)"),

@@ -50,8 +50,10 @@ def add_arguments(parser) -> None:
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--corpus", default=None, metavar="FILE",
       help="UTF-8 text, one sentence per line, blank lines between documents (default: the packaged corpus)")
-    a("--tokenizer", default=None, metavar="FILE",
-      help="SentencePiece model; default: train one on the corpus with the config's vocab_size (saved as OUT/spiece.model)")
+    a("--tokenizer", default=None, metavar="FILE|DIR",
+      help="SentencePiece model file, or a checkpoint directory with one (an ALBERT checkpoint, save_hf output, a "
+           "pretraining run; its tokenizer_config.json gives lower-casing and accents); default: train one on the "
+           "corpus with the config's vocab_size (saved as OUT/spiece.model)")
     a("--config", default=None, metavar="PRESET|FILE|DIR",
       help=f"model config: a preset ({', '.join(sorted(PRESETS))}), a config.json, or a model directory "
            f"(ref-bert's or Hugging Face's) (default {d.config})")

@@ -1,6 +1,7 @@
 """``ref-bert verify``: the divergence report (the work is in :mod:`ref_bert.verify`).
 
     ref-bert verify --hf DIR                              transformers vs ref-bert on the same inputs and weights
+    ref-bert verify --hf DIR --text "Your sentence."      ... on the checkpoint's own tokenization of your text
     ref-bert verify --golden FILE --candidate FILE        another implementation's dump vs a golden file
 
 ``--hf DIR`` takes any kind of model directory ref-bert writes or reads: a Hugging Face one (transformers'
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from . import DTYPE_RULE, add_progress_flag
+from . import DTYPE_RULE, add_progress_flag, add_text_arguments, describe_text_batch, read_texts
 
 
 def add_arguments(parser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(parser) -> None:
                         help="relative tolerance (default: 1e-10 float64, 1e-5 float32)")
     parser.add_argument("--atol", type=float, default=None,
                         help="absolute tolerance, times the section's largest value (default: 1e-12 / 1e-6)")
+    add_text_arguments(parser, "compare")
     parser.add_argument("--allow-missing", action="store_true",
                         help="--golden only: candidate tensors that are absent do not fail the check")
     parser.add_argument("--failures-only", action="store_true", help="print only the rows out of tolerance")
@@ -45,18 +47,40 @@ def _verify_directory(args):
     from ref_bert.verify import require_transformers, verify_hf
 
     require_transformers()   # before looking at the directory: the missing dependency is the first problem
+    texts = read_texts(args)
     kind = directory_kind(args.hf)
     run = dict(dtype=args.dtype, seed=args.seed, batch=args.batch_size, seq_len=args.seq_len, rtol=args.rtol,
                atol=args.atol, progress=not args.no_progress)
+    text_notes = []
+
+    def text_inputs(tokenizer, config):
+        from ref_bert.examples import text_batch
+
+        inputs = text_batch(tokenizer, config, texts, truncation=args.truncate, seed=args.seed)
+        text_notes.extend(describe_text_batch(tokenizer, inputs))
+        return inputs
+
     if kind != REF_BERT_DIRECTORY:
         print(f"verify: found {describe_kind(kind)} at {args.hf}", file=sys.stderr)
-        return verify_hf(args.hf, **run)
+        if texts is not None:
+            from ref_bert.checkpoint import load_config_any
+            from ref_bert.hf import transformer_directory
+            from ref_bert.tokenization import Tokenizer
+
+            run["inputs"] = text_inputs(Tokenizer.from_hf(transformer_directory(args.hf)),
+                                        load_config_any(args.hf)[0])
+        report = verify_hf(args.hf, **run)
+        report.notes[1:1] = text_notes
+        return report
     note = "found a ref-bert model directory; comparing it with transformers through save_hf"
     print(f"verify: {note} ({args.hf})", file=sys.stderr)
-    model, _ = load_any(args.hf, dtype=args.dtype)
+    model, _ = load_any(args.hf, dtype=args.dtype, tokenizer=texts is not None)
+    if texts is not None:
+        run["inputs"] = text_inputs(model.tokenizer, model.config)
     with tempfile.TemporaryDirectory(prefix="ref-bert-verify-") as tmp:
         model.save_hf(tmp)
         report = verify_hf(tmp, **run)
+    report.notes[1:1] = text_notes
     report.notes.insert(0, f"note: {note}")
     return report
 
@@ -64,6 +88,8 @@ def _verify_directory(args):
 def run(args) -> int:
     from ref_bert.verify import format_report, verify_files
 
+    if args.hf is None and (args.text is not None or args.text_file is not None):
+        raise ValueError("--text and --text-file need --hf DIR (the checkpoint whose tokenizer reads them)")
     if args.hf is not None:
         if args.golden or args.candidate:
             raise ValueError("give either --hf DIR or --golden FILE --candidate FILE, not both")

@@ -19,6 +19,12 @@ A piece starts a word when it begins with U+2581 ("▁"), SentencePiece's marker
 (docs/reference.md §7). ALBERT's ``_is_start_piece_sp`` additionally treats punctuation pieces and
 pieces with non-ASCII letters as word starts; here the U+2581 rule alone defines a word.
 
+Text preparation: :meth:`Tokenizer.encode` prepares text as ALBERT's own tokenizer does and as
+:class:`ref_bert.Tokenizer` does for a checkpoint's spiece.model (docs/reference.md §7.1): `` and '' become
+", whitespace runs one space, lower-casing when ``lower_case``, accents kept, and a piece ending in a
+digit and a comma is re-split ("3.0," -> "3.0" pieces, ","). So the pretraining data and a saved
+model's tokenizer give the same ids.
+
 Lower-casing: ALBERT's uncased models lower-case text before SentencePiece (``preprocess_text(line,
 lower=FLAGS.do_lower_case)``), a flag kept next to the model file rather than inside it. ``lower_case``
 plays that role here, and, as in ALBERT, it is not stored in the model file.
@@ -33,6 +39,7 @@ from typing import Iterable, Union
 import numpy as np
 import sentencepiece as spm
 
+from ..tokenization import albert_pieces, albert_prepare
 from .corpus import PathLike, default_corpus_path, read_corpus
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -49,7 +56,8 @@ class Tokenizer:
     The serialized model is kept in memory, so :meth:`save` writes back exactly the loaded bytes.
     """
 
-    def __init__(self, model_proto: bytes, lower_case: bool = False, source: str = "<bytes>"):
+    def __init__(self, model_proto: bytes, lower_case: bool = False, source: str = "<bytes>",
+                 keep_accents: bool = True):
         processor = spm.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(model_proto)
@@ -58,6 +66,7 @@ class Tokenizer:
         self._model_proto = bytes(model_proto)
         self._sp = processor
         self.lower_case = bool(lower_case)
+        self.keep_accents = bool(keep_accents)   # False: NFKD and no combining marks, as ALBERT's keep_accents=False
         self._check_special_ids(source)
         V = processor.get_piece_size()
         # Lookup tables over the whole vocabulary, used per token by the masking code.
@@ -92,12 +101,39 @@ class Tokenizer:
     @classmethod
     def load(cls, path: PathLike, lower_case: bool = False) -> "Tokenizer":
         """Load a SentencePiece model file (e.g. ALBERT's ``spiece.model``; use ``lower_case=True``
-        for ALBERT's uncased checkpoints, as their ``do_lower_case`` flag does)."""
+        for ALBERT's uncased checkpoints, as their ``do_lower_case`` flag does), or the ``spiece.model`` of a
+        checkpoint directory (a Hugging Face ALBERT one, ``save_hf`` output, a pretraining run), whose
+        ``tokenizer_config.json`` then gives ``do_lower_case`` and ``keep_accents`` (without one: the
+        pretraining job's settings, no lower-casing and accents kept)."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            return cls._load_directory(path)
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer model file {path!r} does not exist; expected a SentencePiece .model file")
         with open(path, "rb") as f:
             return cls(f.read(), lower_case=lower_case, source=repr(path))
+
+    @classmethod
+    def _load_directory(cls, path: str) -> "Tokenizer":
+        from ..files import read_json
+        from ..hf import transformer_directory
+
+        directory = transformer_directory(path)
+        model = directory / "spiece.model"
+        if not model.is_file():
+            found = [n for n in ("vocab.txt", "tokenizer.json") if (directory / n).is_file()]
+            what = f"a WordPiece tokenizer ({', '.join(found)})" if found else "no tokenizer"
+            raise ValueError(f"tokenizer directory {path!r} has {what}, but pretraining needs a SentencePiece "
+                             f"model in ALBERT's layout (spiece.model with pad 0, unk 1, [CLS] 2, [SEP] 3, [MASK] 4)")
+        settings = {}
+        if (directory / "tokenizer_config.json").is_file():
+            settings = read_json(directory / "tokenizer_config.json", "tokenizer configuration")
+            if not isinstance(settings, dict):
+                raise ValueError(f"{directory / 'tokenizer_config.json'} is not a JSON object")
+            settings.setdefault("do_lower_case", True)       # transformers' AlbertTokenizer defaults
+            settings.setdefault("keep_accents", False)
+        return cls(model.read_bytes(), lower_case=bool(settings.get("do_lower_case", False)), source=repr(str(model)),
+                   keep_accents=bool(settings.get("keep_accents", True)))
 
     @classmethod
     def train(cls, texts_or_corpus_path: Union[PathLike, Iterable[str], None] = None, vocab_size: int = 1000,
@@ -158,6 +194,19 @@ class Tokenizer:
             tokenizer.save(out_path)
         return tokenizer
 
+    def save_to(self, directory: PathLike):
+        """Write ``spiece.model`` into ``directory`` (atomically), and, when the text settings differ from the
+        pretraining job's defaults (lower-casing, or accents stripped), a ``tokenizer_config.json`` that records
+        them for :meth:`load` and for checkpoint readers (``ref_bert.Tokenizer.from_hf``, transformers)."""
+        from ..files import atomic_write_bytes, atomic_write_json
+
+        directory = os.fspath(directory)
+        atomic_write_bytes(os.path.join(directory, "spiece.model"), self._model_proto)
+        if self.lower_case or not self.keep_accents:
+            atomic_write_json(os.path.join(directory, "tokenizer_config.json"), {
+                "tokenizer_class": "AlbertTokenizer", "do_lower_case": self.lower_case,
+                "keep_accents": self.keep_accents, "split_digit_comma": True})
+
     def save(self, path: PathLike):
         """Write the model file: the exact bytes that were loaded or trained."""
         with open(os.fspath(path), "wb") as f:
@@ -173,10 +222,9 @@ class Tokenizer:
         return self._model_proto
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``'s pieces; no [CLS]/[SEP] added."""
-        if self.lower_case:
-            text = text.lower()
-        return list(self._sp.encode(text, out_type=int))
+        """Ids of ``text``'s pieces (text prepared as ALBERT's tokenizer does, see above); no [CLS]/[SEP]."""
+        pieces = albert_pieces(self._sp, albert_prepare(text, self.lower_case, self.keep_accents))
+        return [self._sp.piece_to_id(p) for p in pieces]
 
     def decode(self, ids) -> str:
         """Text of ``ids``; control symbols ([CLS], [SEP], [MASK], pad) decode to nothing."""
@@ -193,4 +241,4 @@ class Tokenizer:
         return bool(self.word_start_table[int(i)])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, lower_case={self.lower_case})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, lower_case={self.lower_case}, keep_accents={self.keep_accents})"

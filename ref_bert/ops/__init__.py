@@ -19,6 +19,7 @@ from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward, embeddings_backward, embeddings_forward
 from .layer_norm import layer_norm_backward, layer_norm_forward
 from .linear import linear_backward, linear_forward
+from .pooling import POOLING_MODES, l2_normalize_backward, l2_normalize_forward, pooling_backward, pooling_forward
 from .softmax import log_softmax, masked_softmax_backward, masked_softmax_forward, softmax_backward, softmax_forward
 
 __all__ = [
@@ -30,4 +31,6 @@ __all__ = [
     "layer_norm_backward", "linear_forward", "linear_backward", "softmax_forward", "softmax_backward",
     "masked_softmax_forward", "masked_softmax_backward", "bce_with_logits_forward", "bce_with_logits_backward",
     "mse_forward", "mse_backward", "sigmoid",
+    "masked_softmax_forward", "masked_softmax_backward", "POOLING_MODES", "pooling_forward", "pooling_backward",
+    "l2_normalize_forward", "l2_normalize_backward",
 ]

@@ -74,7 +74,7 @@ def open_output(out: Path, history: list, tokenizer: Tokenizer, config: Config,
     out.mkdir(parents=True, exist_ok=True)
     files.remove_staging(out / CHECKPOINTS_DIR)
     files.atomic_write_bytes(out / METRICS_NAME, metrics_bytes(history))
-    files.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
+    tokenizer.save_to(out)
     files.atomic_write_bytes(out / ckpt.CONFIG_NAME, config.to_json().encode())
     if resume_dir is not None and resume_dir.resolve().parent == (out / CHECKPOINTS_DIR).resolve():
         # The run continues from resume_dir: it is now the newest checkpoint of the run's line, even
@@ -109,7 +109,7 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: Sente
         ckpt.save_model(model, directory)
         files.save_tensors(directory / OPTIMIZER_NAME, opt_tensors,
                            metadata={"format": "ref-bert-optimizer", "step": str(opt_state["step"])})
-        files.atomic_write_bytes(directory / TOKENIZER_NAME, tokenizer.model_proto)
+        tokenizer.save_to(directory)
         files.atomic_write_json(directory / STATE_NAME, state)
         if extra is not None:
             extra(directory)
@@ -118,7 +118,7 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: Sente
     files.write_pointer(out / LATEST_NAME, final)
     # OUT itself stays a model directory (config.json + model.safetensors + spiece.model).
     ckpt.save_model(model, out)
-    files.atomic_write_bytes(out / TOKENIZER_NAME, tokenizer.model_proto)
+    tokenizer.save_to(out)
     if extra is not None:
         extra(out)
     return final
@@ -220,7 +220,7 @@ def check_resumable(cfg: PretrainConfig, model_config: Config, resume_dir: Path,
 
 def checkpoint_tokenizer(resume_dir: Path, wanted: Optional[str]) -> Tokenizer:
     """The checkpoint's tokenizer; ``wanted`` (a model file, or None) must be the same one."""
-    tokenizer = Tokenizer.load(resume_dir / TOKENIZER_NAME)
+    tokenizer = Tokenizer.load(resume_dir)          # spiece.model, with its settings file when there is one
     if wanted is not None and Tokenizer.load(wanted).model_proto != tokenizer.model_proto:
         raise ValueError(f"tokenizer {wanted!r} differs from the one in checkpoint {resume_dir}; "
                          f"expected the same tokenizer to resume (or omit --tokenizer)")
