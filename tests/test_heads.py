@@ -231,6 +231,8 @@ def _tiny(head, **changes):
     ("base", dict(labels=np.array([0, 1])), "AlbertModel has no loss"),
     ("pretraining", dict(labels=np.array([0, 1])), "pretraining head takes mlm_labels and sop_labels"),
     ("multiple_choice", dict(labels=np.array([0, 1])), "must be 3-D"),
+    ("masked_lm", dict(labels=np.zeros((2, 5), int), mlm_normalization="sum"), "mlm_normalization='sum' is invalid"),
+    ("masked_lm", dict(labels=np.zeros((2, 5), int), label_smoothing=1.5), "label_smoothing=1.5 is invalid"),
 ])
 def test_bad_labels_are_named(head, kwargs, match):
     model = _tiny(head)
