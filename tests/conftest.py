@@ -29,6 +29,7 @@ def pytest_configure(config):
     same reason). Results do not depend on it: every comparison within a test runs under the same
     setting, and the tests that check thread-count independence set the backend's own threads.
     """
+    import numpy  # noqa: F401  (threadpoolctl limits only the libraries loaded so far: load NumPy's BLAS first)
     from threadpoolctl import threadpool_limits
 
     threads = int(os.environ.get("REF_BERT_TEST_BLAS_THREADS", "1"))
