@@ -293,3 +293,14 @@ def test_generate_refuses_a_model_without_an_mlm_head():
 
     with pytest.raises(ValueError, match="generate needs a bidirectional model with an MLM head.*AlbertForSequence"):
         generate(_tiny("sequence_classification"), [[3, 4]])
+
+
+def test_pretraining_takes_only_the_sizes_of_a_fine_tuning_config(tmp_path):
+    from ref_bert.checkpoint import save_model
+    from ref_bert.pretrain.settings import resolve_model_config
+
+    save_model(_tiny("token_classification", num_labels=4), tmp_path)
+    config = resolve_model_config(str(tmp_path), {})
+    assert config.head == "pretraining" and config.hidden_size == 8
+    with pytest.raises(ValueError, match="--set head=\"masked_lm\": pretraining always trains"):
+        resolve_model_config(str(tmp_path), {"head": "masked_lm"})
