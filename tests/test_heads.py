@@ -198,6 +198,9 @@ def test_a_head_on_a_base_checkpoint_is_fresh_and_not_saved_as_trained(tmp_path)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(x)).logits.numpy()
     assert rel_err(model.forward(x).logits, ref) <= 1e-10
+    from ref_bert.checkpoint import load_config_any
+
+    assert load_config_any(tmp_path / "cls")[0] == model.config.replace(name="x")
     again = Model.from_hf(tmp_path / "cls", dtype="float64")
     assert again.config.head == "sequence_classification" and again.fresh_parameters == ()
     for name, view in model.params.items():
