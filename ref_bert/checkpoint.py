@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Config
 from .files import atomic_write_bytes, check_state, load_tensors, read_json, save_tensors
-from .hf import config_from_hf, transformer_directory
+from .hf import ARCHITECTURES, config_from_hf, transformer_directory
 from .model import Model
 from .tokenization import Tokenizer, check_vocab_size, find_tokenizer
 
@@ -129,7 +129,9 @@ def load_config_any(path) -> tuple[Config, str]:
     family = raw.get("model_type")
     if family not in ("albert", "bert"):
         raise ValueError(f"{Path(path) / CONFIG_NAME} has model_type={family!r}; expected 'albert' or 'bert'")
-    return config_from_hf(raw, family, name=str(raw.get("_name_or_path") or Path(path).name)), kind
+    archs = raw.get("architectures") or []
+    head = next((ARCHITECTURES[a][1] for a in archs if a in ARCHITECTURES), "pretraining")   # the directory's head
+    return config_from_hf(raw, family, name=str(raw.get("_name_or_path") or Path(path).name), head=head), kind
 
 
 def load_any(path, backend=None, dtype=None, seed: int = 0, tokenizer="auto") -> tuple[Model, str]:

@@ -169,12 +169,11 @@ def task_batch(config, batch_size: int = 2, seq_len: int = 16, seed=0, *, length
     seed = list(np.atleast_1d(seed))
     rows = batch_size * num_choices if config.head == "multiple_choice" else batch_size
     x = make_batch(config, rows, seq_len, seed, recipe="rows", lengths=lengths, label_rate=label_rate)
+    if config.head == "multiple_choice":
+        x = {k: v.reshape(batch_size, num_choices, seq_len) for k, v in x.items() if v.ndim == 2}
     labels = task_labels(config, x, np.random.default_rng([*seed, 3]), dtype=dtype)
     if config.head != "pretraining":
         x = {k: v for k, v in x.items() if k not in ("mlm_labels", "sop_labels")}
-    if config.head == "multiple_choice":
-        x = {k: v.reshape(batch_size, num_choices, seq_len) for k, v in x.items()}
-        labels = task_labels(config, x, np.random.default_rng([*seed, 3]), dtype=dtype)
     return {**x, **labels}
 # --- inputs from text ------------------------------------------------------------------------------
 def text_batch(tokenizer, config, texts, pairs=None, *, truncation: bool = False, seed=0,

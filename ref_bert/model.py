@@ -67,6 +67,7 @@ from .encoder import encoder_backward, encoder_forward, scoped
 from .heads import (mlm_head_backward, mlm_head_forward, pooler_backward, pooler_forward, sop_head_backward,
                     sop_head_forward)
 from .ops import IGNORE_INDEX, additive_mask_from, cross_entropy_backward, cross_entropy_forward
+from .ops.cross_entropy import NORMALIZATIONS
 from .ops import embeddings_backward, embeddings_forward
 from .params import FlatBuffer, count_parameters, initialize, parameter_shapes
 from .tasks import (classifier_backward, classifier_forward, sequence_loss_backward, sequence_loss_forward,
@@ -507,6 +508,10 @@ class Model:
         arguments of :meth:`backward` for that loss (computed only when called)."""
         cfg, xp = self.config, self.xp
         head = cfg.head
+        if mlm_normalization not in NORMALIZATIONS:
+            raise ValueError(f"mlm_normalization={mlm_normalization!r} is invalid: expected one of {NORMALIZATIONS}")
+        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} is invalid: expected a number in [0, 1]")
         ce = dict(label_smoothing=float(label_smoothing))
         if head == "pretraining":
             if labels is not None or start_positions is not None or end_positions is not None:

@@ -227,7 +227,7 @@ def verify_hf(directory, dtype="float64", seed=0, batch=2, seq_len=16, rtol=None
         bar.close()
 
 
-def _hf_loss(hf, out, kwargs, x, head):
+def _hf_loss(out, x, head):
     """transformers' loss for ``head`` as a torch scalar, and notes. The causal LM loss is recomputed in
     the model's dtype (transformers' ForCausalLMLoss upcasts with ``logits.float()``, which turns float64
     into float32); the bare model's is <upstream, outputs>."""
@@ -240,7 +240,7 @@ def _hf_loss(hf, out, kwargs, x, head):
             ["note: BertModel/AlbertModel has no loss: both sides backpropagate the same random upstream "
              "gradient (inputs d_last_hidden_state, d_pooled_output); loss/total is <upstream, outputs>"]
     if head == "causal_lm":
-        logits, labels = out.logits, kwargs["labels"]
+        logits, labels = out.logits, torch.from_numpy(x["labels"])
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1))
         return loss, ["note: BertLMHeadModel's loss is transformers' shifted cross-entropy recomputed in the "
@@ -266,15 +266,12 @@ def _verify_hf(directory, arch, family, dtype, seed, batch, seq_len, rtol, atol,
     batch, seq_len = x["input_ids"].shape[0], x["input_ids"].shape[-1]
 
     # transformers, with hooks: forward, its loss (or the upstream product), backward
+    # (the causal LM's labels stay out of the call: its loss is recomputed in _hf_loss)
     kwargs = hf_torch.forward_kwargs(x, family, labels=head not in ("base", "causal_lm"))
-    if head == "causal_lm":
-        import torch
-
-        kwargs["labels"] = torch.from_numpy(x["labels"])
     with hf_torch.capture(hf) as captured:
         hf.zero_grad(set_to_none=True)
-        out = hf(**{k: v for k, v in kwargs.items() if not (head == "causal_lm" and k == "labels")})
-        hf_loss, notes = _hf_loss(hf, out, kwargs, x, head)
+        out = hf(**kwargs)
+        hf_loss, notes = _hf_loss(out, x, head)
         hf_loss.backward()
     advance("transformers ran")
 

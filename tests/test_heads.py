@@ -198,6 +198,9 @@ def test_a_head_on_a_base_checkpoint_is_fresh_and_not_saved_as_trained(tmp_path)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(x)).logits.numpy()
     assert rel_err(model.forward(x).logits, ref) <= 1e-10
+    from ref_bert.checkpoint import load_config_any
+
+    assert load_config_any(tmp_path / "cls")[0] == model.config.replace(name="x")
     again = Model.from_hf(tmp_path / "cls", dtype="float64")
     assert again.config.head == "sequence_classification" and again.fresh_parameters == ()
     for name, view in model.params.items():
@@ -231,6 +234,8 @@ def _tiny(head, **changes):
     ("base", dict(labels=np.array([0, 1])), "AlbertModel has no loss"),
     ("pretraining", dict(labels=np.array([0, 1])), "pretraining head takes mlm_labels and sop_labels"),
     ("multiple_choice", dict(labels=np.array([0, 1])), "must be 3-D"),
+    ("masked_lm", dict(labels=np.zeros((2, 5), int), mlm_normalization="sum"), "mlm_normalization='sum' is invalid"),
+    ("masked_lm", dict(labels=np.zeros((2, 5), int), label_smoothing=1.5), "label_smoothing=1.5 is invalid"),
 ])
 def test_bad_labels_are_named(head, kwargs, match):
     model = _tiny(head)
@@ -291,3 +296,14 @@ def test_generate_refuses_a_model_without_an_mlm_head():
 
     with pytest.raises(ValueError, match="generate needs a bidirectional model with an MLM head.*AlbertForSequence"):
         generate(_tiny("sequence_classification"), [[3, 4]])
+
+
+def test_pretraining_takes_only_the_sizes_of_a_fine_tuning_config(tmp_path):
+    from ref_bert.checkpoint import save_model
+    from ref_bert.pretrain.settings import resolve_model_config
+
+    save_model(_tiny("token_classification", num_labels=4), tmp_path)
+    config = resolve_model_config(str(tmp_path), {})
+    assert config.head == "pretraining" and config.hidden_size == 8
+    with pytest.raises(ValueError, match="--set head=\"masked_lm\": pretraining always trains"):
+        resolve_model_config(str(tmp_path), {"head": "masked_lm"})

@@ -126,7 +126,11 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def resolve_model_config(spec: str, overrides: dict) -> Config:
-    """A Config from a preset name, a config.json file or a directory holding one, plus overrides."""
+    """A Config from a preset name, a config.json file or a directory holding one, plus overrides.
+
+    The job trains the pretraining heads (MLM + SOP/NSP) of a bidirectional encoder, so a fine-tuning
+    model's config (``Config.head``, e.g. a sequence classifier's directory) gives its sizes only: the
+    head becomes "pretraining" and ``is_decoder`` False. Overriding either is a ValueError."""
     spec = str(spec)
     if spec in PRESETS:
         base = Config.preset(spec)
@@ -140,6 +144,12 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
                              f"config.json file or a model directory")
     check_config_overrides(overrides)
+    for key in ("head", "is_decoder"):
+        if key in overrides:
+            raise ValueError(f"--set {key}={json.dumps(overrides[key])}: pretraining always trains the pretraining "
+                             f"heads of a bidirectional encoder (head 'pretraining', is_decoder false)")
+    if base.head != "pretraining" or base.is_decoder:
+        base = base.replace(head="pretraining", is_decoder=False)
     return base.replace(**overrides) if overrides else base
 
 
