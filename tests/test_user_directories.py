@@ -235,6 +235,38 @@ def test_verify_and_golden_on_text_with_a_sharded_checkpoint(tokenizer, tmp_path
     assert "has no tokenizer: looked for spiece.model, vocab.txt, tokenizer.json" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("arch", ["Model", "ForSequenceClassification", "ForQuestionAnswering", "ForMultipleChoice"])
+def test_verify_and_golden_on_text_for_task_heads(tokenizer, tmp_path, capsys, arch):
+    """--text on a task-head checkpoint: the text's tokens with the head's labels (a bare encoder: random
+    upstream gradients), compared loss and every gradient; question answering needs one length, multiple
+    choice (B, C, T) choices: both refused with one line."""
+    directory = bert_checkpoint(tmp_path / arch, tokenizer, arch=arch)
+    texts = ["The river ran, 3.0, fast!", "Second text."]
+    if arch == "ForQuestionAnswering":
+        assert main(["verify", "--hf", str(directory), *sum((["--text", t] for t in texts), []), "--no-progress"]) == 2
+        assert "needs texts of one token length" in capsys.readouterr().err
+        texts = texts[:1]
+    code = main(["verify", "--hf", str(directory), *sum((["--text", t] for t in texts), []), "--no-progress"])
+    out, err = capsys.readouterr()
+    if arch == "ForMultipleChoice":
+        assert code == 2 and "error: text inputs are (batch, tokens) rows, but a multiple-choice" in err
+        assert "Traceback" not in err
+        return
+    assert code == 0 and "verify: OK" in out and "grads/" in out
+    golden = tmp_path / "g.safetensors"
+    assert main(["golden", "--hf", str(directory), "--text", texts[0], "--out", str(golden), "--no-progress"]) == 0
+    tensors, _ = read_golden(golden)
+    assert tensors["inputs/input_ids"].tolist() == [tokenizer.encode(texts[0]).input_ids]
+    names = set(tensors)
+    assert "inputs/mlm_labels" not in names
+    if arch == "Model":
+        assert {"inputs/d_last_hidden_state", "inputs/d_pooled_output"} <= names
+    elif arch == "ForQuestionAnswering":
+        assert {"inputs/start_positions", "inputs/end_positions"} <= names
+    else:
+        assert "inputs/labels" in names
+
 def test_pretrain_tokenizer_may_be_a_checkpoint_directory(tokenizer, tmp_path, capsys):
     from ref_bert.data import Tokenizer as PretrainingTokenizer
 
