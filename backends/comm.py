@@ -7,13 +7,15 @@ A training loop written against :class:`Communicator` has one code path for one 
     alltoall(x)            x: (size, n) on every rank -> (size, n), row j = rank j's x[this rank]
     gather(x, root)        x: (n,) -> (size, n) on ``root``, None elsewhere
     broadcast(x, root)     x: any shape, overwritten in place with ``root``'s values; returns x
-    sum_in_rank_order(x)   the sum over ranks of x, added in rank order (x_0 + x_1) + x_2 ...: the same
-                           numbers on every rank, and not MPI_Allreduce, whose order is the library's
     any(flag)              True on every rank when ``flag`` is True on some rank
     broadcast_text(text)   a string from ``root`` (a checkpoint's path)
     barrier()
     abort(code)            end every process of the job now (MPI_Abort): one failing rank must not
                            leave the others waiting in a collective forever
+
+There is no all-reduce: MPI_Allreduce and NCCL's add in an order of their own choosing, which may
+change with the number of ranks, so a sum that must not depend on it is made from ``alltoall`` or
+``allgather`` and additions in a fixed order by the caller (ref_bert/pretrain/data_parallel.py).
 
 Arrays are those of the model's backend: NumPy arrays for :class:`SingleProcess` and :class:`Mpi`,
 CuPy arrays for :class:`Nccl`. No operation pickles anything: everything sent is an array buffer.
@@ -91,15 +93,6 @@ class Communicator:
 
     def abort(self, code: int) -> None:
         raise NotImplementedError
-
-    def sum_in_rank_order(self, x):
-        """sum_r x_r, added in rank order on every rank: (x_0 + x_1) + x_2 + ... The order is fixed,
-        so every rank gets the same bits, and the same bits whichever MPI library runs it."""
-        rows = self.allgather(x.reshape(-1))
-        total = rows[0].copy()
-        for row in rows[1:]:
-            total += row
-        return total.reshape(x.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

@@ -32,7 +32,8 @@ class PretrainResult:
 
     out_dir: the output directory; checkpoint: the newest complete checkpoint; step: the last step
     done; metrics: the last logged metrics line; history: every line of OUT/metrics.jsonl (earlier
-    runs of a resumed job included); wall_time: seconds this call took; plot: OUT/loss.png or None.
+    runs of a resumed job included); wall_time: seconds this call took; plot: OUT/loss.png or None;
+    rank: this process's rank in a data-parallel run (0 in one process; only rank 0 writes OUT).
     """
 
     out_dir: Path
@@ -42,6 +43,7 @@ class PretrainResult:
     history: list
     wall_time: float
     plot: Optional[Path] = None
+    rank: int = 0
 
     def mean(self, key: str, first: bool, count: int = 10) -> float:
         """Mean of ``key`` over the first (or last) ``count`` logged steps of the history."""
@@ -147,7 +149,7 @@ def _run(cfg: PretrainConfig, resume_dir, state, on_step: OnStep, comm) -> Pretr
         comm.barrier()
     return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
                           metrics=job.history[-1] if job.history else {}, history=job.history,
-                          wall_time=time.perf_counter() - started, plot=plot)
+                          wall_time=time.perf_counter() - started, plot=plot, rank=comm.rank)
 
 
 def prepare(cfg: PretrainConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None,
