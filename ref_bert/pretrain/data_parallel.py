@@ -233,14 +233,17 @@ class DataParallel:
             return optimizer
         xp, dtype, layout = model.xp, model.dtype, self.layout
         own = optimizer.state_dict()
-        moments = xp.concatenate([layout.pack_shard(optimizer.exp_avg, self.rank, xp, dtype),
-                                  layout.pack_shard(optimizer.exp_avg_sq, self.rank, xp, dtype)])
-        rows = self.comm.gather(moments, root=0)
+        gathered = []
+        for moments in (optimizer.exp_avg, optimizer.exp_avg_sq):   # one at a time: rank 0 holds one (N, width)
+            rows = self.comm.gather(layout.pack_shard(moments, self.rank, xp, dtype), root=0)
+            if self.rank == 0:
+                whole = FlatBuffer(self.shapes, xp, dtype)
+                layout.unpack(rows, whole.flat)
+                gathered.append(whole)
+            del rows
         if self.rank != 0:
             return None
-        exp_avg, exp_avg_sq = (FlatBuffer(self.shapes, xp, dtype) for _ in range(2))
-        layout.unpack(rows[:, :layout.width], exp_avg.flat)
-        layout.unpack(rows[:, layout.width:], exp_avg_sq.flat)
+        exp_avg, exp_avg_sq = gathered
         tensors = {}
         for name in self.shapes:
             tensors[f"exp_avg/{name}"] = exp_avg[name]
