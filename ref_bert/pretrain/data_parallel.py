@@ -50,6 +50,8 @@ from ..optim.norms import sum_of_squares
 from ..params import FlatBuffer
 from .accumulation import micro_batch_weights
 
+__all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_split", "peak_resident_mib"]
+
 # Dropout seeds [seed, DROPOUT_KEY, step, micro-batch index]: their own SeedSequence key, so that they
 # never coincide with the weights' default_rng(seed), the model's own dropout stream
 # default_rng([seed, 1]) or the data's generators (batches.DATA_STREAM_KEY).
@@ -280,11 +282,6 @@ class _GatheredOptimizerState:
         return self._state
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the optimiser's moments held by this process (m and v of its tensors)."""
-    return int(sum(a.nbytes for a in optimizer.exp_avg.values()) + sum(a.nbytes for a in optimizer.exp_avg_sq.values()))
-
-
 def peak_resident_mib() -> Optional[float]:
     """This process's peak resident set (Linux VmHWM) in MiB, None where /proc is not there."""
     try:
@@ -296,6 +293,3 @@ def peak_resident_mib() -> Optional[float]:
         return None
     return None
 
-
-__all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_split", "optimizer_state_bytes",
-           "peak_resident_mib"]
