@@ -316,9 +316,11 @@ def communicator(kind: str = "auto", backend=None) -> Communicator:
         raise ValueError(f"comm={kind!r} is invalid: expected one of {KINDS}")
     if kind == "single" or (kind == "auto" and launched_size() == 1):
         return SingleProcess()
-    from . import get
+    # The backend's name without making it: the NCCL communicator chooses this rank's GPU before
+    # anything touches a device.
+    from . import ENV_VAR
 
-    backend_name = get(backend).name
+    backend_name = getattr(backend, "name", None) or str(backend or os.environ.get(ENV_VAR, "numpy")).strip().lower()
     if kind == "auto":
         launched = launched_size()
         try:

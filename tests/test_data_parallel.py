@@ -188,3 +188,20 @@ def test_shard_layout_cuts_whole_tensors_and_round_trips(size):
         views = layout.shard_views(rows[r], r)
         assert list(views) == layout.names[r]
         assert all(np.array_equal(views[n], model.params[n]) for n in views)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backends.available("cupy"), reason="needs CuPy and a GPU")
+def test_nccl_on_gpus_equals_one_process(spiece, tmp_path):
+    """The NCCL communicator: one rank per GPU (two where there are two GPUs; with one GPU, one rank
+    still makes every NCCL call), replicated and sharded, bit-identical to one process on one GPU."""
+    ranks = min(2, backends.get("cupy").xp.cuda.runtime.getDeviceCount())
+    single = pretrain(**settings(spiece, tmp_path / "single", backend="cupy", grad_accum=2))
+    result = run_jobs([
+        {"settings": settings(spiece, tmp_path / "nccl", backend="cupy", grad_accum=2, comm="nccl")},
+        {"settings": settings(spiece, tmp_path / "sharded", backend="cupy", grad_accum=2, comm="nccl",
+                              shard_optimizer=True)},
+    ], tmp_path, ranks=ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(single.out_dir, tmp_path / "nccl", 4)
+    _assert_same_run(single.out_dir, tmp_path / "sharded", 4)
