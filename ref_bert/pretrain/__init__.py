@@ -31,7 +31,7 @@ One optimiser step (global step s = 1, 2, ..., ``steps``; :func:`ref_bert.pretra
     optimiser.step(grads, lr)        LAMB/AdamW; global-norm clipping is the optimiser preset's
 
 What the default run shows (tests/test_train.py runs it): the MLM loss falls from 6.9 (ln 1000) to
-about 5.4 and the SOP loss from ln 2 = 0.693 to 0.18-0.25 (seeds 0-2) in 1600 steps. That needs the
+5.4-5.6 and the SOP loss from ln 2 = 0.693 to 0.18-0.25 (seeds 0-2) in 1600 steps. That needs the
 demo's SOP weight of 100 (``sop_weight``; ALBERT's loss is the unweighted MLM + SOP, ``--sop-weight
 1``). With weight 1 the SOP loss stays at chance in this budget: the MLM gradient dominates the shared
 encoder (the median ratio of the two gradients' norms over the encoder's weight matrices is 5 at
