@@ -156,8 +156,11 @@ class DataParallel:
     def rank(self) -> int:
         return self.comm.rank
 
-    def own_micro_batches(self, grad_accum: int) -> list:
-        """The global indices of this rank's micro-batches: rank, rank + N, rank + 2N, ..."""
+    def own_micro_batches(self, grad_accum: int, batch_size: int) -> list:
+        """The global indices of this rank's micro-batches: rank, rank + N, rank + 2N, ... Every rank
+        must get as many (else the collectives would wait forever): checked here, where the split is
+        made, as well as before the run starts."""
+        check_split(grad_accum, batch_size, self.comm.size)
         return list(range(self.comm.rank, grad_accum, self.comm.size))
 
     def make_optimizer(self, name: str, model: Model, lr: float):
