@@ -113,14 +113,15 @@ def main(argv=None) -> int:
     layout = ShardLayout(model.params, comm.size, model.backend)
     own = (layout.stops[comm.rank] - layout.starts[comm.rank]) if args.shard_optimizer else model.params.size
     timed = slice(2, None) if len(step_times) > 2 else slice(None)
-    mine = np.array([statistics.median(step_times[timed]), float(np.mean(received[timed])), 2 * own * model.dtype.itemsize,
-                     peak_before_checkpoint[0], peak_resident_mib() or float("nan")])
+    mine = np.array([statistics.median(step_times[timed]), float(np.mean(received[timed])),
+                     2 * own * model.dtype.itemsize, peak_before_checkpoint[0], peak_resident_mib() or float("nan")])
     rows = backends.get("numpy").to_host(comm.inner.allgather(model.xp.asarray(mine)) if comm.size > 1 else mine[None])
     if comm.rank == 0:
         step_s = float(rows[:, 0].max())
         print(json.dumps({
             "ranks": comm.size, "comm": comm.name, "config": args.config, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "grad_accum": args.grad_accum, "global_batch": args.batch_size * args.grad_accum,
+            "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+            "global_batch": args.batch_size * args.grad_accum,
             "shard_optimizer": args.shard_optimizer, "steps": args.steps, "step_s": round(step_s, 4),
             "examples_per_s": round(args.batch_size * args.grad_accum / step_s, 1),
             "parameters": model.params.size, "received_bytes_per_step": int(rows[:, 1].mean()),

@@ -88,6 +88,6 @@ def next_step_batch(stream: SentencePairStream, cfg: PretrainConfig, model, step
     sizes = [len(hb["sop_labels"]) for hb in host_batches]
     batch = {key: model.backend.from_host(np.concatenate([host_batches[i][key] for i in indices]))
              for key in host_batches[0]}
-    starts = np.cumsum([0] + [sizes[i] for i in indices])
+    starts = [int(n) for n in np.cumsum([0] + [sizes[i] for i in indices])]
     micro_batches = [{key: value[starts[t]:starts[t + 1]] for key, value in batch.items()} for t in range(len(indices))]
     return StepBatch(micro_batches, indices, mlm_counts, sizes, tokens)

@@ -187,7 +187,8 @@ class DataParallel:
         weighted_parts = []
         for micro_batch, i in zip(micro_batches, indices):
             mlm_share, sop_share = weights[i]
-            result = model.loss_and_grads(**micro_batch, training=True, loss_weights=(mlm_share, sop_weight * sop_share),
+            result = model.loss_and_grads(**micro_batch, training=True,
+                                          loss_weights=(mlm_share, sop_weight * sop_share),
                                           dropout_seed=dropout_seed(seed, step, i))
             received = comm.alltoall(layout.pack(result.grads, xp, dtype))   # row j: micro-batch i - rank + j
             for row in received:

@@ -261,7 +261,8 @@ def _step(job: Job, log: StepLog, stop: int) -> None:
     """One optimiser step, its logging (on logged steps) and its checkpoint (on checkpoint steps)."""
     cfg, parallel = job.cfg, job.parallel
     lr = learning_rate(cfg, job.step)
-    batch = next_step_batch(job.stream, cfg, job.model, job.step, parallel.own_micro_batches(cfg.grad_accum, cfg.batch_size))
+    own = parallel.own_micro_batches(cfg.grad_accum, cfg.batch_size)   # this rank's share of the global batch
+    batch = next_step_batch(job.stream, cfg, job.model, job.step, own)
     # The gradient of the whole global batch (this rank's shard of it when the optimiser is sharded),
     # summed over its micro-batches in index order whatever the number of ranks (data_parallel.py).
     grads, parts = parallel.gradients(job.model, batch.micro_batches, batch.indices, batch.mlm_counts, batch.sizes,
