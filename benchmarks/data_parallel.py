@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         out = comm.broadcast_text(scratch)   # rank 0's directory: one run directory for the job
         clock[0], clock[1] = time.perf_counter(), comm.received
-        pretrain(out=f"{out}/run", config=args.config, config_overrides=overrides, tokenizer=args.tokenizer, backend=args.backend,
+        pretrain(out=f"{out}/run", config=args.config, config_overrides=overrides, tokenizer=args.tokenizer,
+                 backend=args.backend,
                  steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                  shard_optimizer=args.shard_optimizer, checkpoint_every=args.steps, log_every=args.steps,
                  progress=False, plot=False, comm=comm, on_step=on_step)
