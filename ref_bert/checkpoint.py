@@ -11,9 +11,11 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config
-from .files import atomic_write_bytes, check_state, load_tensors, read_json, save_tensors
+from .files import (atomic_write_bytes, check_finite, check_float_tensors, check_shapes, check_state, load_tensors,
+                    read_json, read_safetensors_header, save_tensors)
 from .hf import config_from_hf
-from .model import Model
+from .model import DTYPES, Model
+from .params import parameter_shapes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,24 +34,49 @@ def load_config(directory) -> Config:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}")
-    return Config.from_dict(read_json(path, "model config"))
+    raw = read_json(path, "model config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"model config {path} holds a JSON {type(raw).__name__}, expected an object of Config fields")
+    try:
+        return Config.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"model config {path}: {e}") from e
 
 
-def load_model(directory, backend=None, dtype=None):
-    """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one."""
+def read_weights(path, expected_shapes: dict, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """A model's weights from a safetensors file, checked before anything is allocated for a model:
+    names and shapes against ``expected_shapes`` (read from the header alone, so a config that claims
+    more than the file holds fails before any big allocation), floating-point dtypes, and finite
+    values unless ``allow_nonfinite``. Returns ``(tensors, metadata)``."""
+    entries, _, _ = read_safetensors_header(path)
+    check_shapes(expected_shapes, {name: shape for name, (_, shape, _) in entries.items()}, str(path))
+    tensors, metadata = load_tensors(path)
+    check_float_tensors(tensors, str(path))
+    if not allow_nonfinite:
+        check_finite(tensors, str(path))
+    return tensors, metadata
+
+
+def load_model(directory, backend=None, dtype=None, allow_nonfinite: bool = False):
+    """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one.
+    Every check (config, tensor names, shapes, dtypes, finite values unless ``allow_nonfinite``) runs
+    before the model is allocated."""
     directory = Path(directory)
     config = load_config(directory)
-    tensors, metadata = load_tensors(directory / WEIGHTS_NAME)
-    model = Model(config, backend=backend, dtype=dtype or metadata.get("dtype", "float32"))
+    tensors, metadata = read_weights(directory / WEIGHTS_NAME, parameter_shapes(config, heads=True), allow_nonfinite)
+    saved_dtype = metadata.get("dtype", "float32")
+    if dtype is None and saved_dtype not in DTYPES:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: metadata dtype={saved_dtype!r} is invalid; expected one of {DTYPES}")
+    model = Model(config, backend=backend, dtype=dtype or saved_dtype)
     _assign(model, tensors, directory / WEIGHTS_NAME)
     return model
 
 
-def load_weights(model, directory) -> dict:
-    """Overwrite ``model``'s parameters with ``directory/model.safetensors`` (checked name by name and
-    shape by shape before anything is written). Returns the file's metadata."""
+def load_weights(model, directory, allow_nonfinite: bool = False) -> dict:
+    """Overwrite ``model``'s parameters with ``directory/model.safetensors`` (checked name by name, shape
+    by shape, dtype and finiteness before anything is written). Returns the file's metadata."""
     path = Path(directory) / WEIGHTS_NAME
-    tensors, metadata = load_tensors(path)
+    tensors, metadata = read_weights(path, model.params.shapes, allow_nonfinite)
     _assign(model, tensors, path)
     return metadata
 
@@ -111,10 +138,12 @@ def load_config_any(path) -> tuple[Config, str]:
     return config_from_hf(raw, family, name=str(raw.get("_name_or_path") or Path(path).name)), kind
 
 
-def load_any(path, backend=None, dtype=None, seed: int = 0) -> tuple[Model, str]:
+def load_any(path, backend=None, dtype=None, seed: int = 0, allow_nonfinite: bool = False) -> tuple[Model, str]:
     """A :class:`Model` from a model directory of either kind, and the kind found. ``dtype`` None keeps a
-    ref-bert directory's saved dtype and reads a Hugging Face one as float32."""
+    ref-bert directory's saved dtype and reads a Hugging Face one as float32. Non-finite weights are
+    refused unless ``allow_nonfinite``."""
     kind = directory_kind(path)
     if kind == REF_BERT_DIRECTORY:
-        return load_model(path, backend=backend, dtype=dtype), kind
-    return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed), kind
+        return load_model(path, backend=backend, dtype=dtype, allow_nonfinite=allow_nonfinite), kind
+    return Model.from_hf(path, backend=backend, dtype=dtype or "float32", seed=seed,
+                         allow_nonfinite=allow_nonfinite), kind

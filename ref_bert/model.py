@@ -367,10 +367,12 @@ class Model:
 
     # --- Hugging Face checkpoints (the name map and file formats live in ref_bert/hf.py) ---------
     @classmethod
-    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0) -> "Model":
+    def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0,
+                allow_nonfinite: bool = False) -> "Model":
         """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors); see :mod:`ref_bert.hf`.
-        Heads missing from the checkpoint keep their initialisation from ``seed`` (with a warning)."""
-        checkpoint = hf.read_hf(path)
+        Heads missing from the checkpoint keep their initialisation from ``seed`` (with a warning).
+        Non-finite weights are refused unless ``allow_nonfinite`` (for debugging)."""
+        checkpoint = hf.read_hf(path, allow_nonfinite=allow_nonfinite)
         model = cls(checkpoint.config, backend=backend, dtype=dtype, seed=seed)
         for name, array in checkpoint.tensors.items():
             model.params[name] = model.backend.from_host(array, dtype=model.dtype)
