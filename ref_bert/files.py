@@ -85,6 +85,16 @@ def atomic_write_bytes(path, data) -> None:
         raise
 
 
+def atomic_copy(source, target) -> None:
+    """Copy file ``source`` to ``target`` atomically (read in 1 MiB chunks)."""
+    def chunks():
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    atomic_write_bytes(target, chunks())
+
+
 def fsync_directory(path) -> None:
     """Flush a directory's entries (new names, renames) to disk; a no-op where directories cannot be
     opened (Windows)."""
@@ -442,10 +452,31 @@ def claim_run_directory(directory):
             holder = "unknown"
         raise RunDirectoryBusy(f"{directory} is in use by another run ({holder or 'holder unknown'}); one writer "
                                f"per run directory: wait for it to finish, stop it, or choose another --out") from None
+    held = RunDirectoryLock(lock, directory / HOLDER_NAME)
     try:
-        atomic_write_bytes(directory / HOLDER_NAME,
+        atomic_write_bytes(held.holder_file,
                            f"pid {os.getpid()} on host {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n".encode())
     except BaseException:
-        lock.release()
+        held.release()
         raise
-    return lock
+    return held
+
+
+class RunDirectoryLock:
+    """A held run-directory lock (:func:`claim_run_directory`): ``release()`` or leave the ``with`` block.
+    The ``.lock`` file itself stays (deleting a lock file races with a process about to lock it)."""
+
+    def __init__(self, lock, holder_file: Path):
+        self.lock, self.holder_file = lock, holder_file
+
+    def release(self) -> None:
+        if self.lock.is_locked:
+            self.holder_file.unlink(missing_ok=True)
+            self.lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False

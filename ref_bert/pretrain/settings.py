@@ -50,6 +50,9 @@ class PretrainConfig:
     until:    stop after this global step (with a checkpoint) although the schedule spans ``steps``;
               resume later to finish. None runs to ``steps``.
     keep_checkpoints: newest checkpoints kept (0 keeps all).
+    overwrite: allow ``out`` to be an existing directory that is not an empty one or a run to resume
+              (a model directory, another run): the run then replaces its files. Without it such an
+              ``out`` is refused, so that nothing that is not this run's is overwritten.
     threads:  BLAS threads for the duration of the run (and the NumPy backend's own loops), restored
               afterwards. None: 1 where the backend runs host BLAS (numpy) unless $OPENBLAS_NUM_THREADS
               or $OMP_NUM_THREADS is set, else leave alone; 0: leave alone; N: N threads.
@@ -82,6 +85,7 @@ class PretrainConfig:
     threads: Optional[int] = None
     progress: bool = True
     plot: bool = True
+    overwrite: bool = False
 
     def warmup_steps(self) -> int:
         return int(round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
@@ -123,6 +127,8 @@ def validate(cfg: PretrainConfig) -> None:
             "None (the default rule), 0 (leave BLAS alone) or a positive thread count")
     require(cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, Path)), "resume",
             cfg.resume, "False, True (the latest checkpoint in out) or a checkpoint directory")
+    require(isinstance(cfg.overwrite, bool), "overwrite", cfg.overwrite, "True or False")
+    require(isinstance(cfg.out, (str, Path)) and str(cfg.out) != "", "out", cfg.out, "a directory path")
 
 
 def resolve_model_config(spec: str, overrides: dict) -> Config:
