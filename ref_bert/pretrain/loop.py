@@ -299,11 +299,11 @@ def check_publishable(job: Job) -> None:
             continue
         if name is None:
             name = next(n for n, v in job.model.params.items() if not bool(xp.isfinite(v).all()))
-        newest = (f"the newest checkpoint, all finite, is {job.newest} (resume from it with --resume {job.newest} "
-                  f"and a lower --lr)") if job.newest is not None else "no checkpoint was written yet"
+        newest = (f"the newest checkpoint, all finite, is {job.newest}" if job.newest is not None
+                  else "no checkpoint was written yet")
         raise ValueError(f"the update of step {job.step} made {what} {name!r} non-finite (NaN or inf); step "
                          f"{job.step} was not checkpointed and OUT's model was not replaced; {newest}; "
-                         f"expected finite values (try a lower --lr)")
+                         f"expected finite values (try a new run with a lower --lr)")
 
 
 def save_checkpoint(job: Job, elapsed: float) -> None:
