@@ -67,8 +67,10 @@ def _follow_umask(path_or_fd, directory: bool = False) -> None:
 
 def atomic_write_bytes(path, data) -> None:
     """Write ``data`` (bytes, or an iterable of bytes chunks) to ``path`` atomically (temporary file +
-    fsync + rename). The file's mode follows the umask."""
+    fsync + rename). The file's mode follows the umask. ``path`` naming a directory is a ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -305,7 +307,8 @@ def read_safetensors_header(path) -> tuple[dict, dict, int]:
     bytes that exist."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"tensor file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        raise ValueError(f"tensor file {path} " + ("is a directory; expected a safetensors file" if path.is_dir()
+                                                   else "does not exist"))
     size = path.stat().st_size
     bad = f"{path} is corrupt or not a safetensors file"
     with open(path, "rb") as f:

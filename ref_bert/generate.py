@@ -43,6 +43,9 @@ from .ops import log_softmax
 from .unilm import CLS_ID, MASK_ID, PAD_ID, PLAIN_SEGMENT_IDS, SEP_ID, UNILM_SEGMENT_IDS, UNILM_TYPE_VOCAB_SIZE
 
 NEVER_GENERATED = (PAD_ID, CLS_ID, MASK_ID)
+# Beam search scores sources x beam x vocab candidates per step in float64 (a few arrays of that size):
+# beyond 2^26 of them (512 MB per array) a beam is a mistake, not a search.
+MAX_CANDIDATES = 1 << 26
 
 
 @dataclass
@@ -334,10 +337,12 @@ def generate(model, source_ids, *, max_length: int | None = None, beam_size: int
     """
     cfg = model.config
     sources = _as_sources(source_ids, cfg.vocab_size)
-    generable = cfg.vocab_size - len(NEVER_GENERATED)
-    if not isinstance(beam_size, (int, np.integer)) or isinstance(beam_size, bool) or not 1 <= beam_size <= generable:
-        raise ValueError(f"beam_size={beam_size!r} is invalid: expected an integer in [1, {generable}] (at most the "
-                         f"tokens the model can generate)")
+    if not isinstance(beam_size, (int, np.integer)) or isinstance(beam_size, bool) or beam_size < 1:
+        raise ValueError(f"beam_size={beam_size!r} is invalid: expected an integer >= 1")
+    most = MAX_CANDIDATES // (cfg.vocab_size * len(sources))
+    if beam_size > max(most, 1):
+        raise ValueError(f"beam_size={beam_size} is invalid: {len(sources)} source(s) x beam_size x vocab_size="
+                         f"{cfg.vocab_size} candidates per step exceed {MAX_CANDIDATES}; expected beam_size <= {most}")
     if not isinstance(min_length, (int, np.integer)) or isinstance(min_length, bool) or min_length < 0:
         raise ValueError(f"min_length={min_length!r} is invalid: expected an integer >= 0")
     if not isinstance(no_repeat_ngram_size, (int, np.integer)) or isinstance(no_repeat_ngram_size, bool) \

@@ -193,11 +193,17 @@ def read_golden(path) -> tuple["OrderedDict[str, np.ndarray]", dict]:
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
         raise ValueError(f"{path} has golden format_version={version!r}; this ref-bert reads {FORMAT_VERSION}")
+    from .files import parse_json
+
     meta = dict(metadata)
     for key in ("config", "optimizer", "tensor_order", "hf_config", "hf_names"):
         if key in meta:
-            meta[key] = json.loads(meta[key])
-    order = meta["tensor_order"]
+            meta[key] = parse_json(meta[key], f"{path}: metadata {key}")
+    order = meta.get("tensor_order")
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or len(set(order)) != len(order):
+        raise ValueError(f"{path}: metadata tensor_order is {order!r:.80}; expected a list of distinct tensor names")
+    if meta.get("dtype") not in ("float32", "float64"):
+        raise ValueError(f"{path}: metadata dtype={meta.get('dtype')!r:.40} is invalid; expected 'float32' or 'float64'")
     if sorted(order) != sorted(tensors):
         raise ValueError(f"{path}: tensor_order does not list exactly the tensors in the file")
     return OrderedDict((name, tensors[name]) for name in order), meta

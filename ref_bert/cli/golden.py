@@ -47,8 +47,12 @@ def run(args) -> int:
     from ref_bert.golden import make_inputs, write_golden
     from ref_bert.model import Model
 
+    from pathlib import Path
+
     from . import resolve_config
 
+    if Path(args.out).is_dir():   # before the work, not after it
+        raise ValueError(f"--out {args.out} is a directory; expected the path of the golden file to write")
     if args.config is not None:
         config, source = resolve_config(args.config)
         model = Model(config, backend=args.backend, dtype=args.dtype, seed=args.seed)

@@ -14,6 +14,8 @@ import sys
 
 from ref_bert.masks import MASK_KINDS
 
+MAX_TOKENS = 512   # per segment: a printed grid is for reading; 512 is BERT's whole sequence
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--kind", default="all",
@@ -31,8 +33,9 @@ def run(args) -> int:
 
     for name in ("source", "target", "pad"):
         value = getattr(args, name)
-        if value < 0:
-            raise ValueError(f"--{name}={value} is invalid: expected a non-negative integer")
+        if not 0 <= value <= MAX_TOKENS:
+            raise ValueError(f"--{name}={value} is invalid: expected an integer in [0, {MAX_TOKENS}] (the grid is "
+                             f"printed for reading)")
     kinds = MASK_KINDS if args.kind == "all" else (normalize_kind(args.kind),)
     blocks = []
     for kind in kinds:
