@@ -38,7 +38,7 @@ from .heads import (mlm_head_backward, mlm_head_forward, pooler_backward, pooler
 from .ops import IGNORE_INDEX, additive_mask_from, cross_entropy_backward, cross_entropy_forward
 from .ops import embeddings_backward, embeddings_forward
 from .params import FlatBuffer, count_parameters, initialize, parameter_shapes
-from .validate import check_inputs, check_labels
+from .validate import check_dtype, check_flag, check_inputs, check_labels, check_loss_weights, check_seed
 
 DTYPES = ("float32", "float64")
 Trace = Optional[Callable[[str, object], None]]
@@ -122,8 +122,8 @@ class Model:
             config = Config.preset(config)
         if not isinstance(config, Config):
             raise ValueError(f"config must be a ref_bert.Config or a preset name, got {type(config).__name__}")
-        if str(np.dtype(dtype)) not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        check_dtype("dtype", dtype, DTYPES)
+        check_seed("seed", seed)
         self.config = config
         self.backend = backends.get(backend)
         self.xp = self.backend.xp
@@ -159,8 +159,10 @@ class Model:
     def _dropout(self, training: bool, dropout_seed):
         """A ``drop(shape, prob)`` function: frozen masks from ``dropout_seed``, the model's own
         stream when training without one, and no dropout at all when not training."""
-        if not training:
+        if not check_flag("training", training):
             return lambda shape, prob: None
+        if dropout_seed is not None:
+            check_seed("dropout_seed", dropout_seed, allow_sequence=True)
         rng = self.dropout_rng if dropout_seed is None else self.backend.rng(dropout_seed)
 
         def drop(shape, prob):
@@ -326,10 +328,10 @@ class Model:
         micro-batches in one pass. The MLM head runs only at labelled positions (that is where the
         vocabulary-sized work is).
         """
+        w_mlm, w_sop = check_loss_weights(loss_weights)
         out, (mlm_loss, mlm_ce), (sop_loss, sop_ce) = self._pretraining_loss(
             input_ids, token_type_ids, attention_mask, mlm_labels, sop_labels, position_ids, training,
             dropout_seed, trace, keep_cache=True)
-        w_mlm, w_sop = (float(w) for w in loss_weights)
         grads = self.backward(
             out,
             d_mlm_logits=None if mlm_ce is None else cross_entropy_backward(w_mlm, mlm_ce),
@@ -340,10 +342,10 @@ class Model:
              position_ids=None, *, training: bool = False, dropout_seed=None, loss_weights=(1.0, 1.0),
              trace: Trace = None):
         """The loss of :meth:`loss_and_grads` alone (a 0-d array): the same forward, no backward."""
+        w_mlm, w_sop = check_loss_weights(loss_weights)
         _, (mlm_loss, _), (sop_loss, _) = self._pretraining_loss(
             input_ids, token_type_ids, attention_mask, mlm_labels, sop_labels, position_ids, training,
             dropout_seed, trace, keep_cache=False)
-        w_mlm, w_sop = (float(w) for w in loss_weights)
         return w_mlm * mlm_loss + w_sop * sop_loss
 
     def _pretraining_loss(self, input_ids, token_type_ids, attention_mask, mlm_labels, sop_labels, position_ids,
