@@ -208,8 +208,12 @@ def train(job: Job, on_step: OnStep = None) -> None:
         _train(job, on_step, log, stop)
     except OSError as e:   # a full disk, a lost mount: one line, the file and the checkpoint to resume from
         where = e.filename or job.out
+        try:   # what OUT/latest names is complete (it may be newer than job.newest if the failure came after it)
+            newest = files.read_pointer(job.out / rundir.LATEST_NAME)
+        except (ValueError, OSError):
+            newest = job.newest
         raise ValueError(f"cannot write {where}: {e.strerror or e} (at step {job.step}); the newest complete "
-                         f"checkpoint is {job.newest}{' (resume from it with --resume once fixed)' if job.newest else ''}"
+                         f"checkpoint is {newest}{' (resume from it with --resume once fixed)' if newest else ''}"
                          ) from e
     finally:
         log.close()

@@ -43,7 +43,7 @@ from .. import files
 from ..config import Config
 from ..data import SentencePairStream, Tokenizer
 from ..model import Model
-from ..validate import is_int
+from ..validate import is_int, is_real
 from .metrics import METRICS_NAME, metrics_bytes, read_metrics
 from .settings import JOB_KEYS, RUN_KEYS, PretrainConfig
 
@@ -249,8 +249,22 @@ def load_checkpoint_state(directory) -> dict:
     for key in STATE_KEYS:
         if key not in state:
             raise ValueError(f"{directory / STATE_NAME} lacks {key!r}; expected keys {', '.join(STATE_KEYS)}")
+    where = directory / STATE_NAME
     if not is_int(state["step"]) or state["step"] < 1:
-        raise ValueError(f"{directory / STATE_NAME} has step={state['step']!r}, expected a positive integer")
+        raise ValueError(f"{where} has step={state['step']!r}, expected a positive integer")
+    for key in ("optimizer", "dropout_rng", "data", "run") + (("job",) if "job" in state else ()):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"{where} has {key}={state[key]!r:.80}, expected a JSON object")
+    optimizer = state["optimizer"]
+    if not is_int(optimizer.get("step")) or optimizer["step"] < 0 or not isinstance(optimizer.get("hyper"), dict):
+        raise ValueError(f"{where} has optimizer={optimizer!r:.120}, expected an object with an integer step >= 0 "
+                         f"and a hyper object")
+    if not is_real(state["elapsed"]) or state["elapsed"] < 0:
+        raise ValueError(f"{where} has elapsed={state['elapsed']!r:.40}, expected a finite number of seconds >= 0")
+    if not is_int(state["tokens"]) or state["tokens"] < 0:
+        raise ValueError(f"{where} has tokens={state['tokens']!r:.40}, expected an integer >= 0")
+    if not isinstance(state.get("config_source", ""), str):
+        raise ValueError(f"{where} has config_source={state['config_source']!r:.40}, expected a string")
     return state
 
 
