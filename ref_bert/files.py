@@ -322,7 +322,8 @@ def read_safetensors_header(path) -> tuple[dict, dict, int]:
         header = parse_json(f.read(n), f"{bad}: its header")
     if not isinstance(header, dict):
         raise ValueError(f"{bad}: the header is a JSON {type(header).__name__}, expected an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{bad}: __metadata__ is {metadata!r:.120}, expected an object of strings")
     entries = {}

@@ -46,6 +46,7 @@ NEVER_GENERATED = (PAD_ID, CLS_ID, MASK_ID)
 # Beam search scores sources x beam x vocab candidates per step in float64 (a few arrays of that size):
 # beyond 2^26 of them (512 MB per array) a beam is a mistake, not a search.
 MAX_CANDIDATES = 1 << 26
+MAX_ALPHA = 10.0   # ((5 + 512) / 6) ** 10 ~ 2e19: scores stay finite
 
 
 @dataclass
@@ -349,8 +350,9 @@ def generate(model, source_ids, *, max_length: int | None = None, beam_size: int
             or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size!r} is invalid: expected an integer >= 0")
     if not isinstance(length_penalty_alpha, (int, float)) or isinstance(length_penalty_alpha, bool) \
-            or not math.isfinite(length_penalty_alpha):
-        raise ValueError(f"length_penalty_alpha={length_penalty_alpha!r} is invalid: expected a finite number")
+            or not math.isfinite(length_penalty_alpha) or abs(length_penalty_alpha) > MAX_ALPHA:
+        raise ValueError(f"length_penalty_alpha={length_penalty_alpha!r} is invalid: expected a number in "
+                         f"[-{MAX_ALPHA:g}, {MAX_ALPHA:g}] (GNMT uses 0.6 to 2; beyond 10 the penalty overflows)")
     P = cfg.max_position_embeddings
     longest = max(len(s) for s in sources)
     if longest + 3 > P:

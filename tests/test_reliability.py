@@ -369,3 +369,87 @@ def test_files_are_reproducible_across_processes_and_follow_the_umask(tmp_path):
     from safetensors.numpy import load_file
 
     assert sorted(load_file(str(tmp_path / "0.safetensors"))) == ["a", "b"]
+
+
+# --- verification never says OK falsely; the command line's errors -----------------------------------------
+def _golden(path: Path, model: Model):
+    from ref_bert.golden import make_inputs, write_golden
+
+    write_golden(path, model, make_inputs(model.config, 1, 4, 0), steps=0, seed=0, source="test", progress=False)
+    return path
+
+
+def test_verify_exit_codes_and_no_false_ok(tmp_path, capsys):
+    from ref_bert import cli
+    from ref_bert.golden import read_golden
+
+    config = Config.preset("tiny", num_hidden_layers=1)
+    golden = _golden(tmp_path / "golden.safetensors", Model(config, dtype="float64"))
+    tensors, meta = read_golden(golden)
+    raw, raw_meta = files.load_tensors(golden)
+
+    def candidate(name, changes=None, metadata=None):
+        path = tmp_path / name
+        files.save_tensors(path, {**raw, **(changes or {})}, {**raw_meta, **(metadata or {})})
+        return str(path)
+
+    def verify(*extra):
+        code = cli.main(["verify", "--golden", str(golden), *extra])
+        return code, capsys.readouterr()
+
+    assert verify("--candidate", candidate("same.safetensors"))[0] == 0
+    # Nothing in common with --allow-missing: FAIL, exit 1 (it printed "verify: OK" before).
+    renamed = {f"other/{n}": v for n, v in raw.items()}
+    empty = tmp_path / "empty.safetensors"
+    files.save_tensors(empty, renamed, {**raw_meta, "tensor_order": json.dumps(sorted(renamed))})
+    code, out = verify("--candidate", str(empty), "--allow-missing")
+    assert code == 1 and "verify: FAIL: nothing was compared" in out.out
+    # NaN against NaN is a mismatch unless asked; integer ids must be integers.
+    first_float = next(n for n, v in tensors.items() if v.dtype.kind == "f" and n.startswith("forward/"))
+    nan_golden = tmp_path / "nan-golden.safetensors"
+    files.save_tensors(nan_golden, {**raw, first_float: np.full_like(raw[first_float], np.nan)}, raw_meta)
+    nan_candidate = candidate("nan.safetensors", {first_float: np.full_like(raw[first_float], np.nan)})
+    golden_args = ["verify", "--golden", str(nan_golden), "--candidate", nan_candidate]
+    assert cli.main(golden_args) == 1 and cli.main(golden_args + ["--equal-nan"]) == 0
+    capsys.readouterr()
+    ids = next(n for n, v in tensors.items() if v.dtype.kind == "i")
+    code, out = verify("--candidate", candidate("float-ids.safetensors", {ids: raw[ids].astype(np.float64)}))
+    assert code == 1 and "the reference holds integers" in out.out
+    # Bad tolerances and malformed candidates are usage/input errors: exit 2, no traceback.
+    for extra in (["--rtol", "nan"], ["--atol", "-1"], ["--rtol", "inf"]):
+        code, out = verify("--candidate", str(golden), *extra)
+        assert code == 2 and out.err.startswith("error: ") and "Traceback" not in out.err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(golden.read_bytes()[:100])
+    code, out = verify("--candidate", str(broken))
+    assert code == 2 and "broken.safetensors is corrupt" in out.err
+    code, out = verify("--candidate", candidate("bad-meta.safetensors", metadata={"tensor_order": "{"}))
+    assert code == 2 and "metadata tensor_order is not valid JSON" in out.err
+
+
+def test_commands_report_bad_paths_as_errors_not_tracebacks(tmp_path, capsys):
+    from ref_bert import cli
+
+    for argv, message in [(["masks", "--png", str(tmp_path)], "is a directory"),
+                          (["masks", "--source", "100000000"], "--source=100000000 is invalid"),
+                          (["golden", "--config", "tiny", "--out", str(tmp_path)], "is a directory"),
+                          (["generate", "--checkpoint", str(tmp_path), "--source-ids", "5"], "has no config.json")]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []   # nothing written
+
+
+def test_generation_never_emits_a_token_it_forbids():
+    """Vocabulary 8: [PAD], [CLS], [MASK] are never generated and [SEP] not before min_length 15, so with
+    no_repeat_ngram_size=1 the four other tokens run out at step 5. Before the fix the argmax of a row
+    of -inf emitted [PAD] (id 0); now it is a ValueError naming the constraints."""
+    from ref_bert.generate import NEVER_GENERATED, SEP_ID, generate
+
+    model = Model(Config.preset("tiny", vocab_size=8, num_hidden_layers=1))
+    for beam_size in (1, 3):
+        with pytest.raises(ValueError, match=r"at target step 5 every token is forbidden .* min_length=15, "
+                                             r"no_repeat_ngram_size=1"):
+            generate(model, [5, 6], max_length=12, min_length=15, no_repeat_ngram_size=1, beam_size=beam_size)
+    out = generate(model, [5, 6], max_length=4, min_length=15, no_repeat_ngram_size=1)
+    assert sorted(out.sequences[0]) == sorted(set(range(8)) - set(NEVER_GENERATED) - {SEP_ID})
