@@ -142,7 +142,8 @@ STAGING_SUFFIXES = (".tmp", ".old", ".del")
 
 def _fault_point(name: str) -> None:
     """Test hook: ``REF_BERT_FAULT_POINT=name`` kills the process here with SIGKILL (the fault tests set it in
-    a child process to stop it at the worst moments of publishing and pruning). Unset: nothing."""
+    a child process to stop it at the worst moments of publishing and pruning: "publish-between-renames",
+    "remove-after-rename", and rundir's "checkpoint-before-pointer"). Unset: nothing."""
     if os.environ.get("REF_BERT_FAULT_POINT") == name:
         import signal
 

@@ -214,7 +214,7 @@ def run_dir(tmp_path_factory):
                     config_overrides={"num_hidden_layers": 1}).out_dir
 
 
-@fuzz(50)
+@fuzz(30)
 @given(data=st.data())
 def test_fuzz_checkpoint_state_json(tmp_path, run_dir, data):
     """state.json with a field replaced by any JSON value, or garbage: load_checkpoint_state and the
@@ -391,7 +391,7 @@ def _run_cli(argv, capsys) -> int:
 ARG = st.sampled_from(["0", "1", "3", "-1", "x", "", "1e9", "nan", "600", "2 3"]) | st.text(max_size=4)
 
 
-@fuzz(60)
+@fuzz(40)
 @given(command=st.sampled_from(["masks", "generate", "verify"]), options=st.lists(st.tuples(st.sampled_from([
     "--source", "--target", "--pad", "--kind", "--png", "--source-ids", "--beam-size", "--max-length", "--min-length",
     "--no-repeat-ngram-size", "--length-penalty", "--rtol", "--atol", "--golden", "--candidate", "--hf",

@@ -226,30 +226,34 @@ def _kill_child(out: Path, spiece: str, settings: dict, *, after_step: int = 0, 
     return child.wait()
 
 
-def test_kill_9_at_random_moments_and_inside_pruning_then_resume_is_bit_identical(spiece, tmp_path):
-    """Three SIGKILLs of an 8-step run: one inside pruning (after step 1's checkpoint is renamed away,
-    before it is deleted), then two at a random moment 0-120 ms after the resumed child's first step (a
-    checkpoint is written every step, so they land in steps, checkpoint writes, pointer updates and
-    pruning alike); then resume to the end. The result must be the uninterrupted run's, bit for bit,
-    with nothing lost and no leftovers."""
-    settings = {**RUN, "steps": 8}
-    straight = pretrain(out=str(tmp_path / "straight"), tokenizer=spiece, **settings).out_dir
+def test_kill_9_at_random_moments_and_inside_publishing_and_pruning_then_resume_is_bit_identical(
+        spiece, tmp_path, straight):
+    """Three SIGKILLs of the 6-step run: one inside pruning (after step 1's checkpoint is renamed away,
+    before it is deleted); one at a random moment 0-120 ms after the resumed child's first step (a
+    checkpoint is written every step, so it lands in a step, a checkpoint write, a pointer update or
+    pruning); one between publishing a checkpoint and pointing OUT/latest at it. Then resume to the end:
+    the result must be the uninterrupted run's, bit for bit, with nothing lost and no leftovers."""
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     out = tmp_path / "run"
-    codes = [_kill_child(out, spiece, settings, fault="remove-after-rename")]
+    codes = [_kill_child(out, spiece, RUN, fault="remove-after-rename")]
     assert [p.name for p in rundir.list_checkpoints(out)] == ["step-000002", "step-000003"]   # step 1 renamed away
-    for _ in range(2):
-        newest = rundir.checkpoint_step(files.read_pointer(out / "latest"))
-        codes.append(_kill_child(out, spiece, settings, after_step=newest + 1, delay=rng.uniform(0, 0.12)))
+    codes.append(_kill_child(out, spiece, RUN, after_step=4, delay=rng.uniform(0, 0.12)))
+    newest = rundir.checkpoint_step(files.read_pointer(out / "latest"))
+    codes.append(_kill_child(out, spiece, RUN, fault="checkpoint-before-pointer"))
+    assert rundir.checkpoint_step(files.read_pointer(out / "latest")) == newest   # published, not yet pointed at
+    assert rundir.checkpoint_step(rundir.list_checkpoints(out)[-1]) == newest + 1
     assert codes == [-signal.SIGKILL] * 3, f"random seed {seed}"
     result = pretrain(out=str(out), resume=True, progress=False, plot=False)
-    assert result.step == 8
-    _assert_same_checkpoint(straight / "checkpoints" / "step-000008", out / "checkpoints" / "step-000008")
+    assert result.step == 6
+    _assert_same_checkpoint(straight / "checkpoints" / "step-000006", out / "checkpoints" / "step-000006")
     assert _losses(out) == _losses(straight)
-    assert [p.name for p in rundir.list_checkpoints(out)] == ["step-000007", "step-000008"]
+    assert [p.name for p in rundir.list_checkpoints(out)] == ["step-000005", "step-000006"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    # The checkpoint published but not pointed at was moved aside by the resume, not overwritten.
+    archived = files.read_pointer(out / "superseded" / f"after-step-{newest:06d}" / "latest")
+    _assert_same_checkpoint(archived, out / "checkpoints" / archived.name)
 
 
 # --- a full disk -------------------------------------------------------------------------------------
@@ -358,7 +362,7 @@ def test_files_are_reproducible_across_processes_and_follow_the_umask(tmp_path):
               "files.save_tensors(sys.argv[1], {'b': np.arange(3, dtype=np.float32), 'a': np.ones((2, 2))}, "
               "{'format': 'x', 'dtype': 'float32', 'step': '3', 'zeta': 'z'})")
     digests = set()
-    for i, umask in enumerate(("0022", "0077", "0002")):
+    for i, umask in enumerate(("0022", "0077")):
         path = tmp_path / f"{i}.safetensors"
         subprocess.run(["sh", "-c", f'umask {umask} && exec "$0" -c "$1" "$2"', sys.executable, script, str(path)],
                        check=True, cwd=HERE.parent, env={**os.environ, "PYTHONHASHSEED": str(i + 1),

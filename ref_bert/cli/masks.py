@@ -11,6 +11,7 @@ columns keys; "1" means the query may attend the key.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ref_bert.masks import MASK_KINDS
 
@@ -36,6 +37,8 @@ def run(args) -> int:
         if not 0 <= value <= MAX_TOKENS:
             raise ValueError(f"--{name}={value} is invalid: expected an integer in [0, {MAX_TOKENS}] (the grid is "
                              f"printed for reading)")
+    if args.png and Path(args.png).is_dir():   # before drawing, not after
+        raise ValueError(f"--png {args.png} is a directory; expected the path of the image file to write")
     kinds = MASK_KINDS if args.kind == "all" else (normalize_kind(args.kind),)
     blocks = []
     for kind in kinds:

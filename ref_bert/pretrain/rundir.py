@@ -202,6 +202,7 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: Sente
         files.atomic_write_json(directory / STATE_NAME, state)
 
     final = files.publish_directory(out / CHECKPOINTS_DIR / checkpoint_name(step), write)
+    files._fault_point("checkpoint-before-pointer")
     files.write_pointer(out / LATEST_NAME, final)
     # OUT itself stays a model directory (config.json + model.safetensors + spiece.model).
     ckpt.save_model(model, out)
