@@ -173,6 +173,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ValueError(f"a Config is read from a JSON object of its fields, got a {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -141,7 +141,10 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
         if path.is_dir():
             base, _ = ckpt.load_config_any(path)   # ref-bert's, Hugging Face's or save_hf's directory
         elif path.is_file():
-            base = Config.from_dict(files.read_json(path, "config file"))
+            try:
+                base = Config.from_dict(files.read_json(path, "config file"))
+            except ValueError as e:
+                raise ValueError(f"config file {path}: {e}" if str(path) not in str(e) else str(e)) from e
         else:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
                              f"config.json file or a model directory")
