@@ -76,7 +76,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_releases_the_lo
     # A holder killed with SIGKILL: the operating system drops its flock, so the next writer gets in.
     child = subprocess.Popen([sys.executable, "-c", "import sys, time; from ref_bert import files; "
                               "held = files.claim_run_directory(sys.argv[1]); print('held', flush=True); time.sleep(60)",
-                              str(out)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
+                              str(out)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
+                             env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     assert child.stdout.readline().strip() == "held"
     with pytest.raises(files.RunDirectoryBusy, match=f"pid {child.pid}"):
         files.claim_run_directory(out)
