@@ -57,11 +57,17 @@ def read_weights(path, expected_shapes: dict, allow_nonfinite: bool = False) -> 
     return tensors, metadata
 
 
+def _as_path(value, what: str) -> Path:
+    if not isinstance(value, (str, Path)) or str(value) == "":
+        raise ValueError(f"{what}={value!r:.60} is invalid: expected the path of a model directory")
+    return Path(value)
+
+
 def load_model(directory, backend=None, dtype=None, allow_nonfinite: bool = False):
     """Rebuild a :class:`Model` from :func:`save_model`'s directory. ``dtype`` defaults to the saved one.
     Every check (config, tensor names, shapes, dtypes, finite values unless ``allow_nonfinite``) runs
     before the model is allocated."""
-    directory = Path(directory)
+    directory = _as_path(directory, "directory")
     config = load_config(directory)
     tensors, metadata = read_weights(directory / WEIGHTS_NAME, parameter_shapes(config, heads=True), allow_nonfinite)
     saved_dtype = metadata.get("dtype", "float32")
@@ -100,7 +106,7 @@ def directory_kind(path) -> str:
     and ``ref-bert pretrain`` write: a config.json whose keys are all :class:`Config` fields) or
     :data:`HF_DIRECTORY` (transformers' ``save_pretrained`` or ``Model.save_hf``: a config.json with a
     ``model_type`` and keys Config does not have). Anything else is a ValueError saying what was found."""
-    path = Path(path)
+    path = _as_path(path, "path")
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; expected a model directory: ref-bert's (config.json + "
                          f"model.safetensors) or a Hugging Face one")

@@ -163,6 +163,10 @@ class Config:
 
     # --- construction helpers ------------------------------------------------------------------
     def replace(self, **changes) -> "Config":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown Config fields {unknown}; known fields are "
+                             f"{sorted(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

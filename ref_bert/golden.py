@@ -38,8 +38,17 @@ def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dic
     labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
     """
     from .examples import make_batch
+    from .validate import check_seed, is_int, require
 
+    require(is_int(batch) and 1 <= batch <= MAX_GOLDEN_TOKENS, "batch", batch, f"an integer in [1, {MAX_GOLDEN_TOKENS}]")
+    require(is_int(seq_len) and seq_len >= 2, "seq_len", seq_len, "an integer >= 2")
+    require(batch * seq_len <= MAX_GOLDEN_TOKENS, "batch * seq_len", batch * seq_len,
+            f"at most {MAX_GOLDEN_TOKENS} tokens (a golden batch is for comparing, not for training)")
+    check_seed("seed", seed)
     return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
+
+
+MAX_GOLDEN_TOKENS = 1 << 20
 
 
 # --- the K optimiser steps --------------------------------------------------------------------------
@@ -137,6 +146,13 @@ def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, sourc
 
     from . import __version__
     from .files import save_tensors
+    from .validate import is_int, require
+
+    require(is_int(steps) and steps >= 0, "steps", steps, "an integer >= 0")
+    required = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+    if not isinstance(inputs, dict) or any(k not in inputs for k in required):
+        raise ValueError(f"inputs={type(inputs).__name__} is invalid: expected a dict with {', '.join(required)} "
+                         f"(what make_inputs returns)")
 
     bar = tqdm(total=steps + 3, desc="golden", unit="stage", disable=not progress, file=sys.stderr, leave=False)
     try:

@@ -99,6 +99,12 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
     at once, without a checkpoint of that step).
     """
     base = cfg or PretrainConfig()
+    if not isinstance(base, PretrainConfig):
+        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a PretrainConfig or None")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(PretrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown pretrain settings {unknown}; expected fields of PretrainConfig "
+                         f"({', '.join(f.name for f in dataclasses.fields(PretrainConfig))})")
     defaults = PretrainConfig()
     given = set(settings) | {f.name for f in dataclasses.fields(PretrainConfig)
                              if getattr(base, f.name) != getattr(defaults, f.name)}
