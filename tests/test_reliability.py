@@ -206,42 +206,48 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint_under_its_name(tmp_path,
 
 
 def _kill_child(out: Path, spiece: str, settings: dict, *, after_step: int = 0, delay: float = 0.0,
-                fault: str | None = None) -> int:
+                fault: str | None = None) -> tuple[int, list]:
     """Run tests/_kill_child.py (the run, resumed if OUT holds one) and SIGKILL it ``delay`` seconds after it
-    reports ``after_step`` (or let REF_BERT_FAULT_POINT kill it). Returns the child's exit status."""
+    reports ``after_step`` (or let REF_BERT_FAULT_POINT kill it). Returns the child's exit status and the
+    clock times at which it reported its steps."""
+    import time
+
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     env.pop("REF_BERT_FAULT_POINT", None)
     if fault:
         env["REF_BERT_FAULT_POINT"] = fault
     child = subprocess.Popen([sys.executable, str(HERE / "_kill_child.py"), str(out), spiece, json.dumps(settings)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    reported = []
     for line in child.stdout:
+        reported.append(time.perf_counter())
         if fault is None and int(line) >= after_step:
-            if delay:
-                import time
-
-                time.sleep(delay)   # not a limit: lets the kill land anywhere in the next step or checkpoint
+            time.sleep(delay)   # not a limit: places the kill at a random moment of the next steps
             child.send_signal(signal.SIGKILL)
             break
     child.stdout.close()
-    return child.wait()
+    return child.wait(), reported
 
 
 def test_kill_9_at_random_moments_and_inside_publishing_and_pruning_then_resume_is_bit_identical(
         spiece, tmp_path, straight):
     """Three SIGKILLs of the 6-step run: one inside pruning (after step 1's checkpoint is renamed away,
-    before it is deleted); one at a random moment 0-120 ms after the resumed child's first step (a
-    checkpoint is written every step, so it lands in a step, a checkpoint write, a pointer update or
-    pruning); one between publishing a checkpoint and pointing OUT/latest at it. Then resume to the end:
-    the result must be the uninterrupted run's, bit for bit, with nothing lost and no leftovers."""
+    before it is deleted); one at a random moment after the resumed child's first step, 0 to 1.5 times
+    the step time measured on the first child (a checkpoint is written every step, so it lands in a
+    step, a checkpoint write, a pointer update or pruning); one between publishing a checkpoint and
+    pointing OUT/latest at it. Then resume to the end: the result must be the uninterrupted run's, bit
+    for bit, with nothing lost and no leftovers."""
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     out = tmp_path / "run"
-    codes = [_kill_child(out, spiece, RUN, fault="remove-after-rename")]
+    code, reported = _kill_child(out, spiece, RUN, fault="remove-after-rename")
+    codes = [code]
     assert [p.name for p in rundir.list_checkpoints(out)] == ["step-000002", "step-000003"]   # step 1 renamed away
-    codes.append(_kill_child(out, spiece, RUN, after_step=4, delay=rng.uniform(0, 0.12)))
+    step_time = reported[1] - reported[0]   # one step and its checkpoint, on this machine
+    # Resumed at step 3, killed a random time after step 4, within the ~2 steps left: anywhere in them.
+    codes.append(_kill_child(out, spiece, RUN, after_step=4, delay=rng.uniform(0, 1.5 * step_time))[0])
     newest = rundir.checkpoint_step(files.read_pointer(out / "latest"))
-    codes.append(_kill_child(out, spiece, RUN, fault="checkpoint-before-pointer"))
+    codes.append(_kill_child(out, spiece, RUN, fault="checkpoint-before-pointer")[0])
     assert rundir.checkpoint_step(files.read_pointer(out / "latest")) == newest   # published, not yet pointed at
     assert rundir.checkpoint_step(rundir.list_checkpoints(out)[-1]) == newest + 1
     assert codes == [-signal.SIGKILL] * 3, f"random seed {seed}"
