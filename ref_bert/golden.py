@@ -40,8 +40,8 @@ def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dic
     from .examples import make_batch
     from .validate import check_seed, is_int, require
 
-    require(is_int(batch) and 1 <= batch <= MAX_GOLDEN_TOKENS, "batch", batch, f"an integer in [1, {MAX_GOLDEN_TOKENS}]")
-    require(is_int(seq_len) and seq_len >= 2, "seq_len", seq_len, "an integer >= 2")
+    require(is_int(batch), "batch", batch, "an integer")       # make_batch checks the ranges
+    require(is_int(seq_len), "seq_len", seq_len, "an integer")
     require(batch * seq_len <= MAX_GOLDEN_TOKENS, "batch * seq_len", batch * seq_len,
             f"at most {MAX_GOLDEN_TOKENS} tokens (a golden batch is for comparing, not for training)")
     check_seed("seed", seed)

@@ -152,8 +152,9 @@ def supersede_newer(out: Path, resume_dir: Path) -> Optional[Path]:
     into ``OUT/superseded/after-step-NNNNNN[.k]/``, with a copy of the whole metrics.jsonl and a
     ``latest`` naming the newest of them: nothing a resume from an earlier checkpoint replaces is lost,
     and ``--keep-checkpoints`` counts only the run's own line. Crash-safe in this order: the metrics
-    copy, then OUT/latest names ``resume_dir``, then each checkpoint is moved by one rename (a process
-    killed in between leaves them where the next resume moves them again). Returns the archive, or None."""
+    copy, then OUT/latest names ``resume_dir``, then each checkpoint is moved by one rename, newest
+    first (a process killed in between leaves the rest where the next resume moves them again, into
+    another archive). Returns the archive, or None."""
     step = checkpoint_step(resume_dir)
     newer = [p for p in list_checkpoints(out) if checkpoint_step(p) > step]
     if not newer:
@@ -167,10 +168,11 @@ def supersede_newer(out: Path, resume_dir: Path) -> Optional[Path]:
     (archive / CHECKPOINTS_DIR).mkdir(parents=True)
     if (out / METRICS_NAME).is_file():
         files.atomic_copy(out / METRICS_NAME, archive / METRICS_NAME)
-    files.write_pointer(archive / LATEST_NAME, archive / CHECKPOINTS_DIR / newer[-1].name)
     files.write_pointer(out / LATEST_NAME, resume_dir)
-    for path in newer:
+    for path in reversed(newer):   # newest first, so that the archive's latest names a moved checkpoint
         path.replace(archive / CHECKPOINTS_DIR / path.name)
+        if path is newer[-1]:
+            files.write_pointer(archive / LATEST_NAME, archive / CHECKPOINTS_DIR / path.name)
     files.fsync_directory(out / CHECKPOINTS_DIR)
     print(f"note: resuming {out} from step {step}: its newer checkpoints "
           f"({', '.join(p.name for p in newer)}) and metrics were moved to {archive}", file=sys.stderr)
