@@ -38,6 +38,7 @@ from ..ops import IGNORE_INDEX
 from ..optim import OPTIMIZERS, global_grad_norm, linear_warmup_decay, make_optimizer
 from ..pretrain import rundir
 from ..pretrain.data_parallel import DataParallel
+from ..pretrain.loop import check_publishable
 from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
 from ..validate import is_int, require
@@ -237,17 +238,20 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> Fin
     validate(cfg)
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
+        rundir.check_output(Path(cfg.out), resume_dir, overwrite=False)   # never into what is not this run's
         job = prepare(cfg, resume_dir, state)   # nothing is written before this returns
-        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-        _write_task(job, job.out)
-        if job.step < (cfg.steps if cfg.until is None else cfg.until):
-            run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
-        scores = None
-        if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps):
-            scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
-            files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
-                                                          "eval_file": job.eval_data.path,
-                                                          "examples": len(job.eval_data.records), **scores})
+        with files.claim_run_directory(job.out):   # one writer per run directory, until the run ends
+            rundir.check_output(job.out, resume_dir, overwrite=False)
+            job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.resume_dir)
+            _write_task(job, job.out)
+            if job.step < (cfg.steps if cfg.until is None else cfg.until):
+                run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
+            scores = None
+            if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps):
+                scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
+                files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
+                                                              "eval_file": job.eval_data.path,
+                                                              "examples": len(job.eval_data.records), **scores})
     return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started)
 
 
@@ -452,6 +456,7 @@ def _write_task(job: Job, directory: Path) -> None:
 
 
 def _save_checkpoint(job: Job, elapsed: float) -> None:
+    check_publishable(job)      # nothing non-finite is published (pretraining's rule)
     cfg = job.cfg
     train_path = cfg.train or embedded_path(cfg.task, "train")
     job_settings = {k: getattr(cfg, k) for k in ("eval", "checkpoint_every", "keep_checkpoints", "log_every")}
