@@ -236,7 +236,11 @@ def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, sourc
     from .validate import is_int, require
 
     require(is_int(steps) and steps >= 0, "steps", steps, "an integer >= 0")
-    required = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+    head = model.config.head
+    required = ("input_ids", "token_type_ids", "attention_mask", "position_ids") + (
+        ("mlm_labels", "sop_labels") if head == "pretraining" else
+        ("d_last_hidden_state", "d_pooled_output") if head == "base" else
+        ("start_positions", "end_positions") if head == "question_answering" else ("labels",))
     if not isinstance(inputs, dict) or any(k not in inputs for k in required):
         raise ValueError(f"inputs={type(inputs).__name__} is invalid: expected a dict with {', '.join(required)} "
                          f"(what make_inputs returns)")
