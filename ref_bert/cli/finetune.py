@@ -41,9 +41,10 @@ def add_arguments(parser) -> None:
            f"directory (default {d.config})")
     a("--set", action="append", default=[], metavar="KEY=VALUE", dest="config_set",
       help="override a config field with --config, e.g. --set hidden_dropout_prob=0 (repeatable; default: none)")
-    a("--tokenizer", default=None, metavar="FILE",
-      help="SentencePiece model (default: the --init directory's spiece.model, else one trained on the packaged "
-           "corpus)")
+    a("--tokenizer", default=None, metavar="FILE|DIR",
+      help="a SentencePiece model file, or a checkpoint directory whose tokenizer to use (WordPiece vocab.txt / "
+           "tokenizer.json, spiece.model) (default: the --init directory's own tokenizer, else a SentencePiece "
+           "model trained on the packaged corpus)")
     a("--num-labels", type=int, default=None, help="classes of the head (default: from the training file)")
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--backend", default=None, help="numpy or cupy (default: $REF_BERT_BACKEND or numpy)")
@@ -104,5 +105,5 @@ def run(args) -> int:
               f"{result.history[-1]['loss']:.4f} (step {result.history[-1]['step']})")
     if result.scores is not None:
         print(format_table(result.scores, f"evaluation ({result.out_dir / 'eval.json'}):"))
-    print(f"model directory: {result.out_dir} (config.json, model.safetensors, spiece.model, task.json)")
+    print(f"model directory: {result.out_dir} (config.json, model.safetensors, the tokenizer's files, task.json)")
     return 0

@@ -30,7 +30,10 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import files
-from ..data import Tokenizer, default_corpus_path
+from ..data import SPECIAL_IDS, default_corpus_path
+from ..data import Tokenizer as CorpusTokenizer
+from ..hf import transformer_directory
+from ..tokenization import Tokenizer, check_vocab_size
 from ..model import DTYPES, Model
 from ..ops import IGNORE_INDEX
 from ..optim import OPTIMIZERS, global_grad_norm, linear_warmup_decay, make_optimizer
@@ -48,6 +51,8 @@ STATE_FORMAT = "ref-bert-finetune/1"
 TASK_NAME = "task.json"
 EVAL_NAME = "eval.json"
 DATA_KEY = 0xF17E
+# [PAD] [UNK] [CLS] [SEP] [MASK] ids that UniLM's seq2seq batches and generation are written for (ref_bert.unilm).
+SEQ2SEQ_SPECIAL_IDS = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_IDS))
 # Settings that define the run's arithmetic: a resume keeps the checkpoint's; giving another is an error.
 RUN_KEYS = ("task", "train", "init", "config", "config_overrides", "num_labels", "steps", "batch_size", "grad_accum",
             "seq_len", "optimizer", "lr", "warmup", "seed", "dtype", "label_smoothing", "mask_prob")
@@ -62,8 +67,12 @@ class FinetuneConfig:
         task (and its evaluation file when eval is None too).
     init: a model directory (ref-bert's, a finished finetune OUT, or Hugging Face's) to start from;
         None builds ``config`` (a preset, config.json or directory) from ``seed``.
-    tokenizer: a SentencePiece model; default: the init directory's spiece.model, or (without init)
-        one trained on the packaged corpus with the config's vocab_size, as ``ref-bert pretrain`` does.
+    tokenizer: a SentencePiece model file or a checkpoint directory (its tokenizer,
+        :meth:`ref_bert.Tokenizer.from_hf`); default: the init directory's own tokenizer (a ref-bert
+        run's spiece.model, a Hugging Face or sentence-transformers directory's WordPiece or
+        SentencePiece files), or (without init) a SentencePiece model trained on the packaged corpus with
+        the config's vocab_size, as ``ref-bert pretrain`` does. Its vocabulary must have exactly the
+        model's vocab_size tokens; its special ids ([CLS], [SEP], padding, [UNK]) lay out the inputs.
     lr: None picks 5e-5 with ``init`` (BERT's fine-tuning range is 2e-5 .. 5e-5) and 1e-3 without (a
         model trained from scratch on the embedded data).
     num_labels: the head's classes; None: from the training file (or the init directory's head).
@@ -332,9 +341,10 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
             if wanted.head != "sequence_classification":
                 options.pop("problem_type", None)
             model = Model.from_hf(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, head=wanted.head,
-                                  **options)
+                                  tokenizer=cfg.tokenizer is None and resume_dir is None, **options)
         else:
-            model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
+            model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed,
+                                     tokenizer=cfg.tokenizer is None and resume_dir is None)
         if cfg.config_overrides:
             raise ValueError("--set changes the config of a model built from --config; with --init the "
                              "checkpoint's config is used (omit --set)")
@@ -343,11 +353,13 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
         check_task_head(config, cfg.task, f"--config {cfg.config}")
         model = Model(task_config(config, cfg.task, train_data.num_labels), backend=cfg.backend, dtype=cfg.dtype,
                       seed=cfg.seed)
-    tokenizer = (rundir.checkpoint_tokenizer(resume_dir, cfg.tokenizer) if resume_dir is not None
-                 else _tokenizer(cfg, source, model))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocab_size="
-                         f"{model.config.vocab_size}; expected the model's own tokenizer")
+    tokenizer = _resume_tokenizer(resume_dir, cfg.tokenizer) if resume_dir is not None else _tokenizer(cfg, model)
+    check_vocab_size(tokenizer, model.config.vocab_size,
+                     f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer is not None else f"{source or '--config'}")
+    if cfg.task == "seq2seq" and tokenizer.special_ids != SEQ2SEQ_SPECIAL_IDS:
+        raise ValueError(f"the tokenizer {tokenizer.source} has special ids {tokenizer.special_ids}; --task seq2seq "
+                         f"(UniLM's masks and generation) needs ALBERT's layout {SEQ2SEQ_SPECIAL_IDS}, as a "
+                         f"SentencePiece model trained by ref-bert has it")
     train_encoded = encode(train_data, tokenizer, cfg.seq_len)
     eval_encoded = encode(eval_data, tokenizer, cfg.seq_len) if eval_data is not None else None
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -355,6 +367,7 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
                          f"{model.config.max_position_embeddings}")
     if resume_dir is None:
         model = with_task_head(model, cfg.task, train_data.num_labels, cfg.seed)
+    model.tokenizer = tokenizer     # save_hf of the fine-tuned model writes it
     optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.learning_rate())
     task_info = {"task": cfg.task, "num_labels": train_data.num_labels, "label_names": train_data.label_names}
     job = Job(cfg=cfg, out=Path(cfg.out), model=model, optimizer=optimizer,
@@ -367,15 +380,37 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
     return job
 
 
-def _tokenizer(cfg: FinetuneConfig, source: Optional[Path], model: Model) -> Tokenizer:
+def load_tokenizer(path) -> Tokenizer:
+    """``--tokenizer PATH``: a checkpoint directory's tokenizer (:meth:`Tokenizer.from_hf`, through a
+    sentence-transformers directory's transformer module), or a SentencePiece model file read with the
+    pretraining job's settings (no lower-casing, accents kept)."""
+    path = Path(path)
+    if path.is_dir():
+        return Tokenizer.from_hf(transformer_directory(path))
+    if path.is_file() and path.name in ("vocab.txt", "tokenizer.json"):
+        raise ValueError(f"--tokenizer {path}: give the directory that holds {path.name} (its "
+                         f"tokenizer_config.json says how to normalise text), not the file")
+    return Tokenizer.from_sentencepiece(path)
+
+
+def _tokenizer(cfg: FinetuneConfig, model: Model) -> Tokenizer:
+    """The tokenizer of a new run: ``--tokenizer``, else the one beside the --init weights (attached by the
+    loader, which requires one), else a SentencePiece model trained on the packaged corpus."""
     if cfg.tokenizer is not None:
-        return Tokenizer.load(cfg.tokenizer)
-    if source is not None:
-        if (source / rundir.TOKENIZER_NAME).is_file():
-            return Tokenizer.load(source / rundir.TOKENIZER_NAME)
-        raise ValueError(f"{source} has no {rundir.TOKENIZER_NAME}; pass --tokenizer with the model's "
-                         f"SentencePiece model")
-    return Tokenizer.train(default_corpus_path(), vocab_size=model.config.vocab_size)
+        return load_tokenizer(cfg.tokenizer)
+    if model.tokenizer is not None:
+        return model.tokenizer
+    corpus_tokenizer = CorpusTokenizer.train(default_corpus_path(), vocab_size=model.config.vocab_size)
+    return Tokenizer.from_sentencepiece(corpus_tokenizer)
+
+
+def _resume_tokenizer(resume_dir: Path, wanted: Optional[str]) -> Tokenizer:
+    """The checkpoint's tokenizer; ``wanted`` (``--tokenizer``, or None) must encode alike."""
+    tokenizer = Tokenizer.from_hf(resume_dir)
+    if wanted is not None and load_tokenizer(wanted).fingerprint() != tokenizer.fingerprint():
+        raise ValueError(f"--tokenizer {wanted} differs from the tokenizer of checkpoint {resume_dir}; expected "
+                         f"the same tokenizer to resume (or omit --tokenizer)")
+    return tokenizer
 
 
 # --- one step ----------------------------------------------------------------------------------------
