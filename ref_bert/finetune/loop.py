@@ -385,6 +385,9 @@ def load_tokenizer(path) -> Tokenizer:
     sentence-transformers directory's transformer module), or a SentencePiece model file read with the
     pretraining job's settings (no lower-casing, accents kept)."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--tokenizer {path} does not exist; expected a SentencePiece model file or a checkpoint "
+                         f"directory with a tokenizer")
     if path.is_dir():
         return Tokenizer.from_hf(transformer_directory(path))
     if path.is_file() and path.name in ("vocab.txt", "tokenizer.json"):
