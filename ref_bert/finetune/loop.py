@@ -285,7 +285,7 @@ def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
     if kind == ckpt.HF_DIRECTORY:   # its head is the class config.json names (load_config_any reads the encoder)
         from ..hf import ARCHITECTURES
 
-        raw = files.read_json(init / ckpt.CONFIG_NAME, "model config")
+        raw = files.read_json(transformer_directory(init) / ckpt.CONFIG_NAME, "model config")
         named = [a for a in (raw.get("architectures") or []) if a in ARCHITECTURES]
         if named:
             config = config.with_head(ARCHITECTURES[named[0]][1], **({"problem_type": raw["problem_type"]}
