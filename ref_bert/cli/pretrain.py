@@ -4,10 +4,13 @@
     ref-bert pretrain --out runs/a --steps 2000 --checkpoint-every 200 --until 1000
     ref-bert pretrain --out runs/a --resume                 # the recorded settings: on to step 2000
     ref-bert pretrain --out runs/a --resume --steps 3000    # extend the finished run
+    mpiexec -n 2 ref-bert pretrain --out runs/b --grad-accum 2   # data parallel, bit-identical to one process
 """
 from __future__ import annotations
 
 import json
+
+from backends.comm import KINDS as COMM_KINDS
 
 from ..config import PRESETS
 from ..model import DTYPES
@@ -99,6 +102,13 @@ def add_arguments(parser) -> None:
     a("--threads", type=int, default=None, metavar="N",
       help="BLAS threads (and the numpy backend's own) for the run; 0 leaves them alone (default: 1 on the "
            "numpy backend unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set, else 0)")
+    a("--comm", default=d.comm, choices=COMM_KINDS,
+      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then "
+           "mpi on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the result is "
+           f"bit-identical to one process (default {d.comm})")
+    a("--shard-optimizer", action="store_true",
+      help="ZeRO stage 1: each rank keeps the optimiser moments of its share of the tensors only; "
+           "bit-identical to the default (replicated) optimiser (default: replicated)")
     a("--no-progress", action="store_true", help="no progress bar (default: shown)")
     a("--no-plot", action="store_true", help=f"do not draw OUT/{PLOT_NAME} (default: drawn)")
 
@@ -113,7 +123,8 @@ def config_from_args(args) -> tuple:
     if args.warmup is None:
         given.pop("warmup", None)
     base = PretrainConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
-                          until=args.until, threads=args.threads, progress=not args.no_progress,
+                          until=args.until, threads=args.threads, comm=args.comm,
+                          shard_optimizer=args.shard_optimizer, progress=not args.no_progress,
                           plot=not args.no_plot)
     return base, given
 
@@ -126,6 +137,8 @@ def run(args) -> int:
         result = pretrain(base, **given)
     except KeyboardInterrupt:
         return 130
+    if result.rank != 0:   # a data-parallel run: rank 0 reports
+        return 0
     m = result.metrics
     n = min(10, max(1, len(result.history) // 2))
     print(f"done: step {result.step} in {result.wall_time:.1f} s; checkpoint {result.checkpoint}")

@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+import backends.comm
+
 from .. import checkpoint as ckpt
 from .. import files
 from ..data import SPECIAL_IDS, default_corpus_path
@@ -38,6 +40,7 @@ from ..model import DTYPES, Model
 from ..ops import IGNORE_INDEX
 from ..optim import OPTIMIZERS, global_grad_norm, linear_warmup_decay, make_optimizer
 from ..pretrain import rundir
+from ..pretrain.data_parallel import DataParallel
 from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
 from ..validate import is_int, require
@@ -220,6 +223,7 @@ class Job:
     tokens_seen: int = 0
     history: list = field(default_factory=list)
     newest: Optional[Path] = None
+    parallel: Any = None            # pretraining's DataParallel (one process here), which its train() reads
 
 
 def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> FinetuneResult:
@@ -373,7 +377,7 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
     job = Job(cfg=cfg, out=Path(cfg.out), model=model, optimizer=optimizer,
               order=ExampleOrder(len(train_encoded), cfg.seed), tokenizer=tokenizer, train_data=train_data,
               train_encoded=train_encoded, eval_data=eval_data, eval_encoded=eval_encoded, task_info=task_info,
-              resume_dir=resume_dir)
+              resume_dir=resume_dir, parallel=DataParallel(backends.comm.SingleProcess(), model))
     if resume_dir is not None:
         job.history = rundir.restore(resume_dir, state, job.out, model, optimizer, job.order)
         job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])

@@ -101,16 +101,18 @@ class _AdamFamily:
             if backends.of(g) is not self.backend:
                 raise ValueError(f"grads[{name!r}] lives on {backends.of(g)!r}, expected {self.backend!r}")
 
-    def _begin_step(self, grads, lr):
+    def _begin_step(self, grads, lr, grad_norm=None):
         """Validate, advance the global step, and return (lr, t, clip) with ``clip`` the 0-d clip
-        factor on the backend (or None without clipping)."""
+        factor on the backend (or None without clipping). ``grad_norm``: the global norm when
+        ``grads`` are one shard of a larger model's (sharded optimiser state, which holds only its
+        shard's tensors); None computes it from ``grads``."""
         lr = self.lr if lr is None else check_positive("lr", lr, allow_zero=True)  # schedules reach 0
         self._check_grads(grads)
         clip = None
         if self.max_grad_norm is not None:
             # Global clipping, as tf.clip_by_global_norm(grads, max_grad_norm) before the optimiser:
             # one norm over every tensor, one factor for all. Stays a 0-d device array.
-            norm = global_grad_norm((grads[n] for n in self.params), self.xp)
+            norm = global_grad_norm((grads[n] for n in self.params), self.xp) if grad_norm is None else grad_norm
             clip = clip_factor(norm, self.max_grad_norm, self.xp)
         self.step_count += 1
         return lr, self.step_count, clip
@@ -282,15 +284,17 @@ class Lamb(_AdamFamily):
             exclude_from_layer_adaptation=self.exclude_from_layer_adaptation,
             adapt_only_decayed=self.adapt_only_decayed, max_grad_norm=self.max_grad_norm))
 
-    def step(self, grads: Mapping, lr: float | None = None) -> None:
+    def step(self, grads: Mapping, lr: float | None = None, grad_norm=None) -> None:
         """One LAMB update of every parameter, in place. ``grads``: name -> array with exactly the
         parameters' names, shapes and dtypes (not modified). ``lr``: this step's learning rate.
+        ``grad_norm``: the global gradient norm for clipping, when this optimiser holds one shard of
+        the model's tensors (ZeRO stage 1, :mod:`ref_bert.pretrain.data_parallel`); None: from ``grads``.
 
         Each tensor goes through ref_bert/optim/lamb.py's three parts: the direction piece by piece
         (``Backend.pieces``: a tensor is one piece on CuPy and when small), one trust ratio from the
         pieces' sums of squares, then the update piece by piece. With one piece this is exactly
         :func:`~ref_bert.optim.lamb.lamb_update`."""
-        lr, t, clip = self._begin_step(grads, lr)
+        lr, t, clip = self._begin_step(grads, lr, grad_norm)
         b1, b2 = self.betas
         bias1, bias2, step_size = lamb.step_constants(lr, t, b1, b2, self.bias_correction)
         backend = self.backend
@@ -346,10 +350,11 @@ class AdamW(_AdamFamily):
             bias_correction=self.bias_correction, exclude_from_weight_decay=self.exclude_from_weight_decay,
             max_grad_norm=self.max_grad_norm))
 
-    def step(self, grads: Mapping, lr: float | None = None) -> None:
-        """One AdamW update of every parameter, in place (``grads`` as :meth:`Lamb.step`): every
-        tensor's pieces (``Backend.pieces``) through :func:`~ref_bert.optim.adamw.adamw_update`."""
-        lr, t, clip = self._begin_step(grads, lr)
+    def step(self, grads: Mapping, lr: float | None = None, grad_norm=None) -> None:
+        """One AdamW update of every parameter, in place (``grads`` and ``grad_norm`` as
+        :meth:`Lamb.step`): every tensor's pieces (``Backend.pieces``) through
+        :func:`~ref_bert.optim.adamw.adamw_update`."""
+        lr, t, clip = self._begin_step(grads, lr, grad_norm)
         for name, w in self.params.items():
             self.backend.parallel_map(
                 functools.partial(_adamw_piece, lr=lr, t=t, betas=self.betas, eps=self.eps,

@@ -9,6 +9,7 @@
     settings.py      PretrainConfig and its validation, the model config, optimiser and schedule
     batches.py       the corpus stream of the objective and each step's micro-batches on the device
     accumulation.py  the gradient of an effective batch of k micro-batches, with its derivation
+    data_parallel.py the global batch over N processes (mpiexec -n N), bit-identical to one process
     loop.py          pretrain(): prepare, open the output directory, the loop, the plot
     metrics.py       OUT/metrics.jsonl, the progress bar, OUT/loss.png
     rundir.py        the checkpoint layout: save, publish, prune, resume
@@ -19,12 +20,18 @@ One optimiser step (global step s = 1, 2, ..., ``steps``; :func:`ref_bert.pretra
                                      already made (TF's global_step, HF's scheduler): with warmup the
                                      first update has lr 0, as in ALBERT and Hugging Face
     batch = k micro-batches of b examples from the data stream (k = grad_accum, b = batch_size),
-            moved to the model's backend with one ``backend.from_host`` per array per step
-    grads = gradient of the loss of the whole effective batch of k*b examples (accumulation.py)
+            those of this rank (all of them in one process) moved to the model's backend with one
+            ``backend.from_host`` per array per step
+    grads = gradient of the loss of the whole effective batch of k*b examples (accumulation.py's
+            weights), the micro-batches' gradients added in index order whatever the number of
+            processes (data_parallel.py); micro-batch i draws its dropout masks from
+            default_rng([seed, DROPOUT_KEY, s - 1, i]), so they depend on the example's place in the
+            batch, not on the process that runs it (the model's own dropout generator, recorded in
+            each checkpoint, is not drawn from)
     optimiser.step(grads, lr)        LAMB/AdamW; global-norm clipping is the optimiser preset's
 
 What the default run shows (tests/test_train.py runs it): the MLM loss falls from 6.9 (ln 1000) to
-about 5.4 and the SOP loss from ln 2 = 0.693 to 0.17-0.41 (seeds 0-2) in 1600 steps. That needs the
+5.4-5.6 and the SOP loss from ln 2 = 0.693 to 0.18-0.25 (seeds 0-2) in 1600 steps. That needs the
 demo's SOP weight of 100 (``sop_weight``; ALBERT's loss is the unweighted MLM + SOP, ``--sop-weight
 1``). With weight 1 the SOP loss stays at chance in this budget: the MLM gradient dominates the shared
 encoder (the median ratio of the two gradients' norms over the encoder's weight matrices is 5 at

@@ -47,21 +47,26 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
         return result.grads, {"loss": result.loss, **result.parts}
 
     xp = model.xp
-    total_masks = int(sum(mlm_counts))
     sizes = [int(mb["sop_labels"].shape[0]) for mb in micro_batches]
-    total_examples = sum(sizes)
     accumulated = FlatBuffer(model.params.shapes, xp, model.dtype)   # zeros, the parameters' layout
     mlm = xp.zeros((), dtype=model.dtype)
     sop = xp.zeros((), dtype=model.dtype)
-    for micro_batch, n_masks, n_examples in zip(micro_batches, mlm_counts, sizes):
-        mlm_share = n_masks / total_masks if total_masks else 0.0   # no masks: MLM loss 0, weight 0
-        sop_share = n_examples / total_examples
+    for micro_batch, (mlm_share, sop_share) in zip(micro_batches, micro_batch_weights(mlm_counts, sizes)):
         result = model.loss_and_grads(**micro_batch, training=training,
                                       loss_weights=(mlm_share, sop_weight * sop_share))
         _accumulate(accumulated, result.grads)
         mlm = mlm + mlm_share * result.parts["mlm"]
         sop = sop + sop_share * result.parts["sop"]
     return dict(accumulated.items()), {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
+
+
+def micro_batch_weights(mlm_counts: list, sizes: list) -> list:
+    """``(n_i / N, b_i / B)`` for each micro-batch i: its share of the labelled MLM positions (0 for
+    every micro-batch when there are none: the MLM loss is then 0) and of the examples (module
+    docstring). Host floats, from host counts: the same numbers on every rank of a data-parallel run."""
+    total_masks, total_examples = int(sum(mlm_counts)), int(sum(sizes))
+    return [(n_masks / total_masks if total_masks else 0.0, n_examples / total_examples)
+            for n_masks, n_examples in zip(mlm_counts, sizes)]
 
 
 def _accumulate(accumulated: FlatBuffer, grads: dict) -> None:

@@ -59,16 +59,21 @@ def unilm_host_batch(pairs: list, seq_len: int, config: Config, seed) -> dict:
 
 @dataclass
 class StepBatch:
-    """One step's data: ``grad_accum`` micro-batches on the model's backend."""
+    """One step's data: this rank's micro-batches on the model's backend, and the host counts of all
+    ``grad_accum`` micro-batches of the global batch (every rank knows every micro-batch's weight)."""
 
     micro_batches: list   # dicts of backend arrays, ``Model.loss_and_grads`` keyword arguments
-    mlm_counts: list      # labelled MLM positions of each micro-batch (host integers)
-    tokens: int           # real (non-pad) tokens of the step
+    indices: list         # each one's index in the global batch (0 .. grad_accum - 1)
+    mlm_counts: list      # labelled MLM positions of every micro-batch of the global batch (host integers)
+    sizes: list           # examples of every micro-batch of the global batch
+    tokens: int           # real (non-pad) tokens of the whole global batch
 
 
-def next_step_batch(stream: SentencePairStream, cfg: PretrainConfig, model, step: int) -> StepBatch:
-    """The next ``cfg.grad_accum`` micro-batches of the stream for the step after ``step`` updates,
-    built on the host and moved with one ``backend.from_host`` per array, then sliced on the device."""
+def next_step_batch(stream: SentencePairStream, cfg: PretrainConfig, model, step: int, indices=None) -> StepBatch:
+    """The next ``cfg.grad_accum`` micro-batches of the stream for the step after ``step`` updates, all
+    built on the host (so that the stream's position is the same on every rank); those numbered in
+    ``indices`` (default: all) are moved with one ``backend.from_host`` per array, then sliced on the
+    device."""
     host_batches, tokens = [], 0
     for i in range(cfg.grad_accum):
         examples = stream.next_batch()
@@ -78,9 +83,11 @@ def next_step_batch(stream: SentencePairStream, cfg: PretrainConfig, model, step
         else:
             host_batches.append(unilm_host_batch(examples, cfg.seq_len, model.config, seed=(cfg.seed, step, i)))
             tokens += sum(len(pair.tokens_a) + len(pair.tokens_b) + 3 for pair in examples)   # [CLS] A [SEP] B [SEP]
+    indices = list(range(cfg.grad_accum)) if indices is None else list(indices)
     mlm_counts = [int((hb["mlm_labels"] != IGNORE_INDEX).sum()) for hb in host_batches]
-    batch = {key: model.backend.from_host(np.concatenate([hb[key] for hb in host_batches]))
+    sizes = [len(hb["sop_labels"]) for hb in host_batches]
+    batch = {key: model.backend.from_host(np.concatenate([host_batches[i][key] for i in indices]))
              for key in host_batches[0]}
-    b = len(host_batches[0]["sop_labels"])
-    micro_batches = [{key: value[i * b:(i + 1) * b] for key, value in batch.items()} for i in range(cfg.grad_accum)]
-    return StepBatch(micro_batches, mlm_counts, tokens)
+    starts = [int(n) for n in np.cumsum([0] + [sizes[i] for i in indices])]
+    micro_batches = [{key: value[starts[t]:starts[t + 1]] for key, value in batch.items()} for t in range(len(indices))]
+    return StepBatch(micro_batches, indices, mlm_counts, sizes, tokens)

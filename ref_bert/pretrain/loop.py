@@ -15,12 +15,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+import backends.comm
+
 from ..data import SentencePairStream, Tokenizer, check_pairable, default_corpus_path, read_corpus
 from ..model import Model
-from ..optim import global_grad_norm, make_optimizer
 from . import rundir
-from .accumulation import effective_batch_gradients
 from .batches import make_stream, next_step_batch
+from .data_parallel import DataParallel, check_split
 from .metrics import StepLog, write_plot
 from .settings import PretrainConfig, learning_rate, resolve_model_config, resolve_threads, thread_limit, validate
 
@@ -31,7 +32,8 @@ class PretrainResult:
 
     out_dir: the output directory; checkpoint: the newest complete checkpoint; step: the last step
     done; metrics: the last logged metrics line; history: every line of OUT/metrics.jsonl (earlier
-    runs of a resumed job included); wall_time: seconds this call took; plot: OUT/loss.png or None.
+    runs of a resumed job included); wall_time: seconds this call took; plot: OUT/loss.png or None;
+    rank: this process's rank in a data-parallel run (0 in one process; only rank 0 writes OUT).
     """
 
     out_dir: Path
@@ -41,6 +43,7 @@ class PretrainResult:
     history: list
     wall_time: float
     plot: Optional[Path] = None
+    rank: int = 0
 
     def mean(self, key: str, first: bool, count: int = 10) -> float:
         """Mean of ``key`` over the first (or last) ``count`` logged steps of the history."""
@@ -62,6 +65,7 @@ class Job:
     optimizer: Any
     stream: SentencePairStream
     tokenizer: Tokenizer
+    parallel: DataParallel         # this rank's side of the collectives (one process: the identity)
     resume_dir: Optional[Path] = None
     step: int = 0                  # updates done
     elapsed_before: float = 0.0    # seconds spent by earlier runs of this job (from the checkpoint)
@@ -71,8 +75,14 @@ class Job:
     config_source: str = ""        # the model config as first named (state.json's config_source)
 
 
-def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settings) -> PretrainResult:
+def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, comm=None, **settings) -> PretrainResult:
     """Run (or resume) a pretraining job; ``settings`` override fields of ``cfg`` (or of the defaults).
+
+    Data parallel: started by ``mpiexec -n N`` (or given a ``comm``, a :class:`backends.comm.
+    Communicator`), every process runs this call; each computes its share of every global batch and
+    the result is bit-identical to one process (ref_bert/pretrain/data_parallel.py). Rank 0 alone
+    writes OUT. An exception on any rank ends every rank (MPI_Abort, exit status 2 for a ValueError)
+    rather than leaving the others waiting.
 
     Threads: for the duration of the call the BLAS thread count is the ``threads`` setting's (one
     thread on the NumPy backend by default, as ``ref-bert pretrain``), restored on return.
@@ -110,24 +120,44 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, **settin
         state = rundir.load_checkpoint_state(resume_dir)
         cfg = rundir.recorded_settings(cfg, given, resume_dir, state)
     validate(cfg)
+    comm = comm if comm is not None else backends.comm.communicator(cfg.comm, cfg.backend)
+    check_split(cfg.grad_accum, cfg.batch_size, comm.size)
+    try:
+        return _run(cfg, resume_dir, state, on_step, comm)
+    except BaseException as e:
+        if comm.size > 1:   # the other ranks may be waiting in a collective: end them all
+            print(f"error (rank {comm.rank} of {comm.size}): {type(e).__name__}: {e}", file=sys.stderr)
+            comm.abort(2 if isinstance(e, ValueError) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
+
+
+def _run(cfg: PretrainConfig, resume_dir, state, on_step: OnStep, comm) -> PretrainResult:
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)) as found:
-        if cfg.threads and not found:
+        if cfg.threads and not found and comm.rank == 0:
             print(f"note: no BLAS library found: threads={cfg.threads} set only ref-bert's own threads "
                   f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
         started = time.perf_counter()
-        job = prepare(cfg, resume_dir, state)   # everything that can fail on bad input; nothing is written
-        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-        train(job, on_step)                     # from here on OUT is written
-        plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot else None
+        job = prepare(cfg, resume_dir, state, comm)   # everything that can fail on bad input; nothing is written
+        comm.barrier()                                # every rank has read the checkpoint before OUT changes
+        newest = None
+        if comm.rank == 0:
+            newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
+        newest = comm.broadcast_text(None if newest is None else str(newest))
+        job.newest = Path(newest) if newest else None
+        train(job, on_step)                           # from here on OUT is written (by rank 0)
+        plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot and comm.rank == 0 else None
+        comm.barrier()
     return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
                           metrics=job.history[-1] if job.history else {}, history=job.history,
-                          wall_time=time.perf_counter() - started, plot=plot)
+                          wall_time=time.perf_counter() - started, plot=plot, rank=comm.rank)
 
 
-def prepare(cfg: PretrainConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None) -> Job:
+def prepare(cfg: PretrainConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None,
+            comm=None) -> Job:
     """Check the resume target, corpus and tokenizer; build the model, optimiser and data stream, and
-    restore a checkpoint (``resume_dir``, its ``state``) into them. Writes nothing, so a ValueError
-    leaves OUT as it was."""
+    restore a checkpoint (``resume_dir``, its ``state``) into them; the parameters are then rank 0's
+    on every rank of ``comm`` (default: one process). Writes nothing, so a ValueError leaves OUT as
+    it was."""
     out = Path(cfg.out)
     corpus = default_corpus_path() if cfg.corpus is None else str(cfg.corpus)
     model_config = resolve_model_config(cfg.config, cfg.config_overrides)
@@ -147,12 +177,14 @@ def prepare(cfg: PretrainConfig, resume_dir: Optional[Path] = None, state: Optio
         tokenizer = Tokenizer.train(corpus, vocab_size=model_config.vocab_size)
     stream = make_stream(cfg.objective, corpus, tokenizer, cfg.batch_size, cfg.seq_len, cfg.seed, model_config)
     model = Model(model_config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.lr)
+    parallel = DataParallel(comm or backends.comm.SingleProcess(), model, cfg.shard_optimizer)
+    optimizer = parallel.make_optimizer(cfg.optimizer, model, cfg.lr)
     job = Job(cfg=cfg, out=out, model=model, optimizer=optimizer, stream=stream, tokenizer=tokenizer,
-              resume_dir=resume_dir, config_source=config_source)
+              parallel=parallel, resume_dir=resume_dir, config_source=config_source)
     if resume_dir is not None:
-        job.history = rundir.restore(resume_dir, state, out, model, optimizer, stream)
+        job.history = rundir.restore(resume_dir, state, out, model, parallel.restorable(optimizer), stream)
         job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
+    parallel.broadcast_parameters(model)
     return job
 
 
@@ -204,13 +236,14 @@ def train(job: Job, on_step: OnStep = None, step: Optional[Callable] = None, sav
     step = step or _step            # looked up at call time (tests replace loop._step)
     save = save or save_checkpoint
     stop = cfg.steps if cfg.until is None else cfg.until
-    log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress, desc=desc)
+    log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress, desc=desc,
+                  writer=job.parallel.rank == 0)
     between_steps = True   # False from the start of a step until it is logged and checkpointed
     try:
         with _DeferredInterrupt() as interrupt:
             try:
                 while job.step < stop:
-                    if interrupt.requested:
+                    if job.parallel.comm.any(interrupt.requested):   # every rank stops at the same step
                         raise KeyboardInterrupt
                     between_steps = False
                     step(job, log, stop)
@@ -237,15 +270,19 @@ def train(job: Job, on_step: OnStep = None, step: Optional[Callable] = None, sav
 
 def _step(job: Job, log: StepLog, stop: int) -> None:
     """One optimiser step, its logging (on logged steps) and its checkpoint (on checkpoint steps)."""
-    cfg = job.cfg
+    cfg, parallel = job.cfg, job.parallel
     lr = learning_rate(cfg, job.step)
-    batch = next_step_batch(job.stream, cfg, job.model, job.step)
-    grads, parts = effective_batch_gradients(job.model, batch.micro_batches, batch.mlm_counts,
-                                             training=True, sop_weight=cfg.sop_weight)
+    own = parallel.own_micro_batches(cfg.grad_accum, cfg.batch_size)   # this rank's share of the global batch
+    batch = next_step_batch(job.stream, cfg, job.model, job.step, own)
+    # The gradient of the whole global batch (this rank's shard of it when the optimiser is sharded),
+    # summed over its micro-batches in index order whatever the number of ranks (data_parallel.py).
+    grads, parts = parallel.gradients(job.model, batch.micro_batches, batch.indices, batch.mlm_counts, batch.sizes,
+                                      cfg.sop_weight, cfg.seed, job.step)
     checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
     log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
-    grad_norm = global_grad_norm(grads.values(), job.model.xp) if log_now else None   # before clipping
-    job.optimizer.step(grads, lr=lr)
+    # Before clipping; a sharded optimiser needs it every step (its clipping cannot see every tensor).
+    grad_norm = parallel.grad_norm(grads, job.model) if log_now or parallel.sharded else None
+    parallel.update(job.optimizer, grads, lr, grad_norm, job.model)
     job.step += 1
     job.tokens_seen += batch.tokens
     log.count(batch.tokens)
@@ -279,12 +316,18 @@ def log_step(job: Job, log: StepLog, lr: float, parts: dict, grad_norm) -> dict:
 
 
 def save_checkpoint(job: Job, elapsed: float) -> None:
-    """Checkpoint the step just done (rundir.py), then prune the older checkpoints."""
+    """Checkpoint the step just done (rundir.py), then prune the older checkpoints. Every rank calls
+    it (a sharded optimiser's moments are gathered); rank 0 writes, and every rank learns the path."""
     cfg = job.cfg
+    optimizer = job.parallel.checkpoint_optimizer(job.optimizer, job.model)
+    if job.parallel.rank != 0:
+        job.newest = Path(job.parallel.comm.broadcast_text(None))
+        return
     job_settings = {k: getattr(cfg, k) for k in ("checkpoint_every", "keep_checkpoints", "log_every")}
     job_settings["corpus"] = None if cfg.corpus is None else os.path.abspath(str(cfg.corpus))
     run_state = {"run": cfg.run_settings(), "job": job_settings, "config_source": job.config_source,
                  "elapsed": elapsed, "tokens": job.tokens_seen}
-    job.newest = rundir.save_checkpoint(job.out, job.step, job.model, job.optimizer, job.stream, job.tokenizer,
+    job.newest = rundir.save_checkpoint(job.out, job.step, job.model, optimizer, job.stream, job.tokenizer,
                                         run_state)
     rundir.prune_checkpoints(job.out, job.newest, job.cfg.keep_checkpoints)
+    job.parallel.comm.broadcast_text(str(job.newest))

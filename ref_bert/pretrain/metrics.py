@@ -53,16 +53,17 @@ class StepLog:
 
     :meth:`count` every step; :meth:`record` and :meth:`write` on logged steps. Throughput is measured
     between logged steps; elapsed time adds ``elapsed_before`` (earlier runs of a resumed job).
+    ``writer=False`` (data-parallel ranks other than 0): no file and no progress bar, the records only.
     """
 
     def __init__(self, out: Path, steps: int, initial_step: int, elapsed_before: float, progress: bool,
-                 desc: str = "pretrain"):
+                 desc: str = "pretrain", writer: bool = True):
         from tqdm import tqdm
 
         self.elapsed_before = elapsed_before
-        self.progress = tqdm(total=steps, initial=initial_step, disable=not progress, unit="step",
+        self.progress = tqdm(total=steps, initial=initial_step, disable=not (progress and writer), unit="step",
                              dynamic_ncols=True, desc=desc, file=sys.stderr)
-        self.file = open(out / METRICS_NAME, "a", encoding="utf-8")
+        self.file = open(out / METRICS_NAME, "a", encoding="utf-8") if writer else None
         self.start = time.perf_counter()
         self.window_start, self.window_tokens = self.start, 0
 
@@ -86,14 +87,16 @@ class StepLog:
         return record
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         losses = {k: f"{record[k]:.3f}" for k in ("loss", "mlm", "sop") if k in record}
         self.progress.set_postfix(**losses, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                                   refresh=False)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.progress.close()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import backends
+from backends.comm import KINDS as COMM_KINDS
 
 from .. import checkpoint as ckpt
 from .. import files
@@ -50,6 +51,11 @@ class PretrainConfig:
     until:    stop after this global step (with a checkpoint) although the schedule spans ``steps``;
               resume later to finish. None runs to ``steps``.
     keep_checkpoints: newest checkpoints kept (0 keeps all).
+    comm:     the communicator of a data-parallel run (``backends.comm.KINDS``): "auto" is one process
+              unless started by ``mpiexec -n N``, then MPI (NumPy backend) or NCCL (CuPy); results
+              do not depend on the number of processes (ref_bert/pretrain/data_parallel.py).
+    shard_optimizer: ZeRO stage 1: each rank keeps the optimiser moments of its shard of the
+              tensors only; bit-identical to the replicated optimiser.
     threads:  BLAS threads for the duration of the run (and the NumPy backend's own loops), restored
               afterwards. None: 1 where the backend runs host BLAS (numpy) unless $OPENBLAS_NUM_THREADS
               or $OMP_NUM_THREADS is set, else leave alone; 0: leave alone; N: N threads.
@@ -80,6 +86,8 @@ class PretrainConfig:
     resume: Any = False
     until: Optional[int] = None
     threads: Optional[int] = None
+    comm: str = "auto"
+    shard_optimizer: bool = False
     progress: bool = True
     plot: bool = True
 
@@ -121,6 +129,8 @@ def validate(cfg: PretrainConfig) -> None:
             "a dict of Config fields")
     require(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 0), "threads", cfg.threads,
             "None (the default rule), 0 (leave BLAS alone) or a positive thread count")
+    require(cfg.comm in COMM_KINDS, "comm", cfg.comm, f"one of {COMM_KINDS}")
+    require(isinstance(cfg.shard_optimizer, bool), "shard_optimizer", cfg.shard_optimizer, "True or False")
     require(cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, Path)), "resume",
             cfg.resume, "False, True (the latest checkpoint in out) or a checkpoint directory")
 
