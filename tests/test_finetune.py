@@ -172,22 +172,23 @@ def test_squad_rules():
 # task -> (settings, metric, floor). Seed 0, the tiny config from scratch with its dropout (0.1), batch 16
 # unless set. The floor is chance plus a margin; the figure reached (measured) is in each comment.
 #   classification: chance = the majority class's share of the eval file, 58/150 = 0.387 (essay);
-#                   reached accuracy 0.653 in 200 steps of 64 tokens.
-#   regression:     chance = Pearson 0 (a prediction independent of the text); reached 0.571 in 40 steps
+#                   reached accuracy 0.733 in 300 steps of 64 tokens (at 200 steps, with the per-micro-batch
+#                   dropout masks data parallelism needs, it is still at chance: 0.387; 250 steps: 0.5).
+#   regression:     chance = Pearson 0 (a prediction independent of the text); reached 0.565 in 40 steps
 #                   of 8 examples of 32 tokens (the target is the length in words / 10).
-#   seq2seq:        chance = always decoding the majority kind, exact match 0.387; reached 0.773 after 250
+#   seq2seq:        chance = always decoding the majority kind, exact match 0.387; reached 0.78 after 250
 #                   steps of 24 tokens at lr 2e-3 (greedy decoding of the source's kind).
 #   tokens:         chance = entity F1 0 (tagging every word O; a tagger guessing at the tags' rates
-#                   finds almost no whole chunk); reached F1 0.233 in 100 steps of 32 tokens at lr 2e-3.
-#   multiple-choice: chance = 1/4; reached accuracy 0.88 in 40 steps of 4 examples (16 rows) of 32 tokens.
+#                   finds almost no whole chunk); reached F1 0.269 in 100 steps of 32 tokens at lr 2e-3.
+#   multiple-choice: chance = 1/4; reached accuracy 0.793 in 40 steps of 4 examples (16 rows) of 32 tokens.
 #   qa:             chance = the best input-blind span rule (the best fixed word span; it is the window's
 #                   last two words): exact match 24.2% (the first two words: 10.1%); reached exact match
-#                   48.3% (F1 66.8) in 150 steps of 32 tokens at lr 2e-3.
+#                   47.7% (F1 64.9) in 150 steps of 32 tokens at lr 2e-3.
 LEARNING = {
     "tokens": (dict(steps=100, seq_len=32, lr=2e-3), "f1", 0.15),
     "multiple-choice": (dict(steps=40, batch_size=4, seq_len=32), "accuracy", 0.25 + 0.3),
     "qa": (dict(steps=150, seq_len=32, lr=2e-3), "exact_match", 24.2 + 15),
-    "classification": (dict(steps=200, seq_len=64), "accuracy", 0.387 + 0.15),
+    "classification": (dict(steps=300, seq_len=64), "accuracy", 0.387 + 0.15),
     "regression": (dict(steps=40, batch_size=8, seq_len=32), "pearson", 0.4),
     "seq2seq": (dict(steps=250, seq_len=24, lr=2e-3), "exact_match", 0.387 + 0.2),
 }

@@ -4,6 +4,7 @@
     ref-bert finetune --task qa --train train.jsonl --eval dev.jsonl --init runs/pretrain
     ref-bert finetune --task tokens --out runs/ner --until 100   # stop early with a checkpoint
     ref-bert finetune --out runs/ner --resume                    # continue with the recorded settings
+    mpiexec -n 2 ref-bert finetune --grad-accum 2                # data parallel, bit-identical to one process
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def add_arguments(parser) -> None:
     a("--threads", type=int, default=None, metavar="N",
       help="BLAS threads for the run; 0 leaves them alone (default: 1 on the numpy backend unless "
            "OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set)")
+    from backends.comm import KINDS as COMM_KINDS
+
+    a("--comm", default=d.comm, choices=COMM_KINDS,
+      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then mpi "
+           "on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the parameters are "
+           f"bit-identical to one process with the same --batch-size and --grad-accum (default {d.comm})")
     a("--no-progress", action="store_true", help="no progress bar (default: shown)")
 
 
@@ -94,11 +101,13 @@ def run(args) -> int:
     if args.config_set:
         given["config_overrides"] = dict(_parse_override(text) for text in args.config_set)
     base = FinetuneConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
-                          until=args.until, threads=args.threads, progress=not args.no_progress)
+                          until=args.until, threads=args.threads, comm=args.comm, progress=not args.no_progress)
     try:
         result = finetune(base, **given)
     except KeyboardInterrupt:
         return 130
+    if result.rank != 0:   # a data-parallel run: rank 0 reports
+        return 0
     print(f"done: step {result.step} in {result.wall_time:.1f} s; checkpoint {result.checkpoint}")
     if result.history:
         print(f"loss: {result.history[0]['loss']:.4f} (step {result.history[0]['step']}) -> "

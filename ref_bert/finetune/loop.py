@@ -12,9 +12,17 @@ BERT's AdamWeightDecayOptimizer, global-norm clipping 1.0, decay off for LayerNo
 encoder and head together.
 
 The example order: epoch e is ``default_rng([data seed, e]).permutation(n)``; a micro-batch takes the
-next ``batch_size`` indices, running into the next epoch when one ends. The order's position, the
-dropout generator, the optimiser and the weights are the checkpoint, so an interrupted run resumed
-is bit-identical to one that was not interrupted (tests/test_finetune.py).
+next ``batch_size`` indices, running into the next epoch when one ends. Micro-batch i of the step after
+s updates draws its dropout masks from ``data_parallel.dropout_seed(seed, s, i)``. The order's position,
+the optimiser and the weights are the checkpoint, so an interrupted run resumed is bit-identical to one
+that was not interrupted (tests/test_finetune.py).
+
+Data parallel (``mpiexec -n N ref-bert finetune ...``): pretraining's scheme
+(:mod:`ref_bert.pretrain.data_parallel`), with the same code path for one process. Every rank encodes
+the files and draws the whole global batch on the host; rank r computes micro-batches r, r + N, ...
+(``grad_accum`` must be a multiple of N); their weighted gradients and losses are summed in index
+order (:meth:`DataParallel.sum_in_order`), so N ranks give the parameters of one process bit for bit.
+Rank 0 alone writes OUT and evaluates.
 """
 from __future__ import annotations
 
@@ -38,9 +46,9 @@ from ..hf import transformer_directory
 from ..tokenization import Tokenizer, check_vocab_size
 from ..model import DTYPES, Model
 from ..ops import IGNORE_INDEX
-from ..optim import OPTIMIZERS, global_grad_norm, linear_warmup_decay, make_optimizer
+from ..optim import OPTIMIZERS, linear_warmup_decay
 from ..pretrain import rundir
-from ..pretrain.data_parallel import DataParallel
+from ..pretrain.data_parallel import DataParallel, check_split, dropout_seed, every_rank_ends_on_error
 from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
 from ..validate import is_int, require
@@ -111,6 +119,7 @@ class FinetuneConfig:
     threads: Optional[int] = None
     progress: bool = True
     schedule: str = "linear"     # fixed: Hugging Face's linear warmup and decay
+    comm: str = "auto"           # data parallel: backends.comm.KINDS ("auto": mpiexec -n N gives N ranks)
 
     def warmup_steps(self) -> int:
         return int(round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
@@ -153,6 +162,7 @@ def validate(cfg: FinetuneConfig) -> None:
     check_config_overrides(cfg.config_overrides)
     require(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 0), "threads", cfg.threads,
             "None, 0 (leave BLAS alone) or a positive thread count")
+    require(cfg.comm in backends.comm.KINDS, "comm", cfg.comm, f"one of {backends.comm.KINDS}")
 
 
 @dataclass
@@ -166,6 +176,7 @@ class FinetuneResult:
     history: list
     scores: Optional[dict]
     wall_time: float
+    rank: int = 0               # this process's rank in a data-parallel run (only rank 0 writes and evaluates)
 
 
 class ExampleOrder:
@@ -226,8 +237,12 @@ class Job:
     parallel: Any = None            # pretraining's DataParallel (one process here), which its train() reads
 
 
-def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **settings) -> FinetuneResult:
     """Run (or resume) a fine-tuning job; ``settings`` override fields of ``cfg``.
+
+    Data parallel: started by ``mpiexec -n N`` (or given ``comm``, a :class:`backends.comm.Communicator`),
+    every process runs this call and the result is bit-identical to one process (module docstring);
+    rank 0 alone writes OUT and returns the scores. An error on any rank ends every rank.
 
     A resume (``resume=True``: OUT/latest, or a checkpoint directory) takes every run setting
     (:data:`RUN_KEYS`) from the checkpoint; one given that differs is a ValueError. Everything that
@@ -244,20 +259,34 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> Fin
         state = rundir.load_checkpoint_state(resume_dir, STATE_FORMAT)
         cfg = _recorded_settings(cfg, given, resume_dir, state)
     validate(cfg)
+    comm = comm if comm is not None else backends.comm.communicator(cfg.comm, cfg.backend)
+    check_split(cfg.grad_accum, cfg.batch_size, comm.size)
+    with every_rank_ends_on_error(comm):
+        return _run(cfg, resume_dir, state, on_step, comm)
+
+
+def _run(cfg: FinetuneConfig, resume_dir: Optional[Path], state: Optional[dict], on_step, comm) -> FinetuneResult:
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
-        job = prepare(cfg, resume_dir, state)   # nothing is written before this returns
-        job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-        _write_task(job, job.out)
+        job = prepare(cfg, resume_dir, state, comm)   # nothing is written before this returns
+        comm.barrier()                                # every rank has read the checkpoint before OUT changes
+        newest = None
+        if comm.rank == 0:
+            newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
+            _write_task(job, job.out)
+        newest = comm.broadcast_text(None if newest is None else str(newest))
+        job.newest = Path(newest) if newest else None
         if job.step < (cfg.steps if cfg.until is None else cfg.until):
             run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
         scores = None
-        if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps):
+        if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps) and comm.rank == 0:
             scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
             files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
                                                           "eval_file": job.eval_data.path,
                                                           "examples": len(job.eval_data.records), **scores})
-    return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started)
+        comm.barrier()
+    return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started,
+                          rank=comm.rank)
 
 
 def _recorded_settings(cfg: FinetuneConfig, given: set, resume_dir: Path, state: dict) -> FinetuneConfig:
@@ -305,9 +334,11 @@ def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
     return info
 
 
-def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None) -> Job:
+def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None,
+            comm=None) -> Job:
     """Read and check both files, the model directory and the head; build the model, head, optimiser
-    and example order; restore a checkpoint. Writes nothing."""
+    and example order; restore a checkpoint; the parameters are then rank 0's on every rank of ``comm``
+    (default: one process). Writes nothing."""
     train_path = cfg.train or embedded_path(cfg.task, "train")
     eval_path = cfg.eval if cfg.eval is not None else (embedded_path(cfg.task, "eval") if cfg.train is None else None)
     init_head = None
@@ -372,15 +403,17 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
     if resume_dir is None:
         model = with_task_head(model, cfg.task, train_data.num_labels, cfg.seed)
     model.tokenizer = tokenizer     # save_hf of the fine-tuned model writes it
-    optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.learning_rate())
+    parallel = DataParallel(comm or backends.comm.SingleProcess(), model)
+    optimizer = parallel.make_optimizer(cfg.optimizer, model, cfg.learning_rate())
     task_info = {"task": cfg.task, "num_labels": train_data.num_labels, "label_names": train_data.label_names}
     job = Job(cfg=cfg, out=Path(cfg.out), model=model, optimizer=optimizer,
               order=ExampleOrder(len(train_encoded), cfg.seed), tokenizer=tokenizer, train_data=train_data,
               train_encoded=train_encoded, eval_data=eval_data, eval_encoded=eval_encoded, task_info=task_info,
-              resume_dir=resume_dir, parallel=DataParallel(backends.comm.SingleProcess(), model))
+              resume_dir=resume_dir, parallel=parallel)
     if resume_dir is not None:
         job.history = rundir.restore(resume_dir, state, job.out, model, optimizer, job.order)
         job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
+    parallel.broadcast_parameters(model)
     return job
 
 
@@ -440,33 +473,41 @@ def _host_batch(job: Job, indices: np.ndarray, micro: int) -> tuple:
 
 
 def effective_batch_gradients(model: Model, task: str, host: list, training: bool = True,
-                              label_smoothing: float = LABEL_SMOOTHING) -> tuple:
+                              label_smoothing: float = LABEL_SMOOTHING, parallel: Optional[DataParallel] = None,
+                              seed: Optional[int] = None, step: int = 0) -> tuple:
     """``(grads, loss)`` of the effective batch made of the micro-batches ``host`` (``(arrays, units,
-    tokens)`` each): micro-batch i's loss weighted by n_i / N (module docstring)."""
+    tokens)`` each, the whole global batch): micro-batch i's loss weighted by n_i / N (module
+    docstring), summed in index order by ``parallel`` (this rank's :class:`DataParallel`, which
+    computes its own micro-batches; default one process). ``seed``: micro-batch i's dropout masks come
+    from ``dropout_seed(seed, step, i)`` (None: the model's dropout stream, one process only)."""
+    parallel = parallel or DataParallel(backends.comm.SingleProcess(), model)
     total = sum(units for _, units, _ in host)
-    grads, loss = None, None
-    for arrays, units, _ in host:
+    xp = model.xp
+
+    def micro_batch(i: int):
+        arrays, units, _ = host[i]
         batch = {k: model.backend.from_host(v) for k, v in arrays.items()}
-        result = loss_and_grads(model, task, batch, training, units / total if total else 0.0, label_smoothing)
-        if grads is None:
-            grads, loss = result.grads, result.loss
-        else:
-            for name, g in result.grads.items():
-                grads[name] += g
-            loss = loss + result.loss
+        result = loss_and_grads(model, task, batch, training, units / total if total else 0.0, label_smoothing,
+                                dropout_seed=None if seed is None else dropout_seed(seed, step, i))
+        return result.grads, xp.reshape(result.loss, (1,))
+
+    own = parallel.own_micro_batches(len(host), len(host[0][0]["input_ids"]))
+    grads, (loss,) = parallel.sum_in_order(model, own, micro_batch)
     return grads, loss
 
 
 def _step(job: Job, log, stop: int) -> None:
-    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step)."""
-    cfg, model = job.cfg, job.model
+    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step). Every rank
+    draws the whole global batch on the host and computes its own micro-batches of it."""
+    cfg, model, parallel = job.cfg, job.model, job.parallel
     lr = linear_warmup_decay(job.step, cfg.learning_rate(), cfg.steps, cfg.warmup_steps())
     host = [_host_batch(job, job.order.next_indices(cfg.batch_size), i) for i in range(cfg.grad_accum)]
-    grads, loss = effective_batch_gradients(model, cfg.task, host, True, cfg.label_smoothing)
+    grads, loss = effective_batch_gradients(model, cfg.task, host, True, cfg.label_smoothing, parallel,
+                                            seed=cfg.seed, step=job.step)
     checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
     log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
-    grad_norm = global_grad_norm(grads.values(), model.xp) if log_now else None   # before clipping
-    job.optimizer.step(grads, lr=lr)
+    grad_norm = parallel.grad_norm(grads, model) if log_now else None   # before clipping
+    parallel.update(job.optimizer, grads, lr, grad_norm, model)
     job.step += 1
     tokens = sum(t for _, _, t in host)
     job.tokens_seen += tokens
@@ -490,16 +531,21 @@ def _write_task(job: Job, directory: Path) -> None:
 
 
 def _save_checkpoint(job: Job, elapsed: float) -> None:
+    """Checkpoint the step just done; rank 0 writes it, and every rank learns its path."""
     cfg = job.cfg
+    job.model.mark_trained()    # the fresh head has been trained from here on
+    if job.parallel.rank != 0:
+        job.newest = Path(job.parallel.comm.broadcast_text(None))
+        return
     train_path = cfg.train or embedded_path(cfg.task, "train")
     job_settings = {k: getattr(cfg, k) for k in ("eval", "checkpoint_every", "keep_checkpoints", "log_every")}
     job_settings["train_sha256"] = _file_digest(train_path)
     run_state = {"format": STATE_FORMAT, "run": cfg.run_settings(), "job": job_settings, "task": job.task_info,
                  "elapsed": elapsed, "tokens": job.tokens_seen}
-    job.model.mark_trained()    # the fresh head has been trained from here on
     job.newest = rundir.save_checkpoint(job.out, job.step, job.model, job.optimizer, job.order,
                                         job.tokenizer, run_state, extra=lambda d: _write_task(job, d))
     rundir.prune_checkpoints(job.out, job.newest, cfg.keep_checkpoints)
+    job.parallel.comm.broadcast_text(str(job.newest))
 
 
 # --- evaluation --------------------------------------------------------------------------------------
