@@ -51,8 +51,10 @@ def test_battery_passes_and_fails_on_a_planted_bug(monkeypatch, capsys):
     def softmax_backward_off_by_scale(ddropped, cache):
         return 1.01 * real_backward(ddropped, cache)
 
+    import gradcheck.battery as battery
     import ref_bert.ops.attention as attention
     monkeypatch.setattr(attention, "masked_softmax_backward", softmax_backward_off_by_scale)
+    monkeypatch.setattr(battery, "MODEL_CASES", {})     # the op checks name the bug; the model runs cost 9 s
     assert not run_battery(seed=0)
     out = capsys.readouterr().out
     assert "FAIL" in out and "op self_attention" in out
