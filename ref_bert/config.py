@@ -27,6 +27,14 @@ from .ops.activations import ACTIVATIONS
 SHARING = ("all", "attention", "ffn", "none")
 GROUP_RULES = ("hf", "tf")
 INITIALIZERS = ("normal", "truncated_normal")
+# Sane upper bounds on the sizes, far above any published model (ALBERT-xxlarge: H 4096, I 16384; the
+# largest vocabularies ~1e6), so that a mistyped or hostile config.json fails here instead of asking
+# for terabytes when the model is allocated.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "embedding_size": 1 << 16, "hidden_size": 1 << 16,
+               "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12, "intermediate_size": 1 << 18,
+               "max_position_embeddings": 1 << 20, "type_vocab_size": 1 << 16, "num_hidden_groups": 1 << 12,
+               "inner_group_num": 1 << 8}
+MASK_VALUE_LIMIT = 1e30
 
 # The head on top of the encoder, and the Hugging Face class each one is (``Config.architecture``):
 #   head                      Hugging Face class suffix      pooler  head parameters
@@ -100,36 +108,40 @@ class Config:
                     f"Config.{fieldname}={getattr(self, fieldname)!r} is invalid: expected {expected}"
                 )
 
-        for f in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers",
-                  "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                  "type_vocab_size", "num_hidden_groups", "inner_group_num"):
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for f, most in SIZE_LIMITS.items():
             v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, "a positive integer")
+            need(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= most, f,
+                 f"a positive integer at most {most}")
         need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
              f"a multiple of num_attention_heads={self.num_attention_heads}")
-        need(self.hidden_act in ACTIVATIONS, "hidden_act", f"one of {ACTIVATIONS}")
-        need(self.sharing in SHARING, "sharing", f"one of {SHARING}")
-        need(self.group_rule in GROUP_RULES, "group_rule", f"one of {GROUP_RULES}")
-        need(self.initializer in INITIALIZERS, "initializer", f"one of {INITIALIZERS}")
+        for f, choices in (("hidden_act", ACTIVATIONS), ("sharing", SHARING), ("group_rule", GROUP_RULES),
+                           ("initializer", INITIALIZERS), ("model_type", ("albert", "bert"))):
+            need(isinstance(getattr(self, f), str) and getattr(self, f) in choices, f, f"one of {tuple(choices)}")
         for f in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             v = getattr(self, f)
-            need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, f, "a probability in [0, 1)")
+            need(is_number(v) and 0.0 <= v < 1.0, f, "a probability in [0, 1)")
         for f in ("classifier_dropout_prob", "classifier_dropout"):
             v = getattr(self, f)
-            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0), f,
-                 "a probability in [0, 1) or None")
-        need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
-             "layer_norm_eps", "a positive number")
-        need(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0,
-             "initializer_range", "a positive number")
+            need(v is None or (is_number(v) and 0.0 <= v < 1.0), f, "a probability in [0, 1) or None")
+        need(is_number(self.layer_norm_eps) and 0 < self.layer_norm_eps <= 1, "layer_norm_eps",
+             "a finite positive number at most 1")
+        need(is_number(self.initializer_range) and 0 < self.initializer_range <= 1e3, "initializer_range",
+             "a finite positive number at most 1000")
         need(self.num_hidden_groups <= self.num_hidden_layers, "num_hidden_groups",
              f"at most num_hidden_layers={self.num_hidden_layers}")
-        need(isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size,
-             "pad_token_id", f"an id in [0, vocab_size={self.vocab_size})")
-        need(isinstance(self.attention_mask_value, (int, float)) and math.isfinite(self.attention_mask_value)
-             and self.attention_mask_value < 0, "attention_mask_value", "a finite negative number")
-        need(self.model_type in ("albert", "bert"), "model_type", "'albert' or 'bert'")
-        need(self.head in HEADS, "head", f"one of {sorted(HEADS)}")
+        need(isinstance(self.pad_token_id, int) and not isinstance(self.pad_token_id, bool)
+             and 0 <= self.pad_token_id < self.vocab_size, "pad_token_id", f"an id in [0, vocab_size={self.vocab_size})")
+        need(isinstance(self.ffn_output_dropout, bool), "ffn_output_dropout", "true or false")
+        # Added to float32 scores: it must stay far from float32's range (3.4e38) so that a score plus
+        # the mask cannot overflow to -inf (a fully masked row would then be NaN, not uniform).
+        need(is_number(self.attention_mask_value) and -MASK_VALUE_LIMIT <= self.attention_mask_value < 0,
+             "attention_mask_value", f"a finite negative number no smaller than -{MASK_VALUE_LIMIT:g} "
+                                     f"(representable with headroom in float32)")
+        need(isinstance(self.name, str), "name", "a string")
+        need(isinstance(self.head, str) and self.head in HEADS, "head", f"one of {sorted(HEADS)}")
         need(self.model_type == "bert" or self.head not in BERT_ONLY_HEADS, "head",
              f"an ALBERT head (transformers has {', '.join(BERT_ONLY_HEADS)} for BERT only)")
         need(isinstance(self.num_labels, int) and not isinstance(self.num_labels, bool) and self.num_labels > 0,
@@ -236,6 +248,10 @@ class Config:
 
     # --- construction helpers ------------------------------------------------------------------
     def replace(self, **changes) -> "Config":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown Config fields {unknown}; known fields are "
+                             f"{sorted(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +262,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ValueError(f"a Config is read from a JSON object of its fields, got a {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

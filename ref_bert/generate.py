@@ -43,6 +43,10 @@ from .ops import log_softmax
 from .unilm import CLS_ID, MASK_ID, PAD_ID, PLAIN_SEGMENT_IDS, SEP_ID, UNILM_SEGMENT_IDS, UNILM_TYPE_VOCAB_SIZE
 
 NEVER_GENERATED = (PAD_ID, CLS_ID, MASK_ID)
+# Beam search scores sources x beam x vocab candidates per step in float64 (a few arrays of that size):
+# beyond 2^26 of them (512 MB per array) a beam is a mistake, not a search.
+MAX_CANDIDATES = 1 << 26
+MAX_ALPHA = 10.0   # ((5 + 512) / 6) ** 10 ~ 2e19: scores stay finite
 
 
 @dataclass
@@ -200,6 +204,18 @@ def constrained_log_probs(logits: np.ndarray, hypotheses: list, step: int, min_l
     return log_probs
 
 
+def check_some_token_allowed(log_probs: np.ndarray, live: np.ndarray, step: int, min_length: int,
+                             no_repeat_ngram_size: int) -> None:
+    """Every live hypothesis (rows of ``log_probs`` where ``live``) must have a token it may take; else a
+    ValueError (taking the argmax of a row of -inf would emit a forbidden token)."""
+    stuck = live & np.isneginf(log_probs).all(axis=-1)
+    if stuck.any():
+        raise ValueError(f"at target step {step + 1} every token is forbidden for a hypothesis ([PAD], [CLS] and [MASK] "
+                         f"never, [SEP] before min_length={min_length}, no_repeat_ngram_size={no_repeat_ngram_size} "
+                         f"bans each token already produced, of vocab_size={log_probs.shape[-1]}); expected "
+                         f"constraints that leave at least one token: lower min_length or no_repeat_ngram_size")
+
+
 def greedy_search(stepper, num_rows: int, max_length: int, min_length: int, no_repeat_ngram_size: int,
                   alpha: float, step_logits: list | None):
     hypotheses = [[] for _ in range(num_rows)]
@@ -212,6 +228,7 @@ def greedy_search(stepper, num_rows: int, max_length: int, min_length: int, no_r
         if step_logits is not None:
             step_logits.append(logits.copy())
         log_probs = constrained_log_probs(logits, hypotheses, step, min_length, no_repeat_ngram_size)
+        check_some_token_allowed(log_probs, ~finished, step, min_length, no_repeat_ngram_size)
         tokens = log_probs.argmax(axis=-1)
         for n in np.flatnonzero(~finished):
             log_prob[n] += log_probs[n, tokens[n]]
@@ -248,6 +265,8 @@ def beam_search(stepper, num_sources: int, beam_size: int, max_length: int, min_
         frozen_row = np.full(V, -np.inf)
         frozen_row[SEP_ID] = 0.0
         log_probs = np.where(finished[:, :, None], frozen_row, log_probs)
+        check_some_token_allowed(log_probs, np.isfinite(log_prob) & ~finished, step, min_length,
+                                 no_repeat_ngram_size)
         candidates = log_prob[:, :, None] + log_probs                         # (B, K, V)
         new_lengths = lengths + ~finished                                     # (B, K)
         ranking = candidates / length_penalty(new_lengths, alpha)[:, :, None]
@@ -326,12 +345,19 @@ def generate(model, source_ids, *, max_length: int | None = None, beam_size: int
     sources = _as_sources(source_ids, cfg.vocab_size)
     if not isinstance(beam_size, (int, np.integer)) or isinstance(beam_size, bool) or beam_size < 1:
         raise ValueError(f"beam_size={beam_size!r} is invalid: expected an integer >= 1")
-    if not isinstance(min_length, (int, np.integer)) or min_length < 0:
+    most = MAX_CANDIDATES // (cfg.vocab_size * len(sources))
+    if beam_size > max(most, 1):
+        raise ValueError(f"beam_size={beam_size} is invalid: {len(sources)} source(s) x beam_size x vocab_size="
+                         f"{cfg.vocab_size} candidates per step exceed {MAX_CANDIDATES}; expected beam_size <= {most}")
+    if not isinstance(min_length, (int, np.integer)) or isinstance(min_length, bool) or min_length < 0:
         raise ValueError(f"min_length={min_length!r} is invalid: expected an integer >= 0")
-    if not isinstance(no_repeat_ngram_size, (int, np.integer)) or no_repeat_ngram_size < 0:
+    if not isinstance(no_repeat_ngram_size, (int, np.integer)) or isinstance(no_repeat_ngram_size, bool) \
+            or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size!r} is invalid: expected an integer >= 0")
-    if not isinstance(length_penalty_alpha, (int, float)) or not math.isfinite(length_penalty_alpha):
-        raise ValueError(f"length_penalty_alpha={length_penalty_alpha!r} is invalid: expected a finite number")
+    if not isinstance(length_penalty_alpha, (int, float)) or isinstance(length_penalty_alpha, bool) \
+            or not math.isfinite(length_penalty_alpha) or abs(length_penalty_alpha) > MAX_ALPHA:
+        raise ValueError(f"length_penalty_alpha={length_penalty_alpha!r} is invalid: expected a number in "
+                         f"[-{MAX_ALPHA:g}, {MAX_ALPHA:g}] (GNMT uses 0.6 to 2; beyond 10 the penalty overflows)")
     P = cfg.max_position_embeddings
     longest = max(len(s) for s in sources)
     if longest + 3 > P:
@@ -340,7 +366,7 @@ def generate(model, source_ids, *, max_length: int | None = None, beam_size: int
     room = P - (longest + 2)
     if max_length is None:
         max_length = room
-    if not isinstance(max_length, (int, np.integer)) or max_length < 1 or max_length > room:
+    if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or not 1 <= max_length <= room:
         raise ValueError(f"max_length={max_length!r} is invalid: expected an integer in [1, {room}] "
                          f"(max_position_embeddings={P} minus the longest [CLS] source [SEP], {longest + 2})")
     if unilm_segments is None:

@@ -46,6 +46,13 @@ def make_inputs(config, batch: int = 2, seq_len: int = 16, seed: int = 0, dtype:
     labels on ~15% of the real positions (at least one per row), -100 elsewhere; SOP labels 0/1.
     """
     from .examples import make_batch, task_batch
+    from .validate import check_seed, is_int, require
+
+    require(is_int(batch), "batch", batch, "an integer")       # make_batch checks the ranges
+    require(is_int(seq_len), "seq_len", seq_len, "an integer")
+    require(batch * seq_len <= MAX_GOLDEN_TOKENS, "batch * seq_len", batch * seq_len,
+            f"at most {MAX_GOLDEN_TOKENS} tokens (a golden batch is for comparing, not for training)")
+    check_seed("seed", seed)
 
     if config.head == "pretraining":
         return make_batch(config, batch, seq_len, [seed, 2], recipe="rows", label_rate=0.15)
@@ -124,6 +131,9 @@ LOSS_DEFINITIONS = {
                           "[0, T], T ignored; total = (start + end) / 2",
     "multiple_choice": "total = task = mean cross-entropy of the (B, C) choice logits against labels",
 }
+
+
+MAX_GOLDEN_TOKENS = 1 << 20
 
 
 # --- the K optimiser steps --------------------------------------------------------------------------
@@ -223,6 +233,13 @@ def write_golden(path, model, inputs: dict, steps: int = 1, seed: int = 0, sourc
 
     from . import __version__
     from .files import save_tensors
+    from .validate import is_int, require
+
+    require(is_int(steps) and steps >= 0, "steps", steps, "an integer >= 0")
+    required = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "mlm_labels", "sop_labels")
+    if not isinstance(inputs, dict) or any(k not in inputs for k in required):
+        raise ValueError(f"inputs={type(inputs).__name__} is invalid: expected a dict with {', '.join(required)} "
+                         f"(what make_inputs returns)")
 
     bar = tqdm(total=steps + 3, desc="golden", unit="stage", disable=not progress, file=sys.stderr, leave=False)
     try:
@@ -280,11 +297,17 @@ def read_golden(path) -> tuple["OrderedDict[str, np.ndarray]", dict]:
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
         raise ValueError(f"{path} has golden format_version={version!r}; this ref-bert reads {FORMAT_VERSION}")
+    from .files import parse_json
+
     meta = dict(metadata)
     for key in ("config", "optimizer", "tensor_order", "hf_config", "hf_names"):
         if key in meta:
-            meta[key] = json.loads(meta[key])
-    order = meta["tensor_order"]
+            meta[key] = parse_json(meta[key], f"{path}: metadata {key}")
+    order = meta.get("tensor_order")
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order) or len(set(order)) != len(order):
+        raise ValueError(f"{path}: metadata tensor_order is {order!r:.80}; expected a list of distinct tensor names")
+    if meta.get("dtype") not in ("float32", "float64"):
+        raise ValueError(f"{path}: metadata dtype={meta.get('dtype')!r:.40} is invalid; expected 'float32' or 'float64'")
     if sorted(order) != sorted(tensors):
         raise ValueError(f"{path}: tensor_order does not list exactly the tensors in the file")
     return OrderedDict((name, tensors[name]) for name in order), meta

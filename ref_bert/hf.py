@@ -86,7 +86,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ACTIVATIONS, BERT_ONLY_HEADS, HEADS, Config
-from .files import atomic_write_json, load_tensors, parse_json, read_json, save_tensors
+from .files import (atomic_write_json, check_finite, check_float_tensors, load_tensors, parse_json, read_json,
+                    save_tensors)
 from .params import parameter_shapes
 
 # name: (family, Config.head), e.g. "AlbertForSequenceClassification": ("albert", "sequence_classification")
@@ -247,10 +248,53 @@ def to_hf_names(config: Config, tensors: dict) -> dict:
 
 
 # --- configs -----------------------------------------------------------------------------------
+# The types of the config.json keys that config_from_hf reads (null is allowed where HF allows it).
+_HF_INT_KEYS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_hidden_groups",
+                "num_attention_heads", "intermediate_size", "inner_group_num", "max_position_embeddings",
+                "type_vocab_size", "pad_token_id", "num_labels")
+_HF_FLOAT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob",
+                  "classifier_dropout", "initializer_range", "layer_norm_eps")
+_HF_STR_KEYS = ("hidden_act", "position_embedding_type", "model_type", "_name_or_path", "problem_type")
+_HF_BOOL_KEYS = ("is_decoder", "add_cross_attention", "tie_word_embeddings")
+
+
+def check_hf_config_types(hf, where: str = "config.json") -> dict:
+    """``hf`` must be a JSON object whose keys read here have the right JSON types (integers for sizes
+    and ids, never booleans; numbers for probabilities and epsilons; strings; booleans for flags);
+    ValueError naming ``where``, the key, the value and the type expected. Returns ``hf``."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds a JSON {type(hf).__name__}, expected an object (a Hugging Face config)")
+
+    def bad(key, expected):
+        raise ValueError(f"{where}: {key}={hf[key]!r:.80} is invalid; expected {expected}")
+
+    for key in _HF_INT_KEYS:
+        if hf.get(key) is not None and (not isinstance(hf[key], int) or isinstance(hf[key], bool)):
+            bad(key, "an integer")
+    for key in _HF_FLOAT_KEYS:
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            bad(key, "a number")
+    for key in _HF_STR_KEYS:
+        if hf.get(key) is not None and not isinstance(hf[key], str):
+            bad(key, "a string")
+    for key in _HF_BOOL_KEYS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            bad(key, "true or false")
+    archs = hf.get("architectures")
+    if archs is not None and not isinstance(archs, str) and not (
+            isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        bad("architectures", "a list of strings")
+    if hf.get("id2label") is not None and not isinstance(hf["id2label"], dict):
+        bad("id2label", "an object (label id -> name)")
+    return hf
+
+
 def config_from_hf(hf: dict, family: str, name: str = "hf", head: str = "pretraining") -> Config:
     """A Hugging Face config.json dict -> :class:`Config` (every checkpoint-relevant value from ``hf``),
     with the given ``head`` and the head options config.json records (num_labels or id2label,
     problem_type, classifier_dropout, is_decoder)."""
+    check_hf_config_types(hf, f"config.json ({name})")
     d = {**HF_DEFAULTS[family], **{k: v for k, v in hf.items() if v is not None or k == "pad_token_id"}}
     act = d["hidden_act"]
     if act not in ACTIVATIONS:
@@ -339,49 +383,10 @@ def config_to_hf(config: Config, dtype: str = "float32") -> dict:
 
 
 # --- reading checkpoint files -------------------------------------------------------------------
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        n = int.from_bytes(raw, "little")
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        header = parse_json(f.read(n), f"{path} is not a safetensors file: its header")
-    return header, 8 + n
-
-
 def _read_safetensors(path: Path) -> dict:
-    """Host NumPy arrays from a safetensors file. bfloat16 (which NumPy lacks) is widened exactly to
-    float32 by reading the 16 bits as the top half of a float32; other files go through
-    :func:`ref_bert.checkpoint.load_tensors`."""
-    header, start = _safetensors_header(path)
-    if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
-        return load_tensors(path)[0]
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if not 0 <= b <= e <= data.size:
-            raise ValueError(f"{path}: tensor {name} has data offsets {[b, e]} outside the file")
-        chunk = np.array(data[b:e])
-        if info["dtype"] == "BF16":
-            array = (chunk.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            array = chunk.view(np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"))
-        else:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        if array.size != int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name} holds {array.size} values, shape {shape} needs {int(np.prod(shape))}")
-        out[name] = array.reshape(shape)
-    return out
+    """Host NumPy arrays from a safetensors file (bfloat16 widened exactly to float32), the header checked
+    whole before any tensor is read (:func:`ref_bert.files.load_tensors`)."""
+    return load_tensors(path)[0]
 
 
 def _read_torch_bin(path: Path) -> dict:
@@ -416,6 +421,27 @@ def _safe_shard_name(directory: Path, name) -> Path:
     return directory / name
 
 
+def _shard_files(directory: Path, index: str) -> list:
+    """The shard files a ``*.index.json`` names, each checked to be a file of ``directory``."""
+    path = directory / index
+    index_json = read_json(path, "shard index")
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{path} is not a valid shard index: weight_map is {weight_map!r:.80}, expected a "
+                         f"non-empty object mapping tensor names to shard file names")
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{path}: weight_map value {bad[0]!r:.60} is invalid; expected a shard file name")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = _safe_shard_name(directory, name)
+        if not shard.is_file():
+            raise ValueError(f"{path} names shard {name!r}, but {shard} "
+                             f"{'is a directory' if shard.is_dir() else 'does not exist'}; expected a weights file")
+        shards.append(shard)
+    return shards
+
+
 def read_hf_tensors(directory) -> dict:
     """Every tensor of a Hugging Face model directory, as host NumPy arrays keyed by HF name.
 
@@ -427,14 +453,9 @@ def read_hf_tensors(directory) -> dict:
         if (directory / weights).is_file():
             return reader(directory / weights)
         if (directory / index).is_file():
-            index_json = read_json(directory / index, "shard index")
-            try:
-                weight_map = index_json["weight_map"]
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{directory / index} is not a valid shard index (no weight_map: {e})") from e
             out = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(reader(_safe_shard_name(directory, shard)))
+            for shard in _shard_files(directory, index):
+                out.update(reader(shard))
             return out
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     raise ValueError(f"{directory} has no model.safetensors or pytorch_model.bin (nor a shard index); "
@@ -445,7 +466,7 @@ def _read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} has no config.json (expected a Hugging Face model directory)")
-    return read_json(path, "Hugging Face config")
+    return check_hf_config_types(read_json(path, "Hugging Face config"), str(path))
 
 
 def _normalise_names(tensors: dict) -> dict:
@@ -574,17 +595,24 @@ class HfCheckpoint:
     unused: list = None
 
 
-def read_hf(path, head: str | None = None, **options) -> HfCheckpoint:
+def read_hf(path, head: str | None = None, allow_nonfinite: bool = False, **options) -> HfCheckpoint:
     """Read a Hugging Face ALBERT/BERT directory into a config and host arrays under our names.
 
     ``head`` (a :class:`Config` head, e.g. "sequence_classification") and ``options`` (Config fields such
     as ``num_labels``, ``problem_type``, ``classifier_dropout``) describe the model to build when it is not
     the checkpoint's own architecture. A missing encoder tensor, an unexpected tensor, a tensor of the
-    wrong shape or an unsupported config is a ValueError naming the directory and the tensor.
+    wrong shape or dtype (weights are floating point), a non-finite weight (unless ``allow_nonfinite``,
+    for debugging) or an unsupported config is a ValueError naming the directory and the tensor.
+    Everything is checked before a model is built from the result: the config's sizes against the
+    tensors' shapes, so a config.json that claims more than its weights hold fails here, not in an
+    allocation.
     """
     directory = Path(path)
     hf_config = _read_hf_config(directory)
     tensors = _normalise_names(read_hf_tensors(directory))
+    check_float_tensors(tensors, str(directory))
+    if not allow_nonfinite:
+        check_finite(tensors, str(directory))
     arch, family, prefixed = detect_architecture(hf_config, tensors)
     source_head = ARCHITECTURES[arch][1]
     config = config_from_hf(hf_config, family, name=str(hf_config.get("_name_or_path") or directory.name),

@@ -159,8 +159,14 @@ def draw_masks_png(path: str, source_tokens: int, target_tokens: int, pad: int =
         ax.set_ylabel("query")
     fig.suptitle("UniLM self-attention masks (shaded: query may attend key)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import io
+
+    from .files import atomic_write_bytes
+
+    buffer = io.BytesIO()   # PNG whatever the name's extension (savefig would add one), written atomically
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 __all__ = ["MASK_KINDS", "normalize_kind", "unilm_mask", "batch_masks", "additive_mask", "token_labels",

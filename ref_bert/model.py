@@ -73,7 +73,8 @@ from .params import FlatBuffer, count_parameters, initialize, parameter_shapes
 from .tasks import (classifier_backward, classifier_forward, sequence_loss_backward, sequence_loss_forward,
                     sequence_problem_type, shift_labels, span_logits_backward, span_logits_forward,
                     span_loss_backward, span_loss_forward)
-from .validate import check_inputs, check_labels, check_task_labels, flatten_choices
+from .validate import (check_dtype, check_flag, check_inputs, check_labels, check_loss_weights, check_seed,
+                       check_task_labels, flatten_choices)
 
 DTYPES = ("float32", "float64")
 Trace = Optional[Callable[[str, object], None]]
@@ -177,8 +178,8 @@ class Model:
             config = Config.preset(config)
         if not isinstance(config, Config):
             raise ValueError(f"config must be a ref_bert.Config or a preset name, got {type(config).__name__}")
-        if str(np.dtype(dtype)) not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        check_dtype("dtype", dtype, DTYPES)
+        check_seed("seed", seed)
         if config.head == "causal_lm" and not config.is_decoder:
             warnings.warn("a causal_lm head (BertLMHeadModel) with is_decoder=False attends both ways, as "
                           "transformers' does; set is_decoder=True for left-to-right language modelling", stacklevel=2)
@@ -225,8 +226,10 @@ class Model:
     def _dropout(self, training: bool, dropout_seed):
         """A ``drop(shape, prob)`` function: frozen masks from ``dropout_seed``, the model's own
         stream when training without one, and no dropout at all when not training."""
-        if not training:
+        if not check_flag("training", training):
             return lambda shape, prob: None
+        if dropout_seed is not None:
+            check_seed("dropout_seed", dropout_seed, allow_sequence=True)
         rng = self.dropout_rng if dropout_seed is None else self.backend.rng(dropout_seed)
 
         def drop(shape, prob):
@@ -520,7 +523,7 @@ class Model:
             out, (mlm_loss, mlm_ce), (sop_loss, sop_ce) = self._pretraining_loss(
                 input_ids, token_type_ids, attention_mask, mlm_labels, sop_labels, position_ids, training,
                 dropout_seed, trace, keep_cache, dict(ce, normalization=mlm_normalization), ce)
-            w_mlm, w_sop = (float(w) for w in loss_weights)
+            w_mlm, w_sop = check_loss_weights(loss_weights)
             scale = float(loss_scale)
             if scale != 1.0:
                 w_mlm, w_sop = w_mlm * scale, w_sop * scale
@@ -591,7 +594,7 @@ class Model:
     # --- Hugging Face checkpoints (the name map and file formats live in ref_bert/hf.py) ---------
     @classmethod
     def from_hf(cls, path, backend="numpy", dtype="float32", seed: int = 0, head: Optional[str] = None,
-                tokenizer="auto", **options) -> "Model":
+                tokenizer="auto", allow_nonfinite: bool = False, **options) -> "Model":
         """Load a Hugging Face ALBERT/BERT directory (config.json + model.safetensors, a shard index or
         pytorch_model.bin; a sentence-transformers directory's transformer module); see :mod:`ref_bert.hf`.
 
@@ -600,7 +603,8 @@ class Model:
         ``is_decoder``): e.g. ``Model.from_hf("bert-base", head="sequence_classification", num_labels=3)``
         puts a classifier on an encoder checkpoint. Parameters the checkpoint lacks are initialised from
         ``seed`` (as ``Model(config, seed=seed)``), named in a warning and in ``model.fresh_parameters``;
-        the warning also names checkpoint head tensors the model does not use.
+        the warning also names checkpoint head tensors the model does not use. Non-finite weights are
+        refused unless ``allow_nonfinite`` (for debugging).
 
         ``tokenizer``: "auto" attaches the directory's tokenizer as ``model.tokenizer`` when it has one
         (:meth:`ref_bert.Tokenizer.from_hf`), None otherwise; True requires one (ValueError naming the files
@@ -615,7 +619,7 @@ class Model:
             found = Tokenizer.from_hf(directory)
         elif tokenizer == "auto":
             found = find_tokenizer(directory)
-        checkpoint = hf.read_hf(directory, head=head, **options)
+        checkpoint = hf.read_hf(directory, head=head, allow_nonfinite=allow_nonfinite, **options)
         if found is not None:
             check_vocab_size(found, checkpoint.config.vocab_size, str(directory))
         model = cls(checkpoint.config, backend=backend, dtype=dtype, seed=seed)

@@ -504,7 +504,11 @@ class Tokenizer:
 
     def save_to(self, directory) -> None:
         """:meth:`save_hf` under the name a run directory uses (:mod:`ref_bert.pretrain.rundir` calls
-        ``tokenizer.save_to`` for OUT and every checkpoint)."""
+        ``tokenizer.save_to`` for OUT and every checkpoint). A run directory an earlier job wrote (taken
+        over with ``--overwrite``) may hold an spiece.model, which :meth:`from_hf` reads before a
+        vocab.txt: a WordPiece tokenizer removes it, so the directory holds one tokenizer."""
+        if self.kind == "wordpiece":
+            (Path(directory) / "spiece.model").unlink(missing_ok=True)
         self.save_hf(directory)
 
     def fingerprint(self) -> tuple:

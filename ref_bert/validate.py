@@ -16,6 +16,9 @@ def _describe(a) -> str:
 
 
 def require_array(name: str, a, backend):
+    if isinstance(a, np.ma.MaskedArray):   # its mask would be silently ignored
+        raise ValueError(f"{name} is a numpy masked array, whose mask ref-bert would ignore; expected a plain "
+                         f"array (fill the masked entries first, e.g. a.filled(0), and pass attention_mask)")
     if not backend.is_array(a):
         hint = ""
         if isinstance(a, np.ndarray):    # a NumPy array the backend does not take: the model lives elsewhere
@@ -176,7 +179,48 @@ def check_task_labels(config, backend, batch_shape, labels=None, start_positions
 # --- settings -------------------------------------------------------------------------------------
 def is_int(value) -> bool:
     """A Python or NumPy integer, not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A finite Python or NumPy real number, not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and bool(np.isfinite(value)))
+
+
+def check_dtype(name: str, dtype, allowed) -> np.dtype:
+    """``dtype`` (a name or a NumPy dtype) as a NumPy dtype, one of ``allowed``; else a ValueError."""
+    try:
+        resolved = np.dtype(dtype)
+    except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or str(resolved) not in allowed or isinstance(dtype, bool):
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {dtype!r}")
+    return resolved
+
+
+def check_seed(name: str, seed, allow_sequence: bool = False):
+    """A non-negative integer seed (or, with ``allow_sequence``, a non-empty list/tuple of them, as
+    ``numpy.random.default_rng`` takes); else a ValueError."""
+    if is_int(seed) and seed >= 0:
+        return seed
+    if allow_sequence and isinstance(seed, (list, tuple)) and seed and all(is_int(s) and s >= 0 for s in seed):
+        return seed
+    expected = "a non-negative integer" + (" or a non-empty sequence of them" if allow_sequence else "")
+    raise ValueError(f"{name}={seed!r:.80} is invalid: expected {expected}")
+
+
+def check_loss_weights(weights) -> tuple[float, float]:
+    """``loss_weights=(w_mlm, w_sop)``: two finite real numbers; else a ValueError."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != 2 or not all(is_real(w) for w in weights):
+        raise ValueError(f"loss_weights={weights!r:.80} is invalid: expected a pair (w_mlm, w_sop) of finite numbers")
+    return float(weights[0]), float(weights[1])
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r:.40} is invalid: expected True or False")
+    return bool(value)
 
 
 def require(condition: bool, name: str, value, expected: str) -> None:

@@ -72,15 +72,31 @@ class Report:
         return next((r for r in self.rows if not r.ok), None)
 
     @property
+    def compared(self) -> int:
+        """Rows whose tensor was present on both sides and compared (missing ones are not)."""
+        return sum(1 for r in self.rows if not r.status.startswith("missing"))
+
+    @property
     def ok(self) -> bool:
-        return not self.failures and bool(self.rows)
+        """Nothing out of tolerance, and something was compared: an empty comparison is never OK."""
+        return not self.failures and self.compared > 0
+
+
+def check_tolerance(name: str, value) -> float:
+    """A tolerance must be a finite number >= 0 (a NaN would make every comparison fail silently, an
+    infinite one pass everything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0")
+    return float(value)
 
 
 def tolerances(dtype: str, rtol=None, atol=None) -> tuple[float, float]:
     if dtype not in DEFAULT_TOLERANCES:
         raise ValueError(f"no default tolerances for dtype {dtype!r}; expected one of {sorted(DEFAULT_TOLERANCES)}")
     default_rtol, default_atol = DEFAULT_TOLERANCES[dtype]
-    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+    return (check_tolerance("rtol", default_rtol if rtol is None else rtol),
+            check_tolerance("atol", default_atol if atol is None else atol))
 
 
 def section_of(name: str) -> str:
@@ -88,14 +104,22 @@ def section_of(name: str) -> str:
 
 
 def compare(reference: "OrderedDict[str, np.ndarray]", candidate: dict, rtol: float, atol: float,
-            allow_missing: bool = False, dtype: str = "") -> Report:
-    """Compare ``candidate`` with ``reference`` tensor by tensor, in the reference's order."""
+            allow_missing: bool = False, dtype: str = "", equal_nan: bool = False) -> Report:
+    """Compare ``candidate`` with ``reference`` tensor by tensor, in the reference's order.
+
+    Integer (and boolean) reference tensors, the inputs, must be matched exactly by an integer candidate;
+    a floating-point candidate for them fails. Floating-point tensors pass within the tolerance above;
+    an infinity matches the same infinity exactly; a NaN matches nothing (a NaN on both sides is a
+    mismatch: it says both computations broke) unless ``equal_nan``. The report is OK only if at least one
+    tensor was compared."""
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     report = Report(rtol=rtol, atol=atol, dtype=dtype)
     scales: dict[str, float] = {}
     for name, ref in reference.items():
-        if ref.dtype.kind == "f" and ref.size:
+        finite = np.abs(ref[np.isfinite(ref)].astype(np.float64)) if ref.dtype.kind == "f" else None
+        if finite is not None and finite.size:
             s = section_of(name)
-            scales[s] = max(scales.get(s, 0.0), float(np.abs(ref.astype(np.float64)).max()))
+            scales[s] = max(scales.get(s, 0.0), float(finite.max()))
     for name, ref in reference.items():
         row = Row(name, tuple(ref.shape))
         report.rows.append(row)
@@ -107,6 +131,9 @@ def compare(reference: "OrderedDict[str, np.ndarray]", candidate: dict, rtol: fl
             row.status = f"shape {tuple(cand.shape)}"
             continue
         if ref.dtype.kind in "iub":
+            if cand.dtype.kind not in "iub":
+                row.status = f"FAIL (candidate dtype {cand.dtype}; the reference holds integers, compared exactly)"
+                continue
             row.max_abs = float(np.abs(cand.astype(np.int64) - ref.astype(np.int64)).max()) if ref.size else 0.0
             row.max_rel = 0.0 if row.max_abs == 0 else math.inf
             row.ok = row.max_abs == 0
@@ -117,11 +144,18 @@ def compare(reference: "OrderedDict[str, np.ndarray]", candidate: dict, rtol: fl
             row.max_abs = row.max_rel = 0.0
             row.ok, row.status = True, "ok"
             continue
-        diff = np.abs(a - b)
-        both_nan = np.isnan(a) & np.isnan(b)
-        diff[both_nan] = 0.0
+        if cand.dtype.kind not in "fiub":
+            row.status = f"FAIL (candidate dtype {cand.dtype}, expected numbers)"
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(a - b)
+        same_inf = np.isinf(a) & (a == b)                   # inf - inf is NaN; equal infinities agree exactly
+        diff[same_inf] = 0.0
+        if equal_nan:
+            diff[np.isnan(a) & np.isnan(b)] = 0.0
         row.max_abs = float(diff.max()) if not np.isnan(diff).any() else math.nan
-        scale = float(np.nanmax(np.abs(b))) if not np.isnan(b).all() else 0.0
+        finite_b = np.abs(b[np.isfinite(b)])
+        scale = float(finite_b.max()) if finite_b.size else 0.0
         row.max_rel = row.max_abs / scale if scale > 0 else (0.0 if row.max_abs == 0 else math.inf)
         limit = rtol * scale + atol * scales.get(section_of(name), 0.0)
         row.ok = bool(row.max_abs <= limit)  # NaN compares False
@@ -154,9 +188,12 @@ def format_report(report: Report, title: str = "", show: str = "all") -> str:
                      f"{verdict}{status}{mark}")
     tol = f"rtol {report.rtol:g}, atol {report.atol:g} x section max" + (f", {report.dtype}" if report.dtype else "")
     if report.ok:
-        lines.append(f"verify: OK: all {len(report.rows)} tensors within tolerance ({tol})")
-    elif not report.rows:
-        lines.append("verify: FAIL: nothing was compared")
+        missing = len(report.rows) - report.compared
+        lines.append(f"verify: OK: all {report.compared} compared tensors within tolerance ({tol})"
+                     + (f"; {missing} missing from the candidate (allowed)" if missing else ""))
+    elif not report.compared:
+        lines.append(f"verify: FAIL: nothing was compared ({len(report.rows)} reference tensors, none in the "
+                     f"candidate)")
     else:
         lines.append(f"verify: FAIL: first divergence at {first.name} (max rel err {_fmt(first.max_rel)}"
                      f"{'' if first.status in ('FAIL',) else ', ' + first.status}); {len(report.failures)} of "
@@ -165,14 +202,17 @@ def format_report(report: Report, title: str = "", show: str = "all") -> str:
 
 
 # --- golden vs candidate ---------------------------------------------------------------------------
-def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missing=False) -> Report:
-    """Compare a candidate dump (same format, produced by another implementation) with a golden file."""
+def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missing=False,
+                 equal_nan: bool = False) -> Report:
+    """Compare a candidate dump (same format, produced by another implementation) with a golden file.
+    A malformed file of either side is a ValueError (the CLI's exit status 2), never a mismatch."""
     from .golden import read_golden
 
     reference, meta = read_golden(golden_path)
-    candidate, cmeta = read_golden(candidate_path)
     dtype = meta["dtype"]
-    report = compare(reference, candidate, *tolerances(dtype, rtol, atol), allow_missing=allow_missing, dtype=dtype)
+    tols = tolerances(dtype, rtol, atol)
+    candidate, cmeta = read_golden(candidate_path)
+    report = compare(reference, candidate, *tols, allow_missing=allow_missing, dtype=dtype, equal_nan=equal_nan)
     if cmeta.get("dtype") != dtype:
         report.notes.append(f"note: candidate dtype {cmeta.get('dtype')} differs from the golden file's {dtype}")
     extra = [n for n in candidate if n not in reference]

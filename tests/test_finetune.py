@@ -414,3 +414,43 @@ def test_an_albert_directory_gives_albert_ids(spiece, tmp_path):
         assert job.train_encoded.arrays[key][0].tolist() == expected[key], key
     raw = Tokenizer.load(spiece).encode(texts[0][0])           # the pretraining settings: case kept
     assert job.train_encoded.arrays["input_ids"][0, 1:1 + len(raw)].tolist() != raw
+
+
+# --- the run directory: one writer, nothing that is not this run's overwritten, nothing non-finite published ---
+def test_one_writer_per_out_an_out_that_is_not_a_run_and_no_non_finite_checkpoint(spiece, tmp_path, capsys):
+    """Pretraining's run-directory rules hold for finetune: a second writer on the same --out is refused
+    naming the holder; a non-empty directory that is not a fine-tuning run, or an existing run without
+    --resume, is refused untouched unless --overwrite; an update that makes the weights non-finite is
+    never checkpointed (the error names the last finite checkpoint)."""
+    train = _write(tmp_path / "train.jsonl", [{"text": "the sea is calm", "label": "calm"},
+                                              {"text": "the storm breaks", "label": "rough"}])
+    common = ["--task", "classification", "--train", train, "--tokenizer", spiece, "--steps", "2", "--seq-len", "16",
+              "--no-progress"]
+    out = tmp_path / "run"
+    with files.claim_run_directory(out):
+        assert main(["finetune", "--out", str(out), *common]) == 2
+        assert f"{out} is in use by another run (pid " in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".lock-holder"]      # nothing of the run
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["finetune", "--out", str(mine), *common]) == 2
+    assert "--out " + str(mine) + " is an existing directory that is not a fine-tuning run (it holds notes.txt)" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert main(["finetune", "--out", str(mine), "--overwrite", *common]) == 0
+    assert (mine / "checkpoints" / "step-000002").is_dir()
+    assert main(["finetune", "--out", str(mine), *common]) == 2
+    assert "already holds a fine-tuning run" in capsys.readouterr().err
+
+    # AdamW without clipping at lr 1e39, one warmup step: step 1 runs at rate 0, step 2's update overflows.
+    poisoned = tmp_path / "poisoned"
+    with np.errstate(all="ignore"):
+        assert main(["finetune", "--out", str(poisoned), *common[:-5], "--steps", "3", "--seq-len", "16",
+                     "--optimizer", "adamw", "--lr", "1e39", "--warmup", "2", "--checkpoint-every", "1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the update of step 2 made parameter" in err and "step-000001" in err, err
+    assert [p.name for p in (poisoned / "checkpoints").iterdir()] == ["step-000001"]
+    assert files.read_pointer(poisoned / "latest").name == "step-000001"

@@ -9,9 +9,10 @@ or optional imports (torch, transformers, matplotlib) inside ``run`` so that bui
 cheap and a missing optional dependency only affects the command that needs it.
 
 Errors are reported in one place, :func:`main`: a ``ValueError`` (bad arguments, unreadable input, a
-missing optional dependency) or ``backends.BackendUnavailable`` raised by any subcommand is printed as
-``error: <message>`` on stderr, without a traceback, and the exit status is 2 (argparse's own status
-for a usage error).
+missing optional dependency), ``backends.BackendUnavailable`` or an ``OSError`` (a path that cannot be
+written or read: a directory where a file was expected, a full disk, no permission) raised by any
+subcommand is printed as ``error: <message>`` on stderr, without a traceback, and the exit status is 2
+(argparse's own status for a usage error). ``ref-bert --debug COMMAND ...`` shows the traceback too.
 
 One vocabulary of flags across the commands: ``--batch-size``, ``--seq-len``, ``--threads`` (BLAS and
 PyTorch threads), ``--config PRESET|FILE|DIR`` (:func:`resolve_config`), ``--dtype`` (its default follows
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ref-bert", description="ALBERT/BERT/UniLM reference in NumPy/CuPy")
     parser.add_argument("--version", action="version", version=f"ref-bert {version()}",
                         help="print ref-bert's version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -162,8 +164,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, backends.BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, backends.BackendUnavailable, OSError) as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        if isinstance(e, OSError) and e.strerror:
+            paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+            print(f"error: {paths + ': ' if paths else ''}{e.strerror}", file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -74,6 +74,9 @@ def add_arguments(parser) -> None:
     a("--threads", type=int, default=None, metavar="N",
       help="BLAS threads for the run; 0 leaves them alone (default: 1 on the numpy backend unless "
            "OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set)")
+    a("--overwrite", action="store_true",
+      help="allow an --out that is neither new, empty nor this run (a model directory, another run): the run "
+           "replaces its files (default: such an --out is refused)")
     from backends.comm import KINDS as COMM_KINDS
 
     a("--comm", default=d.comm, choices=COMM_KINDS,
@@ -101,7 +104,8 @@ def run(args) -> int:
     if args.config_set:
         given["config_overrides"] = dict(_parse_override(text) for text in args.config_set)
     base = FinetuneConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
-                          until=args.until, threads=args.threads, comm=args.comm, progress=not args.no_progress)
+                          until=args.until, threads=args.threads, comm=args.comm, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     try:
         result = finetune(base, **given)
     except KeyboardInterrupt:

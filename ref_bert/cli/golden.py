@@ -49,8 +49,12 @@ def run(args) -> int:
     from ref_bert.golden import make_inputs, text_inputs, write_golden
     from ref_bert.model import Model
 
+    from pathlib import Path
+
     from . import resolve_config
 
+    if Path(args.out).is_dir():   # before the work, not after it
+        raise ValueError(f"--out {args.out} is a directory; expected the path of the golden file to write")
     texts = read_texts(args)
     if args.config is not None:
         if texts is not None:

@@ -11,8 +11,11 @@ columns keys; "1" means the query may attend the key.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ref_bert.masks import MASK_KINDS
+
+MAX_TOKENS = 512   # per segment: a printed grid is for reading; 512 is BERT's whole sequence
 
 
 def add_arguments(parser) -> None:
@@ -31,8 +34,11 @@ def run(args) -> int:
 
     for name in ("source", "target", "pad"):
         value = getattr(args, name)
-        if value < 0:
-            raise ValueError(f"--{name}={value} is invalid: expected a non-negative integer")
+        if not 0 <= value <= MAX_TOKENS:
+            raise ValueError(f"--{name}={value} is invalid: expected an integer in [0, {MAX_TOKENS}] (the grid is "
+                             f"printed for reading)")
+    if args.png and Path(args.png).is_dir():   # before drawing, not after
+        raise ValueError(f"--png {args.png} is a directory; expected the path of the image file to write")
     kinds = MASK_KINDS if args.kind == "all" else (normalize_kind(args.kind),)
     blocks = []
     for kind in kinds:

@@ -99,6 +99,9 @@ def add_arguments(parser) -> None:
     a("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
       help="continue from OUT/latest, or from the given checkpoint directory, with its recorded settings "
            "(default: a new run; OUT must not hold one)")
+    a("--overwrite", action="store_true",
+      help="let --out be an existing directory that is not this run's (a model directory, another run): this run "
+           "replaces its files (default: refused, so that nothing that is not this run's is overwritten)")
     a("--threads", type=int, default=None, metavar="N",
       help="BLAS threads (and the numpy backend's own) for the run; 0 leaves them alone (default: 1 on the "
            "numpy backend unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set, else 0)")
@@ -125,7 +128,7 @@ def config_from_args(args) -> tuple:
     base = PretrainConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
                           until=args.until, threads=args.threads, comm=args.comm,
                           shard_optimizer=args.shard_optimizer, progress=not args.no_progress,
-                          plot=not args.no_plot)
+                          plot=not args.no_plot, overwrite=args.overwrite)
     return base, given
 
 

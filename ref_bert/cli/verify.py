@@ -35,6 +35,8 @@ def add_arguments(parser) -> None:
     add_text_arguments(parser, "compare")
     parser.add_argument("--allow-missing", action="store_true",
                         help="--golden only: candidate tensors that are absent do not fail the check")
+    parser.add_argument("--equal-nan", action="store_true",
+                        help="--golden only: a NaN on both sides counts as a match (default: a mismatch)")
     parser.add_argument("--failures-only", action="store_true", help="print only the rows out of tolerance")
     add_progress_flag(parser)
 
@@ -96,7 +98,7 @@ def run(args) -> int:
         report = _verify_directory(args)
         title = f"ref-bert verify --hf {args.hf}"
     elif args.golden and args.candidate:
-        report = verify_files(args.golden, args.candidate, args.rtol, args.atol, args.allow_missing)
+        report = verify_files(args.golden, args.candidate, args.rtol, args.atol, args.allow_missing, args.equal_nan)
         title = f"ref-bert verify --golden {args.golden} --candidate {args.candidate}"
     else:
         raise ValueError("give --hf DIR, or both --golden FILE and --candidate FILE")

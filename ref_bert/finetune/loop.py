@@ -26,6 +26,7 @@ Rank 0 alone writes OUT and evaluates.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -49,6 +50,7 @@ from ..ops import IGNORE_INDEX
 from ..optim import OPTIMIZERS, linear_warmup_decay
 from ..pretrain import rundir
 from ..pretrain.data_parallel import DataParallel, check_split, dropout_seed, every_rank_ends_on_error
+from ..pretrain.loop import check_publishable
 from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
 from ..validate import is_int, require
@@ -88,6 +90,10 @@ class FinetuneConfig:
         model trained from scratch on the embedded data).
     num_labels: the head's classes; None: from the training file (or the init directory's head).
     label_smoothing, mask_prob: seq2seq only (UniLM s2s-ft: 0.1 and 0.7).
+    overwrite: allow ``out`` to be an existing directory that is neither empty nor this run (a model
+        directory, another run), whose files the run then replaces; without it such an ``out`` is refused.
+        One writer per run directory: the run holds OUT's lock (:func:`ref_bert.files.claim_run_directory`).
+    comm: the communicator of a data-parallel run (module docstring).
     """
 
     task: str = "classification"
@@ -120,6 +126,7 @@ class FinetuneConfig:
     progress: bool = True
     schedule: str = "linear"     # fixed: Hugging Face's linear warmup and decay
     comm: str = "auto"           # data parallel: backends.comm.KINDS ("auto": mpiexec -n N gives N ranks)
+    overwrite: bool = False      # allow an --out that is neither new, empty nor this run (pretraining's rule)
 
     def warmup_steps(self) -> int:
         return int(round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
@@ -163,6 +170,7 @@ def validate(cfg: FinetuneConfig) -> None:
     require(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 0), "threads", cfg.threads,
             "None, 0 (leave BLAS alone) or a positive thread count")
     require(cfg.comm in backends.comm.KINDS, "comm", cfg.comm, f"one of {backends.comm.KINDS}")
+    require(isinstance(cfg.overwrite, bool), "overwrite", cfg.overwrite, "True or False")
 
 
 @dataclass
@@ -268,23 +276,32 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **setti
 def _run(cfg: FinetuneConfig, resume_dir: Optional[Path], state: Optional[dict], on_step, comm) -> FinetuneResult:
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
+        if comm.rank == 0:   # rank 0 alone writes OUT; its errors end every rank (every_rank_ends_on_error)
+            rundir.check_output(Path(cfg.out), resume_dir, cfg.overwrite, kind="fine-tuning")   # never into what is not this run's
         job = prepare(cfg, resume_dir, state, comm)   # nothing is written before this returns
         comm.barrier()                                # every rank has read the checkpoint before OUT changes
-        newest = None
-        if comm.rank == 0:
-            newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-            _write_task(job, job.out)
-        newest = comm.broadcast_text(None if newest is None else str(newest))
-        job.newest = Path(newest) if newest else None
-        if job.step < (cfg.steps if cfg.until is None else cfg.until):
-            run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
-        scores = None
-        if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps) and comm.rank == 0:
-            scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
-            files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
-                                                          "eval_file": job.eval_data.path,
-                                                          "examples": len(job.eval_data.records), **scores})
-        comm.barrier()
+        with files.claim_run_directory(job.out) if comm.rank == 0 else contextlib.nullcontext():
+            newest = None                             # one writer per run directory, until the run ends
+            if comm.rank == 0:
+                # What was checked before the lock must still hold now that no one else can write OUT.
+                rundir.check_output(job.out, resume_dir, cfg.overwrite, kind="fine-tuning")
+                if cfg.resume is True and \
+                        files.read_pointer(job.out / rundir.LATEST_NAME).resolve() != resume_dir.resolve():
+                    raise ValueError(f"{job.out / rundir.LATEST_NAME} changed while this run was preparing (another "
+                                     f"run wrote {job.out}); run --resume again")
+                newest = rundir.open_output(job.out, job.history, job.tokenizer, job.resume_dir, cfg.overwrite)
+                _write_task(job, job.out)
+            newest = comm.broadcast_text(None if newest is None else str(newest))
+            job.newest = Path(newest) if newest else None
+            if job.step < (cfg.steps if cfg.until is None else cfg.until):
+                run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
+            scores = None
+            if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps) and comm.rank == 0:
+                scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
+                files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
+                                                              "eval_file": job.eval_data.path,
+                                                              "examples": len(job.eval_data.records), **scores})
+            comm.barrier()
     return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started,
                           rank=comm.rank)
 
@@ -531,7 +548,10 @@ def _write_task(job: Job, directory: Path) -> None:
 
 
 def _save_checkpoint(job: Job, elapsed: float) -> None:
-    """Checkpoint the step just done; rank 0 writes it, and every rank learns its path."""
+    """Checkpoint the step just done, when every parameter and moment is finite (pretraining's rule:
+    :func:`ref_bert.pretrain.loop.check_publishable`, on every rank alike); rank 0 writes it, and every
+    rank learns its path."""
+    check_publishable(job)
     cfg = job.cfg
     job.model.mark_trained()    # the fresh head has been trained from here on
     if job.parallel.rank != 0:

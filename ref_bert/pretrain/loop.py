@@ -2,6 +2,7 @@
 written), opens the output directory, runs the loop and draws the plot."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 import backends.comm
 
+from .. import files
 from ..data import SentencePairStream, Tokenizer, check_pairable, default_corpus_path, read_corpus
 from ..model import Model
 from . import rundir
@@ -108,12 +110,19 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, comm=Non
     at once, without a checkpoint of that step).
     """
     base = cfg or PretrainConfig()
+    if not isinstance(base, PretrainConfig):
+        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a PretrainConfig or None")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(PretrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown pretrain settings {unknown}; expected fields of PretrainConfig "
+                         f"({', '.join(f.name for f in dataclasses.fields(PretrainConfig))})")
     defaults = PretrainConfig()
     given = set(settings) | {f.name for f in dataclasses.fields(PretrainConfig)
                              if getattr(base, f.name) != getattr(defaults, f.name)}
     cfg = dataclasses.replace(base, **settings)
-    if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))):
-        validate(cfg)   # raises for resume
+    if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))) \
+            or not isinstance(cfg.out, (str, os.PathLike)) or not isinstance(cfg.overwrite, bool):
+        validate(cfg)   # raises for resume, out or overwrite
     resume_dir = rundir.resolve_resume(Path(cfg.out), cfg.resume)
     state = None
     if resume_dir is not None:
@@ -132,16 +141,25 @@ def _run(cfg: PretrainConfig, resume_dir, state, on_step: OnStep, comm) -> Pretr
             print(f"note: no BLAS library found: threads={cfg.threads} set only ref-bert's own threads "
                   f"(set OMP_NUM_THREADS before starting Python for BLAS)", file=sys.stderr)
         started = time.perf_counter()
+        if comm.rank == 0:   # rank 0 alone writes OUT; its errors end every rank (pretrain's except)
+            rundir.check_output(Path(cfg.out), resume_dir, cfg.overwrite)
         job = prepare(cfg, resume_dir, state, comm)   # everything that can fail on bad input; nothing is written
         comm.barrier()                                # every rank has read the checkpoint before OUT changes
-        newest = None
-        if comm.rank == 0:
-            newest = rundir.open_output(job.out, job.history, job.tokenizer, job.model.config, job.resume_dir)
-        newest = comm.broadcast_text(None if newest is None else str(newest))
-        job.newest = Path(newest) if newest else None
-        train(job, on_step)                           # from here on OUT is written (by rank 0)
-        plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot and comm.rank == 0 else None
-        comm.barrier()
+        with files.claim_run_directory(job.out) if comm.rank == 0 else contextlib.nullcontext():
+            newest = None                             # one writer per run directory, until the run ends
+            if comm.rank == 0:
+                # What was checked before the lock must still hold now that no one else can write OUT.
+                rundir.check_output(job.out, resume_dir, cfg.overwrite)
+                if cfg.resume is True and \
+                        files.read_pointer(job.out / rundir.LATEST_NAME).resolve() != resume_dir.resolve():
+                    raise ValueError(f"{job.out / rundir.LATEST_NAME} changed while this run was preparing (another "
+                                     f"run wrote {job.out}); run --resume again")
+                newest = rundir.open_output(job.out, job.history, job.tokenizer, job.resume_dir, cfg.overwrite)
+            newest = comm.broadcast_text(None if newest is None else str(newest))
+            job.newest = Path(newest) if newest else None
+            train(job, on_step)                       # from here on OUT is written (by rank 0)
+            plot = write_plot(job.out, job.history, cfg.sop_weight) if cfg.plot and comm.rank == 0 else None
+            comm.barrier()
     return PretrainResult(out_dir=job.out, checkpoint=job.newest, step=job.step,
                           metrics=job.history[-1] if job.history else {}, history=job.history,
                           wall_time=time.perf_counter() - started, plot=plot, rank=comm.rank)
@@ -233,34 +251,47 @@ def train(job: Job, on_step: OnStep = None, step: Optional[Callable] = None, sav
     stop = cfg.steps if cfg.until is None else cfg.until
     log = StepLog(job.out, cfg.steps, job.step, job.elapsed_before, cfg.progress, desc=desc,
                   writer=job.parallel.rank == 0)
-    between_steps = True   # False from the start of a step until it is logged and checkpointed
     try:
-        with _DeferredInterrupt() as interrupt:
-            try:
-                while job.step < stop:
-                    if job.parallel.comm.any(interrupt.requested):   # every rank stops at the same step
-                        raise KeyboardInterrupt
-                    between_steps = False
-                    step(job, log, stop)
-                    between_steps = True
-                    if on_step is not None:
-                        on_step(job.step, job.history[-1] if job.history and job.history[-1]["step"] == job.step
-                                else None)
-            except KeyboardInterrupt:
-                newest_step = rundir.checkpoint_step(job.newest) if job.newest is not None else None
-                if between_steps and job.step > 0 and newest_step != job.step:
-                    save(job, log.elapsed())
-                    log.close()
-                    print(f"\ninterrupted after step {job.step}: wrote checkpoint {job.newest} "
-                          f"(continue with --resume)", file=sys.stderr)
-                else:
-                    log.close()
-                    where = f"after step {job.step}" if between_steps else f"during step {job.step + 1}"
-                    print(f"\ninterrupted {where}; newest complete checkpoint: {job.newest} "
-                          f"(continue with --resume)", file=sys.stderr)
-                raise
+        _train(job, on_step, log, stop, step, save)
+    except OSError as e:   # a full disk, a lost mount: one line, the file and the checkpoint to resume from
+        where = e.filename or job.out
+        try:   # what OUT/latest names is complete (it may be newer than job.newest if the failure came after it)
+            newest = files.read_pointer(job.out / rundir.LATEST_NAME)
+        except (ValueError, OSError):
+            newest = job.newest
+        raise ValueError(f"cannot write {where}: {e.strerror or e} (at step {job.step}); the newest complete "
+                         f"checkpoint is {newest}{' (resume from it with --resume once fixed)' if newest else ''}"
+                         ) from e
     finally:
         log.close()
+
+
+def _train(job: Job, on_step: OnStep, log: StepLog, stop: int, step: Callable, save: Callable) -> None:
+    between_steps = True   # False from the start of a step until it is logged and checkpointed
+    with _DeferredInterrupt() as interrupt:
+        try:
+            while job.step < stop:
+                if job.parallel.comm.any(interrupt.requested):   # every rank stops at the same step
+                    raise KeyboardInterrupt
+                between_steps = False
+                step(job, log, stop)
+                between_steps = True
+                if on_step is not None:
+                    on_step(job.step, job.history[-1] if job.history and job.history[-1]["step"] == job.step
+                            else None)
+        except KeyboardInterrupt:
+            newest_step = rundir.checkpoint_step(job.newest) if job.newest is not None else None
+            if between_steps and job.step > 0 and newest_step != job.step:
+                save(job, log.elapsed())
+                log.close()
+                print(f"\ninterrupted after step {job.step}: wrote checkpoint {job.newest} "
+                      f"(continue with --resume)", file=sys.stderr)
+            else:
+                log.close()
+                where = f"after step {job.step}" if between_steps else f"during step {job.step + 1}"
+                print(f"\ninterrupted {where}; newest complete checkpoint: {job.newest} "
+                      f"(continue with --resume)", file=sys.stderr)
+            raise
 
 
 def _step(job: Job, log: StepLog, stop: int) -> None:
@@ -310,9 +341,31 @@ def log_step(job: Job, log: StepLog, lr: float, parts: dict, grad_norm) -> dict:
     return record
 
 
+def check_publishable(job: Job) -> None:
+    """Every parameter and optimiser moment finite, else a ValueError naming the first that is not and
+    the newest checkpoint that is finite. The loss logged at step s is computed from the parameters
+    *before* step s's update, so a finite loss does not show that the update left finite parameters:
+    this check, run before anything of the step is published, does."""
+    xp = job.model.xp
+    suspects = [("parameter", job.model.params.flat, None)]
+    suspects += [("optimiser moment", v, k) for k, v in job.optimizer.state_dict()["tensors"].items()]
+    for what, array, name in suspects:
+        if bool(xp.isfinite(array).all()):
+            continue
+        if name is None:
+            name = next(n for n, v in job.model.params.items() if not bool(xp.isfinite(v).all()))
+        newest = (f"the newest checkpoint, all finite, is {job.newest}" if job.newest is not None
+                  else "no checkpoint was written yet")
+        raise ValueError(f"the update of step {job.step} made {what} {name!r} non-finite (NaN or inf); step "
+                         f"{job.step} was not checkpointed and OUT's model was not replaced; {newest}; "
+                         f"expected finite values (try a new run with a lower --lr)")
+
+
 def save_checkpoint(job: Job, elapsed: float) -> None:
     """Checkpoint the step just done (rundir.py), then prune the older checkpoints. Every rank calls
-    it (a sharded optimiser's moments are gathered); rank 0 writes, and every rank learns the path."""
+    it (a sharded optimiser's moments are gathered); rank 0 writes, and every rank learns the path.
+    Nothing non-finite is published (:func:`check_publishable`)."""
+    check_publishable(job)
     cfg = job.cfg
     optimizer = job.parallel.checkpoint_optimizer(job.optimizer, job.model)
     if job.parallel.rank != 0:

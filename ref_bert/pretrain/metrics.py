@@ -36,11 +36,16 @@ def read_metrics(path) -> list:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines):   # the unterminated tail
                 break
             raise ValueError(f"{path} line {number} is not JSON: {e}") from e
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"{path} line {number} is {line[:80]!r}; expected a JSON object with a positive "
+                             f"integer 'step' (a metrics line)")
+        records.append(record)
     return records
 
 

@@ -16,15 +16,23 @@ atomically (``files.atomic_write_bytes``) and each directory published atomicall
     OUT/config.json, OUT/model.safetensors, OUT/spiece.model   the newest weights: OUT is itself a model
                                 directory for ``checkpoint.load_model`` and ``ref-bert generate``
     OUT/metrics.jsonl           one JSON line per logged step; OUT/loss.png the loss curves (metrics.py)
+    OUT/superseded/after-step-NNNNNN/   what a resume from an earlier checkpoint of OUT moved out of the
+                                run's way: the newer checkpoints and the whole metrics.jsonl, itself a
+                                run directory (``--out`` it with ``--resume`` to continue that line)
+    OUT/.lock, OUT/.lock-holder the writer's lock (files.claim_run_directory) and who holds it
 
-Interrupting (Ctrl-C) never damages the newest complete checkpoint: a checkpoint being written is a
-hidden temporary directory until its final rename, and the next run removes such leftovers.
+Nothing is lost: one writer per run directory (the lock); an ``--out`` that is neither new, empty nor
+this run is refused unless ``overwrite``; interrupting (Ctrl-C, ``kill -9``) never damages the newest
+complete checkpoint (a checkpoint being written is a hidden temporary directory until its final
+rename, pruning renames a checkpoint away before deleting it, and the next run cleans up such
+leftovers); a checkpoint is published only when every parameter and optimiser moment is finite; a
+resume from an earlier checkpoint moves the newer work aside instead of overwriting it.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,11 +43,12 @@ from .. import files
 from ..config import Config
 from ..data import SentencePairStream, Tokenizer
 from ..model import Model
-from ..validate import is_int
+from ..validate import is_int, is_real
 from .metrics import METRICS_NAME, metrics_bytes, read_metrics
 from .settings import JOB_KEYS, RUN_KEYS, PretrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
+SUPERSEDED_DIR = "superseded"
 LATEST_NAME = "latest"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "state.json"
@@ -66,23 +75,109 @@ def list_checkpoints(out) -> list:
     return [p for _, p in sorted(found)]
 
 
-# --- writing ---------------------------------------------------------------------------------------
-def open_output(out: Path, history: list, tokenizer: Tokenizer, config: Config,
-                resume_dir: Optional[Path]) -> Optional[Path]:
-    """Create OUT, clear staging leftovers, write the metrics history, tokenizer and config. Returns
-    the newest complete checkpoint of the run's line: ``resume_dir`` when it is one of OUT's, else None."""
+def run_directory_of(checkpoint) -> Optional[Path]:
+    """The run directory a checkpoint belongs to (OUT for OUT/checkpoints/step-NNNNNN), else None."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint_step(checkpoint) is not None and checkpoint.parent.name == CHECKPOINTS_DIR:
+        return checkpoint.parent.parent
+    return None
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a pretraining run (a ``latest`` pointer or a checkpoints directory)."""
+    return (out / LATEST_NAME).exists() or (out / CHECKPOINTS_DIR).is_dir()
+
+
+# --- the output directory ----------------------------------------------------------------------------
+def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: str = "pretraining") -> None:
+    """Refuse an ``out`` that is not this run's to write, before anything is written. Allowed: a new
+    or empty directory; the run directory that ``resume_dir`` belongs to (continuing it); anything
+    with ``overwrite``. Refused: an existing run without a resume of it, and any other non-empty
+    directory (a Hugging Face model directory, someone's files). A reusable guard: ``finetune``'s
+    ``--out`` goes through it too (with :func:`ref_bert.files.claim_run_directory`); ``kind`` names the job in
+    the messages."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; expected a new or empty directory, or a run "
+                         f"to resume")
+    found = sorted(p.name for p in out.iterdir() if p.name not in (files.LOCK_NAME, files.HOLDER_NAME))
+    if not found or overwrite:
+        return
+    if resume_dir is not None and run_directory_of(resume_dir) == out.resolve():
+        return
+    if holds_run(out):
+        if resume_dir is None:
+            raise ValueError(f"{out} already holds a {kind} run ({out / LATEST_NAME} or {out / CHECKPOINTS_DIR} "
+                             f"exists); pass --resume to continue it, --overwrite to replace it, or choose another "
+                             f"--out")
+        raise ValueError(f"--out {out} holds another {kind} run than the checkpoint {resume_dir}; resuming "
+                         f"would write over it: choose a new --out (to branch from that checkpoint), resume {out}'s "
+                         f"own run, or pass --overwrite to replace it")
+    raise ValueError(f"--out {out} is an existing directory that is not a {kind} run (it holds "
+                     f"{', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); refusing to write into it: choose "
+                     f"a new or empty directory, or pass --overwrite to let this run replace its files")
+
+
+def open_output(out: Path, history: list, tokenizer: Tokenizer, resume_dir: Optional[Path],
+                overwrite: bool = False) -> Optional[Path]:
+    """Make OUT this run's (the caller holds its lock): clear staging leftovers, move work newer than
+    ``resume_dir`` aside (:func:`supersede_newer`), write the metrics history and tokenizer, and make
+    OUT's model files those of ``resume_dir``. Returns the newest complete checkpoint of the run's line:
+    ``resume_dir`` when it is one of OUT's, else None.
+
+    A new run writes no config.json here: OUT gets config.json and model.safetensors together, with the
+    first checkpoint, so it is never a config without weights."""
     out.mkdir(parents=True, exist_ok=True)
     files.remove_staging(out / CHECKPOINTS_DIR)
+    continuing = resume_dir is not None and run_directory_of(resume_dir) == out.resolve()
+    if overwrite and not continuing and holds_run(out):   # asked for: the old run is replaced
+        files.remove_directory(out / CHECKPOINTS_DIR)
+        (out / LATEST_NAME).unlink(missing_ok=True)
+    if continuing:
+        supersede_newer(out, resume_dir)
     files.atomic_write_bytes(out / METRICS_NAME, metrics_bytes(history))
     tokenizer.save_to(out)
-    files.atomic_write_bytes(out / ckpt.CONFIG_NAME, config.to_json().encode())
-    if resume_dir is not None and resume_dir.resolve().parent == (out / CHECKPOINTS_DIR).resolve():
-        # The run continues from resume_dir: it is now the newest checkpoint of the run's line, even
-        # if OUT/latest named a later one (a resume from an explicit earlier checkpoint). Later
-        # checkpoints are then never named by OUT/latest while this run replaces them.
+    if resume_dir is not None:   # OUT is the model of the checkpoint the run continues from
+        files.atomic_copy(resume_dir / ckpt.WEIGHTS_NAME, out / ckpt.WEIGHTS_NAME)
+        files.atomic_copy(resume_dir / ckpt.CONFIG_NAME, out / ckpt.CONFIG_NAME)
+    if continuing:
         files.write_pointer(out / LATEST_NAME, resume_dir)
         return resume_dir
     return None
+
+
+def supersede_newer(out: Path, resume_dir: Path) -> Optional[Path]:
+    """Move OUT's checkpoints newer than ``resume_dir`` (left by a run that got further) out of the way,
+    into ``OUT/superseded/after-step-NNNNNN[.k]/``, with a copy of the whole metrics.jsonl and a
+    ``latest`` naming the newest of them: nothing a resume from an earlier checkpoint replaces is lost,
+    and ``--keep-checkpoints`` counts only the run's own line. Crash-safe in this order: the metrics
+    copy, then OUT/latest names ``resume_dir``, then each checkpoint is moved by one rename, newest
+    first (a process killed in between leaves the rest where the next resume moves them again, into
+    another archive). Returns the archive, or None."""
+    step = checkpoint_step(resume_dir)
+    newer = [p for p in list_checkpoints(out) if checkpoint_step(p) > step]
+    if not newer:
+        return None
+    root = out / SUPERSEDED_DIR
+    base = f"after-step-{step:06d}"
+    archive, k = root / base, 1
+    while archive.exists():
+        k += 1
+        archive = root / f"{base}.{k}"
+    (archive / CHECKPOINTS_DIR).mkdir(parents=True)
+    if (out / METRICS_NAME).is_file():
+        files.atomic_copy(out / METRICS_NAME, archive / METRICS_NAME)
+    files.write_pointer(out / LATEST_NAME, resume_dir)
+    for path in reversed(newer):   # newest first, so that the archive's latest names a moved checkpoint
+        path.replace(archive / CHECKPOINTS_DIR / path.name)
+        if path is newer[-1]:
+            files.write_pointer(archive / LATEST_NAME, archive / CHECKPOINTS_DIR / path.name)
+    files.fsync_directory(out / CHECKPOINTS_DIR)
+    print(f"note: resuming {out} from step {step}: its newer checkpoints "
+          f"({', '.join(p.name for p in newer)}) and metrics were moved to {archive}", file=sys.stderr)
+    return archive
 
 
 def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: SentencePairStream,
@@ -115,6 +210,7 @@ def save_checkpoint(out: Path, step: int, model: Model, optimizer, stream: Sente
             extra(directory)
 
     final = files.publish_directory(out / CHECKPOINTS_DIR / checkpoint_name(step), write)
+    files._fault_point("checkpoint-before-pointer")
     files.write_pointer(out / LATEST_NAME, final)
     # OUT itself stays a model directory (config.json + model.safetensors + spiece.model).
     ckpt.save_model(model, out)
@@ -133,7 +229,7 @@ def prune_checkpoints(out: Path, newest: Path, keep: int) -> None:
     newest_step = checkpoint_step(newest)
     older = [p for p in list_checkpoints(out) if checkpoint_step(p) <= newest_step]
     for path in older[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        files.remove_directory(path)   # renamed away first: never seen half-deleted under its name
 
 
 # --- resuming ----------------------------------------------------------------------------------------
@@ -141,9 +237,6 @@ def resolve_resume(out: Path, resume, kind: str = "pretraining") -> Optional[Pat
     """The checkpoint directory ``resume`` names: ``out/latest`` for True, the given path for a path,
     None for False (then ``out`` must not hold a run already). ``kind`` names the job in messages."""
     if resume is False:
-        if (out / LATEST_NAME).exists():
-            raise ValueError(f"{out} already holds a {kind} run ({out / LATEST_NAME} exists); pass --resume to "
-                             f"continue it, or choose another --out")
         return None
     if resume is True:
         if not (out / LATEST_NAME).is_file():
@@ -167,8 +260,22 @@ def load_checkpoint_state(directory, expected_format: str = STATE_FORMAT) -> dic
     for key in STATE_KEYS:
         if key not in state:
             raise ValueError(f"{directory / STATE_NAME} lacks {key!r}; expected keys {', '.join(STATE_KEYS)}")
+    where = directory / STATE_NAME
     if not is_int(state["step"]) or state["step"] < 1:
-        raise ValueError(f"{directory / STATE_NAME} has step={state['step']!r}, expected a positive integer")
+        raise ValueError(f"{where} has step={state['step']!r}, expected a positive integer")
+    for key in ("optimizer", "dropout_rng", "data", "run") + (("job",) if "job" in state else ()):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"{where} has {key}={state[key]!r:.80}, expected a JSON object")
+    optimizer = state["optimizer"]
+    if not is_int(optimizer.get("step")) or optimizer["step"] < 0 or not isinstance(optimizer.get("hyper"), dict):
+        raise ValueError(f"{where} has optimizer={optimizer!r:.120}, expected an object with an integer step >= 0 "
+                         f"and a hyper object")
+    if not is_real(state["elapsed"]) or state["elapsed"] < 0:
+        raise ValueError(f"{where} has elapsed={state['elapsed']!r:.40}, expected a finite number of seconds >= 0")
+    if not is_int(state["tokens"]) or state["tokens"] < 0:
+        raise ValueError(f"{where} has tokens={state['tokens']!r:.40}, expected an integer >= 0")
+    if not isinstance(state.get("config_source", ""), str):
+        raise ValueError(f"{where} has config_source={state['config_source']!r:.40}, expected a string")
     return state
 
 
@@ -212,6 +319,9 @@ def check_resumable(cfg: PretrainConfig, model_config: Config, resume_dir: Path,
         raise ValueError(f"checkpoint {resume_dir} was written by a run with other settings ({'; '.join(changed)}); "
                          f"these change the run's arithmetic, so a resume keeps the checkpoint's: omit {names} "
                          f"(only --steps may change, to extend the run)")
+    if cfg.until is not None and cfg.until <= state["step"]:
+        raise ValueError(f"until={cfg.until} is invalid: checkpoint {resume_dir} is already at step {state['step']}; "
+                         f"expected a step after it (or omit --until to run to steps={cfg.steps})")
     if state["step"] >= cfg.steps:
         raise ValueError(f"checkpoint {resume_dir} is at step {state['step']}, the end of the run "
                          f"(steps={cfg.steps}); nothing to resume (to train on, extend the run: --resume "
@@ -233,13 +343,18 @@ def restore(where: Path, state: dict, out: Path, model: Model, optimizer, stream
     try:
         ckpt.load_weights(model, where)
         opt_tensors, _ = files.load_tensors(where / OPTIMIZER_NAME)
+        files.check_finite(opt_tensors, str(where / OPTIMIZER_NAME))
         optimizer.load_state_dict({"step": state["optimizer"]["step"], "tensors": opt_tensors,
                                    "hyper": state["optimizer"]["hyper"]})
         _set_rng_state(model.dropout_rng, state["dropout_rng"], str(where))
         stream.load_state_dict(state["data"])
     except ValueError as e:
         raise ValueError(f"cannot resume from {where}: {e}{_other_checkpoints_hint(out, where)}") from e
-    return [r for r in read_metrics(out / METRICS_NAME) if r.get("step", 0) <= int(state["step"])]
+    # The history up to the checkpoint comes from the run the checkpoint belongs to (OUT itself, or
+    # another run's directory when this run branches from one of its checkpoints).
+    source = run_directory_of(where)
+    history = read_metrics(source / METRICS_NAME) if source is not None else []
+    return [r for r in history if r["step"] <= int(state["step"])]
 
 
 def _describe_config_difference(saved: Config, wanted: Config) -> str:

@@ -56,6 +56,9 @@ class PretrainConfig:
               do not depend on the number of processes (ref_bert/pretrain/data_parallel.py).
     shard_optimizer: ZeRO stage 1: each rank keeps the optimiser moments of its shard of the
               tensors only; bit-identical to the replicated optimiser.
+    overwrite: allow ``out`` to be an existing directory that is not an empty one or a run to resume
+              (a model directory, another run): the run then replaces its files. Without it such an
+              ``out`` is refused, so that nothing that is not this run's is overwritten.
     threads:  BLAS threads for the duration of the run (and the NumPy backend's own loops), restored
               afterwards. None: 1 where the backend runs host BLAS (numpy) unless $OPENBLAS_NUM_THREADS
               or $OMP_NUM_THREADS is set, else leave alone; 0: leave alone; N: N threads.
@@ -90,6 +93,7 @@ class PretrainConfig:
     shard_optimizer: bool = False
     progress: bool = True
     plot: bool = True
+    overwrite: bool = False
 
     def warmup_steps(self) -> int:
         return int(round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
@@ -133,6 +137,8 @@ def validate(cfg: PretrainConfig) -> None:
     require(isinstance(cfg.shard_optimizer, bool), "shard_optimizer", cfg.shard_optimizer, "True or False")
     require(cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, Path)), "resume",
             cfg.resume, "False, True (the latest checkpoint in out) or a checkpoint directory")
+    require(isinstance(cfg.overwrite, bool), "overwrite", cfg.overwrite, "True or False")
+    require(isinstance(cfg.out, (str, Path)) and str(cfg.out) != "", "out", cfg.out, "a directory path")
 
 
 def resolve_model_config(spec: str, overrides: dict) -> Config:
@@ -149,7 +155,10 @@ def resolve_model_config(spec: str, overrides: dict) -> Config:
         if path.is_dir():
             base, _ = ckpt.load_config_any(path)   # ref-bert's, Hugging Face's or save_hf's directory
         elif path.is_file():
-            base = Config.from_dict(files.read_json(path, "config file"))
+            try:
+                base = Config.from_dict(files.read_json(path, "config file"))
+            except ValueError as e:
+                raise ValueError(f"config file {path}: {e}" if str(path) not in str(e) else str(e)) from e
         else:
             raise ValueError(f"config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
                              f"config.json file or a model directory")
