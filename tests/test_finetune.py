@@ -382,7 +382,12 @@ def test_a_wordpiece_checkpoint_is_finetuned_with_its_own_tokenizer(spiece, tmp_
     assert model.tokenizer.fingerprint() == tok.fingerprint()
     again = AutoTokenizer.from_pretrained(str(out))
     assert [again(a, b)["input_ids"] for a, b in TEXTS] == [hf(a, b)["input_ids"] for a, b in TEXTS]
-    assert main(["finetune", "--init", str(out), "--out", str(tmp_path / "again"), *common]) == 0
+    # --init OUT works; --overwrite onto a directory holding an spiece.model leaves only the WordPiece files.
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "spiece.model").write_bytes(Path(spiece).read_bytes())
+    assert main(["finetune", "--init", str(out), "--out", str(again), "--overwrite", *common]) == 0
+    assert not (again / "spiece.model").exists() and load_any(again)[0].tokenizer.fingerprint() == tok.fingerprint()
 
     # A tokenizer of another vocabulary size is refused, naming both sizes; nothing is written.
     capsys.readouterr()
