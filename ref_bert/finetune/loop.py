@@ -277,7 +277,8 @@ def _run(cfg: FinetuneConfig, resume_dir: Optional[Path], state: Optional[dict],
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
         if comm.rank == 0:   # rank 0 alone writes OUT; its errors end every rank (every_rank_ends_on_error)
-            rundir.check_output(Path(cfg.out), resume_dir, cfg.overwrite, kind="fine-tuning")   # never into what is not this run's
+            # never into what is not this run's
+            rundir.check_output(Path(cfg.out), resume_dir, cfg.overwrite, kind="fine-tuning")
         job = prepare(cfg, resume_dir, state, comm)   # nothing is written before this returns
         comm.barrier()                                # every rank has read the checkpoint before OUT changes
         with files.claim_run_directory(job.out) if comm.rank == 0 else contextlib.nullcontext():
