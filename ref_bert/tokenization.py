@@ -371,6 +371,11 @@ class Tokenizer:
         """The tokens of ``text`` (no [CLS]/[SEP] added); special tokens written in it are kept whole."""
         return [t for t, _ in self._tokens_and_ids(text)]
 
+    def token_ids(self, text: str) -> list:
+        """The ids of ``text``'s tokens, no [CLS]/[SEP] added (what :meth:`encode` puts between them; the
+        pieces of one word for word-level tasks)."""
+        return [i for _, i in self._tokens_and_ids(text)]
+
     def _tokens_and_ids(self, text: str) -> list:
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
@@ -496,6 +501,24 @@ class Tokenizer:
         atomic_write_json(directory / "special_tokens_map.json", special)
         atomic_write_json(directory / "tokenizer_config.json", config)
         return written + ["special_tokens_map.json", "tokenizer_config.json"]
+
+    def save_to(self, directory) -> None:
+        """:meth:`save_hf` under the name a run directory uses (:mod:`ref_bert.pretrain.rundir` calls
+        ``tokenizer.save_to`` for OUT and every checkpoint). A run directory an earlier job wrote (taken
+        over with ``--overwrite``) may hold an spiece.model, which :meth:`from_hf` reads before a
+        vocab.txt: a WordPiece tokenizer removes it, so the directory holds one tokenizer."""
+        if self.kind == "wordpiece":
+            (Path(directory) / "spiece.model").unlink(missing_ok=True)
+        self.save_hf(directory)
+
+    def fingerprint(self) -> tuple:
+        """What defines the ids: kind, options, special ids and every vocabulary entry (two tokenizers with
+        the same fingerprint encode every text alike)."""
+        if self.kind == "sentencepiece":     # the model itself: pieces with their scores
+            vocab = self._sp_proto if self._sp_proto is not None else self._sp.text
+        else:
+            vocab = tuple(self._vocab)
+        return (self.kind, tuple(sorted(self.options.items())), tuple(sorted(self.special_ids.items())), vocab)
 
     def _unigram_tokenizer_json(self) -> str:
         """The SentencePiece model as transformers' AlbertTokenizer builds it (docs/reference.md §7.1), as a

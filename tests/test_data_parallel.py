@@ -24,11 +24,12 @@ import backends
 from backends import comm as comms
 from ref_bert import cli
 from ref_bert.config import Config
-from ref_bert.data import Tokenizer, default_corpus_path
+from ref_bert.data import Tokenizer, default_corpus_path, read_corpus
 from ref_bert.model import Model
 from ref_bert.pretrain import pretrain, rundir
 from ref_bert.pretrain.data_parallel import ShardLayout, check_split
-from tests.test_train import _assert_same_run, _tensors
+from ref_bert.pretrain.metrics import read_metrics
+from tests.test_train import _assert_same_run, _assert_same_tensors, _tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -207,3 +208,36 @@ def test_nccl_on_gpus_equals_one_process(spiece, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(single.out_dir, tmp_path / "nccl", 4)
     _assert_same_run(single.out_dir, tmp_path / "sharded", 4)
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------
+def test_two_rank_finetune_equals_one_process(spiece, tmp_path):
+    """``mpiexec -n 2 ref-bert finetune``: token tagging (micro-batches weighted by their labelled tokens,
+    n_i / N) with dropout on, 4 micro-batches of 2 examples per step (2 per rank): the parameters, the
+    optimiser moments, the data position and every logged loss and gradient norm are one process's,
+    bit for bit."""
+    from ref_bert.finetune import finetune
+
+    words = [w for line in read_corpus(default_corpus_path())[0][:12] for w in line.split()]
+    lines = [{"tokens": words[k:k + 5 + k % 4], "tags": ["B" if (k + j) % 3 == 0 else "O" for j in range(5 + k % 4)]}
+             for k in range(0, 80, 10)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = dict(task="tokens", train=str(train), tokenizer=spiece, steps=3, batch_size=2, grad_accum=4, seq_len=16,
+                  lr=0.01, checkpoint_every=3, threads=1)
+    one = finetune(out=str(tmp_path / "one"), progress=False, **common)
+    assert one.step == 3
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    result = mpiexec(2, [sys.executable, "-m", "ref_bert.cli", "finetune", "--out", "two", "--no-progress", *args],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: step 3") == 1          # rank 0 reports
+    a, b = (Path(d) / "checkpoints" / "step-000003" for d in (one.out_dir, tmp_path / "two"))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        _assert_same_tensors(_tensors(a, name), _tensors(b, name))
+    sa, sb = (json.loads((c / "state.json").read_text()) for c in (a, b))
+    assert {**sa, "elapsed": None} == {**sb, "elapsed": None}
+    keys = ("step", "loss", "grad_norm", "lr", "tokens")
+    ma, mb = ([{k: r[k] for k in keys} for r in read_metrics(Path(d) / "metrics.jsonl")]
+              for d in (one.out_dir, tmp_path / "two"))
+    assert [r["step"] for r in ma] == [1, 2, 3] and ma == mb

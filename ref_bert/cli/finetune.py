@@ -4,6 +4,7 @@
     ref-bert finetune --task qa --train train.jsonl --eval dev.jsonl --init runs/pretrain
     ref-bert finetune --task tokens --out runs/ner --until 100   # stop early with a checkpoint
     ref-bert finetune --out runs/ner --resume                    # continue with the recorded settings
+    mpiexec -n 2 ref-bert finetune --grad-accum 2                # data parallel, bit-identical to one process
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ def add_arguments(parser) -> None:
            f"directory (default {d.config})")
     a("--set", action="append", default=[], metavar="KEY=VALUE", dest="config_set",
       help="override a config field with --config, e.g. --set hidden_dropout_prob=0 (repeatable; default: none)")
-    a("--tokenizer", default=None, metavar="FILE",
-      help="SentencePiece model (default: the --init directory's spiece.model, else one trained on the packaged "
-           "corpus)")
+    a("--tokenizer", default=None, metavar="FILE|DIR",
+      help="a SentencePiece model file, or a checkpoint directory whose tokenizer to use (WordPiece vocab.txt / "
+           "tokenizer.json, spiece.model) (default: the --init directory's own tokenizer, else a SentencePiece "
+           "model trained on the packaged corpus)")
     a("--num-labels", type=int, default=None, help="classes of the head (default: from the training file)")
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--backend", default=None, help="numpy or cupy (default: $REF_BERT_BACKEND or numpy)")
@@ -72,6 +74,15 @@ def add_arguments(parser) -> None:
     a("--threads", type=int, default=None, metavar="N",
       help="BLAS threads for the run; 0 leaves them alone (default: 1 on the numpy backend unless "
            "OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set)")
+    a("--overwrite", action="store_true",
+      help="allow an --out that is neither new, empty nor this run (a model directory, another run): the run "
+           "replaces its files (default: such an --out is refused)")
+    from backends.comm import KINDS as COMM_KINDS
+
+    a("--comm", default=d.comm, choices=COMM_KINDS,
+      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then mpi "
+           "on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the parameters are "
+           f"bit-identical to one process with the same --batch-size and --grad-accum (default {d.comm})")
     a("--no-progress", action="store_true", help="no progress bar (default: shown)")
 
 
@@ -93,16 +104,19 @@ def run(args) -> int:
     if args.config_set:
         given["config_overrides"] = dict(_parse_override(text) for text in args.config_set)
     base = FinetuneConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
-                          until=args.until, threads=args.threads, progress=not args.no_progress)
+                          until=args.until, threads=args.threads, comm=args.comm, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     try:
         result = finetune(base, **given)
     except KeyboardInterrupt:
         return 130
+    if result.rank != 0:   # a data-parallel run: rank 0 reports
+        return 0
     print(f"done: step {result.step} in {result.wall_time:.1f} s; checkpoint {result.checkpoint}")
     if result.history:
         print(f"loss: {result.history[0]['loss']:.4f} (step {result.history[0]['step']}) -> "
               f"{result.history[-1]['loss']:.4f} (step {result.history[-1]['step']})")
     if result.scores is not None:
         print(format_table(result.scores, f"evaluation ({result.out_dir / 'eval.json'}):"))
-    print(f"model directory: {result.out_dir} (config.json, model.safetensors, spiece.model, task.json)")
+    print(f"model directory: {result.out_dir} (config.json, model.safetensors, the tokenizer's files, task.json)")
     return 0

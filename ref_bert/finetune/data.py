@@ -24,7 +24,11 @@ it: an error). As in BERT's run_squad.py, the context is split on whitespace int
 is mapped to the words it covers, and each word is tokenized on its own; a predicted span is a range of
 words, read back as the context's characters from its first word's start to its last word's end.
 
-Layouts ([CLS] and [SEP] ids from :mod:`ref_bert.data.tokenizer`):
+Tokens: the model's own tokenizer (:class:`ref_bert.tokenization.Tokenizer`: WordPiece for a BERT
+checkpoint, SentencePiece for ALBERT or a ref-bert run); a text's ids are
+:meth:`~ref_bert.tokenization.Tokenizer.token_ids`, a word's pieces the ids of that word alone (a word
+with no tokens becomes the unknown token), and [CLS], [SEP], padding and [UNK] are the tokenizer's
+special ids. Layouts:
 
     classification, regression   [CLS] text [SEP] (text_pair [SEP])     token types 0 / 1
     tokens                       [CLS] pieces of each word [SEP]; a word's tag labels its first piece,
@@ -50,7 +54,6 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from ..ops import IGNORE_INDEX
 
 TASKS = ("classification", "regression", "tokens", "qa", "multiple-choice", "seq2seq")
@@ -306,14 +309,15 @@ def truncate_longest_first(a: list, b: list, max_tokens: int) -> tuple:
     return a, b
 
 
-def _row(first: list, second: Optional[list], seq_len: int) -> tuple:
-    """``[CLS] first [SEP] (second [SEP])`` padded to seq_len: (input_ids, token_type_ids, attention_mask)."""
-    ids = [CLS_ID, *first, SEP_ID]
+def _row(tokenizer, first: list, second: Optional[list], seq_len: int) -> tuple:
+    """``[CLS] first [SEP] (second [SEP])`` padded to seq_len with the tokenizer's special ids:
+    (input_ids, token_type_ids, attention_mask)."""
+    ids = [tokenizer.cls_id, *first, tokenizer.sep_id]
     types = [0] * len(ids)
     if second is not None:
-        ids += [*second, SEP_ID]
+        ids += [*second, tokenizer.sep_id]
         types += [1] * (len(second) + 1)
-    input_ids = np.full(seq_len, PAD_ID, dtype=np.int64)
+    input_ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int64)
     token_type_ids = np.zeros(seq_len, dtype=np.int64)
     attention_mask = np.zeros(seq_len, dtype=np.int64)
     input_ids[:len(ids)], token_type_ids[:len(ids)], attention_mask[:len(ids)] = ids, types, 1
@@ -339,7 +343,8 @@ def _stack(rows: list) -> dict:
 
 
 def encode(data: TaskData, tokenizer, seq_len: int) -> Encoded:
-    """Token ids, masks and labels of every record of ``data`` (see the module docstring's layouts)."""
+    """Token ids, masks and labels of every record of ``data`` (see the module docstring's layouts);
+    ``tokenizer`` a :class:`ref_bert.tokenization.Tokenizer`."""
     if seq_len < 4:
         raise ValueError(f"seq_len={seq_len} is invalid: expected at least 4 ([CLS] a [SEP] b [SEP])")
     task, records = data.task, data.records
@@ -347,13 +352,13 @@ def encode(data: TaskData, tokenizer, seq_len: int) -> Encoded:
     if task in ("classification", "regression"):
         rows = []
         for r in records:
-            a = tokenizer.encode(r["text"])
-            b = tokenizer.encode(r["text_pair"]) if r.get("text_pair") is not None else None
+            a = tokenizer.token_ids(r["text"])
+            b = tokenizer.token_ids(r["text_pair"]) if r.get("text_pair") is not None else None
             if b is None:
                 a = a[:seq_len - 2]
             else:
                 a, b = truncate_longest_first(a, b, seq_len - 3)
-            rows.append(_row(a, b, seq_len))
+            rows.append(_row(tokenizer, a, b, seq_len))
         out.arrays = _stack(rows)
         if task == "regression":
             out.arrays["labels"] = np.array([float(r["label"]) for r in records], dtype=np.float64)
@@ -366,24 +371,24 @@ def encode(data: TaskData, tokenizer, seq_len: int) -> Encoded:
         for n, r in enumerate(records):
             pieces, kept = [], 0
             for word, tag in zip(r["tokens"], r["tags"]):
-                ids = tokenizer.encode(word) or [tokenizer.piece_to_id("<unk>")]
+                ids = tokenizer.token_ids(word) or [tokenizer.unk_id]
                 if len(pieces) + len(ids) > seq_len - 2:
                     break
                 labels[n, 1 + len(pieces)] = data.label_names.index(tag)
                 pieces += ids
                 kept += 1
-            rows.append(_row(pieces, None, seq_len))
+            rows.append(_row(tokenizer, pieces, None, seq_len))
             out.meta.append({"words": len(r["tokens"]), "kept": kept})
         out.arrays = {**_stack(rows), "labels": labels}
     elif task == "qa":
         rows, starts, ends = [], [], []
         for r in records:
-            question = tokenizer.encode(r["question"])[:max(1, (seq_len - 3) // 2)]
+            question = tokenizer.token_ids(r["question"])[:max(1, (seq_len - 3) // 2)]
             room = seq_len - 3 - len(question)
             words = split_words(r["context"])
             first_piece, last_piece, pieces = [], [], []
             for word, _, _ in words:
-                ids = tokenizer.encode(word) or [tokenizer.piece_to_id("<unk>")]
+                ids = tokenizer.token_ids(word) or [tokenizer.unk_id]
                 if len(pieces) + len(ids) > room:
                     break
                 first_piece.append(len(pieces))
@@ -399,7 +404,7 @@ def encode(data: TaskData, tokenizer, seq_len: int) -> Encoded:
             else:                               # cut off by truncation: points at [CLS]
                 starts.append(0)
                 ends.append(0)
-            rows.append(_row(question, pieces, seq_len))
+            rows.append(_row(tokenizer, question, pieces, seq_len))
             out.meta.append({"offset": offset, "first_piece": first_piece, "last_piece": last_piece,
                              "words": [(s, e) for _, s, e in words[:len(first_piece)]]})
         out.arrays = {**_stack(rows), "start_positions": np.array(starts, dtype=np.int64),
@@ -407,20 +412,20 @@ def encode(data: TaskData, tokenizer, seq_len: int) -> Encoded:
     elif task == "multiple-choice":
         rows = []
         for r in records:
-            context = tokenizer.encode(r["context"])
+            context = tokenizer.token_ids(r["context"])
             for choice in r["choices"]:
-                a, b = truncate_longest_first(context, tokenizer.encode(choice), seq_len - 3)
-                rows.append(_row(a, b, seq_len))
+                a, b = truncate_longest_first(context, tokenizer.token_ids(choice), seq_len - 3)
+                rows.append(_row(tokenizer, a, b, seq_len))
         C = data.num_labels
         out.arrays = {k: v.reshape(len(records), C, seq_len) for k, v in _stack(rows).items()}
         out.arrays["labels"] = np.array([r["label"] for r in records], dtype=np.int64)
     elif task == "seq2seq":
         for r in records:
-            source, target = tokenizer.encode(r["source"]), tokenizer.encode(r["target"])
+            source, target = tokenizer.token_ids(r["source"]), tokenizer.token_ids(r["target"])
             target = target[:seq_len - 4]               # room for [CLS], one source token, two [SEP]s
             source = source[:seq_len - 3 - len(target)]
             if not source:
-                source = [tokenizer.piece_to_id("<unk>")]
+                source = [tokenizer.unk_id]
             out.pairs.append((source, target))
     return out
 

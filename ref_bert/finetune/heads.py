@@ -93,15 +93,17 @@ def with_task_head(model: Model, task: str, num_labels: int, seed: int) -> Model
 
 
 def loss_and_grads(model: Model, task: str, batch: dict, training: bool, weight: float,
-                   label_smoothing: float = LABEL_SMOOTHING):
-    """``Model.loss_and_grads`` of ``task`` on a batch of backend arrays, the loss scaled by ``weight``."""
+                   label_smoothing: float = LABEL_SMOOTHING, dropout_seed=None):
+    """``Model.loss_and_grads`` of ``task`` on a batch of backend arrays, the loss scaled by ``weight``;
+    ``dropout_seed``: the batch's own dropout masks (None: the model's dropout stream)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS}
     if task == "qa":
         targets = {"start_positions": batch["start_positions"], "end_positions": batch["end_positions"]}
     else:
         targets = {"labels": batch["labels"]}
     smoothing = label_smoothing if task == "seq2seq" else 0.0
-    return model.loss_and_grads(**inputs, **targets, training=training, loss_scale=weight, label_smoothing=smoothing)
+    return model.loss_and_grads(**inputs, **targets, training=training, loss_scale=weight, label_smoothing=smoothing,
+                                dropout_seed=dropout_seed)
 
 
 def task_outputs(model: Model, task: str, batch: dict):

@@ -12,12 +12,21 @@ BERT's AdamWeightDecayOptimizer, global-norm clipping 1.0, decay off for LayerNo
 encoder and head together.
 
 The example order: epoch e is ``default_rng([data seed, e]).permutation(n)``; a micro-batch takes the
-next ``batch_size`` indices, running into the next epoch when one ends. The order's position, the
-dropout generator, the optimiser and the weights are the checkpoint, so an interrupted run resumed
-is bit-identical to one that was not interrupted (tests/test_finetune.py).
+next ``batch_size`` indices, running into the next epoch when one ends. Micro-batch i of the step after
+s updates draws its dropout masks from ``data_parallel.dropout_seed(seed, s, i)``. The order's position,
+the optimiser and the weights are the checkpoint, so an interrupted run resumed is bit-identical to one
+that was not interrupted (tests/test_finetune.py).
+
+Data parallel (``mpiexec -n N ref-bert finetune ...``): pretraining's scheme
+(:mod:`ref_bert.pretrain.data_parallel`), with the same code path for one process. Every rank encodes
+the files and draws the whole global batch on the host; rank r computes micro-batches r, r + N, ...
+(``grad_accum`` must be a multiple of N); their weighted gradients and losses are summed in index
+order (:meth:`DataParallel.sum_in_order`), so N ranks give the parameters of one process bit for bit.
+Rank 0 alone writes OUT and evaluates.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -32,12 +41,15 @@ import backends.comm
 
 from .. import checkpoint as ckpt
 from .. import files
-from ..data import Tokenizer, default_corpus_path
+from ..data import SPECIAL_IDS, default_corpus_path
+from ..data import Tokenizer as CorpusTokenizer
+from ..hf import transformer_directory
+from ..tokenization import Tokenizer, check_vocab_size
 from ..model import DTYPES, Model
 from ..ops import IGNORE_INDEX
-from ..optim import OPTIMIZERS, global_grad_norm, linear_warmup_decay, make_optimizer
+from ..optim import OPTIMIZERS, linear_warmup_decay
 from ..pretrain import rundir
-from ..pretrain.data_parallel import DataParallel
+from ..pretrain.data_parallel import DataParallel, check_split, dropout_seed, every_rank_ends_on_error
 from ..pretrain.loop import check_publishable
 from ..pretrain.loop import train as run_loop
 from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
@@ -52,6 +64,8 @@ STATE_FORMAT = "ref-bert-finetune/1"
 TASK_NAME = "task.json"
 EVAL_NAME = "eval.json"
 DATA_KEY = 0xF17E
+# [PAD] [UNK] [CLS] [SEP] [MASK] ids that UniLM's seq2seq batches and generation are written for (ref_bert.unilm).
+SEQ2SEQ_SPECIAL_IDS = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_IDS))
 # Settings that define the run's arithmetic: a resume keeps the checkpoint's; giving another is an error.
 RUN_KEYS = ("task", "train", "init", "config", "config_overrides", "num_labels", "steps", "batch_size", "grad_accum",
             "seq_len", "optimizer", "lr", "warmup", "seed", "dtype", "label_smoothing", "mask_prob")
@@ -66,12 +80,20 @@ class FinetuneConfig:
         task (and its evaluation file when eval is None too).
     init: a model directory (ref-bert's, a finished finetune OUT, or Hugging Face's) to start from;
         None builds ``config`` (a preset, config.json or directory) from ``seed``.
-    tokenizer: a SentencePiece model; default: the init directory's spiece.model, or (without init)
-        one trained on the packaged corpus with the config's vocab_size, as ``ref-bert pretrain`` does.
+    tokenizer: a SentencePiece model file or a checkpoint directory (its tokenizer,
+        :meth:`ref_bert.Tokenizer.from_hf`); default: the init directory's own tokenizer (a ref-bert
+        run's spiece.model, a Hugging Face or sentence-transformers directory's WordPiece or
+        SentencePiece files), or (without init) a SentencePiece model trained on the packaged corpus with
+        the config's vocab_size, as ``ref-bert pretrain`` does. Its vocabulary must have exactly the
+        model's vocab_size tokens; its special ids ([CLS], [SEP], padding, [UNK]) lay out the inputs.
     lr: None picks 5e-5 with ``init`` (BERT's fine-tuning range is 2e-5 .. 5e-5) and 1e-3 without (a
         model trained from scratch on the embedded data).
     num_labels: the head's classes; None: from the training file (or the init directory's head).
     label_smoothing, mask_prob: seq2seq only (UniLM s2s-ft: 0.1 and 0.7).
+    overwrite: allow ``out`` to be an existing directory that is neither empty nor this run (a model
+        directory, another run), whose files the run then replaces; without it such an ``out`` is refused.
+        One writer per run directory: the run holds OUT's lock (:func:`ref_bert.files.claim_run_directory`).
+    comm: the communicator of a data-parallel run (module docstring).
     """
 
     task: str = "classification"
@@ -103,6 +125,8 @@ class FinetuneConfig:
     threads: Optional[int] = None
     progress: bool = True
     schedule: str = "linear"     # fixed: Hugging Face's linear warmup and decay
+    comm: str = "auto"           # data parallel: backends.comm.KINDS ("auto": mpiexec -n N gives N ranks)
+    overwrite: bool = False      # allow an --out that is neither new, empty nor this run (pretraining's rule)
 
     def warmup_steps(self) -> int:
         return int(round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
@@ -145,6 +169,8 @@ def validate(cfg: FinetuneConfig) -> None:
     check_config_overrides(cfg.config_overrides)
     require(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 0), "threads", cfg.threads,
             "None, 0 (leave BLAS alone) or a positive thread count")
+    require(cfg.comm in backends.comm.KINDS, "comm", cfg.comm, f"one of {backends.comm.KINDS}")
+    require(isinstance(cfg.overwrite, bool), "overwrite", cfg.overwrite, "True or False")
 
 
 @dataclass
@@ -158,6 +184,7 @@ class FinetuneResult:
     history: list
     scores: Optional[dict]
     wall_time: float
+    rank: int = 0               # this process's rank in a data-parallel run (only rank 0 writes and evaluates)
 
 
 class ExampleOrder:
@@ -218,8 +245,12 @@ class Job:
     parallel: Any = None            # pretraining's DataParallel (one process here), which its train() reads
 
 
-def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **settings) -> FinetuneResult:
     """Run (or resume) a fine-tuning job; ``settings`` override fields of ``cfg``.
+
+    Data parallel: started by ``mpiexec -n N`` (or given ``comm``, a :class:`backends.comm.Communicator`),
+    every process runs this call and the result is bit-identical to one process (module docstring);
+    rank 0 alone writes OUT and returns the scores. An error on any rank ends every rank.
 
     A resume (``resume=True``: OUT/latest, or a checkpoint directory) takes every run setting
     (:data:`RUN_KEYS`) from the checkpoint; one given that differs is a ValueError. Everything that
@@ -236,23 +267,44 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, **settings) -> Fin
         state = rundir.load_checkpoint_state(resume_dir, STATE_FORMAT)
         cfg = _recorded_settings(cfg, given, resume_dir, state)
     validate(cfg)
+    comm = comm if comm is not None else backends.comm.communicator(cfg.comm, cfg.backend)
+    check_split(cfg.grad_accum, cfg.batch_size, comm.size)
+    with every_rank_ends_on_error(comm):
+        return _run(cfg, resume_dir, state, on_step, comm)
+
+
+def _run(cfg: FinetuneConfig, resume_dir: Optional[Path], state: Optional[dict], on_step, comm) -> FinetuneResult:
     with thread_limit(resolve_threads(cfg.threads, cfg.backend)):
         started = time.perf_counter()
-        rundir.check_output(Path(cfg.out), resume_dir, overwrite=False)   # never into what is not this run's
-        job = prepare(cfg, resume_dir, state)   # nothing is written before this returns
-        with files.claim_run_directory(job.out):   # one writer per run directory, until the run ends
-            rundir.check_output(job.out, resume_dir, overwrite=False)
-            job.newest = rundir.open_output(job.out, job.history, job.tokenizer, job.resume_dir)
-            _write_task(job, job.out)
+        if comm.rank == 0:   # rank 0 alone writes OUT; its errors end every rank (every_rank_ends_on_error)
+            # never into what is not this run's
+            rundir.check_output(Path(cfg.out), resume_dir, cfg.overwrite, kind="fine-tuning")
+        job = prepare(cfg, resume_dir, state, comm)   # nothing is written before this returns
+        comm.barrier()                                # every rank has read the checkpoint before OUT changes
+        with files.claim_run_directory(job.out) if comm.rank == 0 else contextlib.nullcontext():
+            newest = None                             # one writer per run directory, until the run ends
+            if comm.rank == 0:
+                # What was checked before the lock must still hold now that no one else can write OUT.
+                rundir.check_output(job.out, resume_dir, cfg.overwrite, kind="fine-tuning")
+                if cfg.resume is True and \
+                        files.read_pointer(job.out / rundir.LATEST_NAME).resolve() != resume_dir.resolve():
+                    raise ValueError(f"{job.out / rundir.LATEST_NAME} changed while this run was preparing (another "
+                                     f"run wrote {job.out}); run --resume again")
+                newest = rundir.open_output(job.out, job.history, job.tokenizer, job.resume_dir, cfg.overwrite)
+                _write_task(job, job.out)
+            newest = comm.broadcast_text(None if newest is None else str(newest))
+            job.newest = Path(newest) if newest else None
             if job.step < (cfg.steps if cfg.until is None else cfg.until):
                 run_loop(job, on_step, step=_step, save=_save_checkpoint, desc=f"finetune {cfg.task}")
             scores = None
-            if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps):
+            if job.eval_data is not None and (cfg.until is None or job.step == cfg.steps) and comm.rank == 0:
                 scores = evaluate(job.model, job.eval_data, job.eval_encoded, job.tokenizer, cfg.batch_size)
                 files.atomic_write_json(job.out / EVAL_NAME, {"task": cfg.task, "step": job.step,
                                                               "eval_file": job.eval_data.path,
                                                               "examples": len(job.eval_data.records), **scores})
-    return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started)
+            comm.barrier()
+    return FinetuneResult(job.out, job.newest, job.step, job.history, scores, time.perf_counter() - started,
+                          rank=comm.rank)
 
 
 def _recorded_settings(cfg: FinetuneConfig, given: set, resume_dir: Path, state: dict) -> FinetuneConfig:
@@ -284,7 +336,7 @@ def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
     if kind == ckpt.HF_DIRECTORY:   # its head is the class config.json names (load_config_any reads the encoder)
         from ..hf import ARCHITECTURES
 
-        raw = files.read_json(init / ckpt.CONFIG_NAME, "model config")
+        raw = files.read_json(transformer_directory(init) / ckpt.CONFIG_NAME, "model config")
         named = [a for a in (raw.get("architectures") or []) if a in ARCHITECTURES]
         if named:
             config = config.with_head(ARCHITECTURES[named[0]][1], **({"problem_type": raw["problem_type"]}
@@ -300,9 +352,11 @@ def _init_task(cfg: FinetuneConfig, init: Path) -> Optional[dict]:
     return info
 
 
-def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None) -> Job:
+def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optional[dict] = None,
+            comm=None) -> Job:
     """Read and check both files, the model directory and the head; build the model, head, optimiser
-    and example order; restore a checkpoint. Writes nothing."""
+    and example order; restore a checkpoint; the parameters are then rank 0's on every rank of ``comm``
+    (default: one process). Writes nothing."""
     train_path = cfg.train or embedded_path(cfg.task, "train")
     eval_path = cfg.eval if cfg.eval is not None else (embedded_path(cfg.task, "eval") if cfg.train is None else None)
     init_head = None
@@ -340,9 +394,10 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
             if wanted.head != "sequence_classification":
                 options.pop("problem_type", None)
             model = Model.from_hf(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed, head=wanted.head,
-                                  **options)
+                                  tokenizer=cfg.tokenizer is None and resume_dir is None, **options)
         else:
-            model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
+            model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed,
+                                     tokenizer=cfg.tokenizer is None and resume_dir is None)
         if cfg.config_overrides:
             raise ValueError("--set changes the config of a model built from --config; with --init the "
                              "checkpoint's config is used (omit --set)")
@@ -351,11 +406,13 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
         check_task_head(config, cfg.task, f"--config {cfg.config}")
         model = Model(task_config(config, cfg.task, train_data.num_labels), backend=cfg.backend, dtype=cfg.dtype,
                       seed=cfg.seed)
-    tokenizer = (rundir.checkpoint_tokenizer(resume_dir, cfg.tokenizer) if resume_dir is not None
-                 else _tokenizer(cfg, source, model))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocab_size="
-                         f"{model.config.vocab_size}; expected the model's own tokenizer")
+    tokenizer = _resume_tokenizer(resume_dir, cfg.tokenizer) if resume_dir is not None else _tokenizer(cfg, model)
+    check_vocab_size(tokenizer, model.config.vocab_size,
+                     f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer is not None else f"{source or '--config'}")
+    if cfg.task == "seq2seq" and tokenizer.special_ids != SEQ2SEQ_SPECIAL_IDS:
+        raise ValueError(f"the tokenizer {tokenizer.source} has special ids {tokenizer.special_ids}; --task seq2seq "
+                         f"(UniLM's masks and generation) needs ALBERT's layout {SEQ2SEQ_SPECIAL_IDS}, as a "
+                         f"SentencePiece model trained by ref-bert has it")
     train_encoded = encode(train_data, tokenizer, cfg.seq_len)
     eval_encoded = encode(eval_data, tokenizer, cfg.seq_len) if eval_data is not None else None
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -363,27 +420,55 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
                          f"{model.config.max_position_embeddings}")
     if resume_dir is None:
         model = with_task_head(model, cfg.task, train_data.num_labels, cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, model.state_dict(), cfg.learning_rate())
+    model.tokenizer = tokenizer     # save_hf of the fine-tuned model writes it
+    parallel = DataParallel(comm or backends.comm.SingleProcess(), model)
+    optimizer = parallel.make_optimizer(cfg.optimizer, model, cfg.learning_rate())
     task_info = {"task": cfg.task, "num_labels": train_data.num_labels, "label_names": train_data.label_names}
     job = Job(cfg=cfg, out=Path(cfg.out), model=model, optimizer=optimizer,
               order=ExampleOrder(len(train_encoded), cfg.seed), tokenizer=tokenizer, train_data=train_data,
               train_encoded=train_encoded, eval_data=eval_data, eval_encoded=eval_encoded, task_info=task_info,
-              resume_dir=resume_dir, parallel=DataParallel(backends.comm.SingleProcess(), model))
+              resume_dir=resume_dir, parallel=parallel)
     if resume_dir is not None:
         job.history = rundir.restore(resume_dir, state, job.out, model, optimizer, job.order)
         job.step, job.elapsed_before, job.tokens_seen = int(state["step"]), float(state["elapsed"]), int(state["tokens"])
+    parallel.broadcast_parameters(model)
     return job
 
 
-def _tokenizer(cfg: FinetuneConfig, source: Optional[Path], model: Model) -> Tokenizer:
+def load_tokenizer(path) -> Tokenizer:
+    """``--tokenizer PATH``: a checkpoint directory's tokenizer (:meth:`Tokenizer.from_hf`, through a
+    sentence-transformers directory's transformer module), or a SentencePiece model file read with the
+    pretraining job's settings (no lower-casing, accents kept)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--tokenizer {path} does not exist; expected a SentencePiece model file or a checkpoint "
+                         f"directory with a tokenizer")
+    if path.is_dir():
+        return Tokenizer.from_hf(transformer_directory(path))
+    if path.is_file() and path.name in ("vocab.txt", "tokenizer.json"):
+        raise ValueError(f"--tokenizer {path}: give the directory that holds {path.name} (its "
+                         f"tokenizer_config.json says how to normalise text), not the file")
+    return Tokenizer.from_sentencepiece(path)
+
+
+def _tokenizer(cfg: FinetuneConfig, model: Model) -> Tokenizer:
+    """The tokenizer of a new run: ``--tokenizer``, else the one beside the --init weights (attached by the
+    loader, which requires one), else a SentencePiece model trained on the packaged corpus."""
     if cfg.tokenizer is not None:
-        return Tokenizer.load(cfg.tokenizer)
-    if source is not None:
-        if (source / rundir.TOKENIZER_NAME).is_file():
-            return Tokenizer.load(source / rundir.TOKENIZER_NAME)
-        raise ValueError(f"{source} has no {rundir.TOKENIZER_NAME}; pass --tokenizer with the model's "
-                         f"SentencePiece model")
-    return Tokenizer.train(default_corpus_path(), vocab_size=model.config.vocab_size)
+        return load_tokenizer(cfg.tokenizer)
+    if model.tokenizer is not None:
+        return model.tokenizer
+    corpus_tokenizer = CorpusTokenizer.train(default_corpus_path(), vocab_size=model.config.vocab_size)
+    return Tokenizer.from_sentencepiece(corpus_tokenizer)
+
+
+def _resume_tokenizer(resume_dir: Path, wanted: Optional[str]) -> Tokenizer:
+    """The checkpoint's tokenizer; ``wanted`` (``--tokenizer``, or None) must encode alike."""
+    tokenizer = Tokenizer.from_hf(resume_dir)
+    if wanted is not None and load_tokenizer(wanted).fingerprint() != tokenizer.fingerprint():
+        raise ValueError(f"--tokenizer {wanted} differs from the tokenizer of checkpoint {resume_dir}; expected "
+                         f"the same tokenizer to resume (or omit --tokenizer)")
+    return tokenizer
 
 
 # --- one step ----------------------------------------------------------------------------------------
@@ -406,33 +491,41 @@ def _host_batch(job: Job, indices: np.ndarray, micro: int) -> tuple:
 
 
 def effective_batch_gradients(model: Model, task: str, host: list, training: bool = True,
-                              label_smoothing: float = LABEL_SMOOTHING) -> tuple:
+                              label_smoothing: float = LABEL_SMOOTHING, parallel: Optional[DataParallel] = None,
+                              seed: Optional[int] = None, step: int = 0) -> tuple:
     """``(grads, loss)`` of the effective batch made of the micro-batches ``host`` (``(arrays, units,
-    tokens)`` each): micro-batch i's loss weighted by n_i / N (module docstring)."""
+    tokens)`` each, the whole global batch): micro-batch i's loss weighted by n_i / N (module
+    docstring), summed in index order by ``parallel`` (this rank's :class:`DataParallel`, which
+    computes its own micro-batches; default one process). ``seed``: micro-batch i's dropout masks come
+    from ``dropout_seed(seed, step, i)`` (None: the model's dropout stream, one process only)."""
+    parallel = parallel or DataParallel(backends.comm.SingleProcess(), model)
     total = sum(units for _, units, _ in host)
-    grads, loss = None, None
-    for arrays, units, _ in host:
+    xp = model.xp
+
+    def micro_batch(i: int):
+        arrays, units, _ = host[i]
         batch = {k: model.backend.from_host(v) for k, v in arrays.items()}
-        result = loss_and_grads(model, task, batch, training, units / total if total else 0.0, label_smoothing)
-        if grads is None:
-            grads, loss = result.grads, result.loss
-        else:
-            for name, g in result.grads.items():
-                grads[name] += g
-            loss = loss + result.loss
+        result = loss_and_grads(model, task, batch, training, units / total if total else 0.0, label_smoothing,
+                                dropout_seed=None if seed is None else dropout_seed(seed, step, i))
+        return result.grads, xp.reshape(result.loss, (1,))
+
+    own = parallel.own_micro_batches(len(host), len(host[0][0]["input_ids"]))
+    grads, (loss,) = parallel.sum_in_order(model, own, micro_batch)
     return grads, loss
 
 
 def _step(job: Job, log, stop: int) -> None:
-    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step)."""
-    cfg, model = job.cfg, job.model
+    """One optimiser step, its logging and its checkpoint (the shape of pretraining's step). Every rank
+    draws the whole global batch on the host and computes its own micro-batches of it."""
+    cfg, model, parallel = job.cfg, job.model, job.parallel
     lr = linear_warmup_decay(job.step, cfg.learning_rate(), cfg.steps, cfg.warmup_steps())
     host = [_host_batch(job, job.order.next_indices(cfg.batch_size), i) for i in range(cfg.grad_accum)]
-    grads, loss = effective_batch_gradients(model, cfg.task, host, True, cfg.label_smoothing)
+    grads, loss = effective_batch_gradients(model, cfg.task, host, True, cfg.label_smoothing, parallel,
+                                            seed=cfg.seed, step=job.step)
     checkpoint_now = job.step + 1 == stop or (job.step + 1) % cfg.checkpoint_every == 0
     log_now = checkpoint_now or (job.step + 1) % cfg.log_every == 0
-    grad_norm = global_grad_norm(grads.values(), model.xp) if log_now else None   # before clipping
-    job.optimizer.step(grads, lr=lr)
+    grad_norm = parallel.grad_norm(grads, model) if log_now else None   # before clipping
+    parallel.update(job.optimizer, grads, lr, grad_norm, model)
     job.step += 1
     tokens = sum(t for _, _, t in host)
     job.tokens_seen += tokens
@@ -456,17 +549,24 @@ def _write_task(job: Job, directory: Path) -> None:
 
 
 def _save_checkpoint(job: Job, elapsed: float) -> None:
-    check_publishable(job)      # nothing non-finite is published (pretraining's rule)
+    """Checkpoint the step just done, when every parameter and moment is finite (pretraining's rule:
+    :func:`ref_bert.pretrain.loop.check_publishable`, on every rank alike); rank 0 writes it, and every
+    rank learns its path."""
+    check_publishable(job)
     cfg = job.cfg
+    job.model.mark_trained()    # the fresh head has been trained from here on
+    if job.parallel.rank != 0:
+        job.newest = Path(job.parallel.comm.broadcast_text(None))
+        return
     train_path = cfg.train or embedded_path(cfg.task, "train")
     job_settings = {k: getattr(cfg, k) for k in ("eval", "checkpoint_every", "keep_checkpoints", "log_every")}
     job_settings["train_sha256"] = _file_digest(train_path)
     run_state = {"format": STATE_FORMAT, "run": cfg.run_settings(), "job": job_settings, "task": job.task_info,
                  "elapsed": elapsed, "tokens": job.tokens_seen}
-    job.model.mark_trained()    # the fresh head has been trained from here on
     job.newest = rundir.save_checkpoint(job.out, job.step, job.model, job.optimizer, job.order,
                                         job.tokenizer, run_state, extra=lambda d: _write_task(job, d))
     rundir.prune_checkpoints(job.out, job.newest, cfg.keep_checkpoints)
+    job.parallel.comm.broadcast_text(str(job.newest))
 
 
 # --- evaluation --------------------------------------------------------------------------------------

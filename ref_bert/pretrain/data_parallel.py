@@ -37,9 +37,11 @@ P s. The per-micro-batch all-to-all trades volume for exactness when k > N.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
+import sys
 from typing import Optional
 
 from backends.comm import Communicator
@@ -50,7 +52,8 @@ from ..optim.norms import sum_of_squares
 from ..params import FlatBuffer
 from .accumulation import micro_batch_weights
 
-__all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_split", "peak_resident_mib"]
+__all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_split", "peak_resident_mib",
+           "every_rank_ends_on_error"]
 
 # Dropout seeds [seed, DROPOUT_KEY, step, micro-batch index]: their own SeedSequence key, so that they
 # never coincide with the weights' default_rng(seed), the model's own dropout stream
@@ -61,6 +64,19 @@ DROPOUT_KEY = 0xD209
 def dropout_seed(seed: int, step: int, index: int) -> list:
     """The dropout seed of micro-batch ``index`` of the step after ``step`` updates."""
     return [int(seed), DROPOUT_KEY, int(step), int(index)]
+
+
+@contextlib.contextmanager
+def every_rank_ends_on_error(comm: Communicator):
+    """An exception on one rank ends every rank of a data-parallel job (MPI_Abort; exit status 2 for a
+    ValueError, 130 for Ctrl-C), rather than leaving the others waiting in a collective forever."""
+    try:
+        yield
+    except BaseException as e:
+        if comm.size > 1:
+            print(f"error (rank {comm.rank} of {comm.size}): {type(e).__name__}: {e}", file=sys.stderr)
+            comm.abort(2 if isinstance(e, ValueError) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
 
 
 def check_split(grad_accum: int, batch_size: int, size: int) -> None:
@@ -181,33 +197,51 @@ class DataParallel:
         shard's tensors (sharded); parts ``{"loss", "mlm", "sop"}`` 0-d arrays of the global batch,
         equal on every rank (accumulation.py's definitions).
         """
-        xp, dtype, comm, layout = model.xp, model.dtype, self.comm, self.layout
+        xp = model.xp
         weights = micro_batch_weights(mlm_counts, sizes)
-        shard = xp.zeros(layout.width, dtype=dtype)   # this rank's shard of the summed gradient
-        weighted_parts = []
-        for micro_batch, i in zip(micro_batches, indices):
+        by_index = dict(zip(indices, micro_batches))
+
+        def micro_batch(i: int):
             mlm_share, sop_share = weights[i]
-            result = model.loss_and_grads(**micro_batch, training=True,
+            result = model.loss_and_grads(**by_index[i], training=True,
                                           loss_weights=(mlm_share, sop_weight * sop_share),
                                           dropout_seed=dropout_seed(seed, step, i))
-            received = comm.alltoall(layout.pack(result.grads, xp, dtype))   # row j: micro-batch i - rank + j
+            return result.grads, xp.stack([mlm_share * result.parts["mlm"], sop_share * result.parts["sop"]])
+
+        grads, (mlm, sop) = self.sum_in_order(model, indices, micro_batch)
+        return grads, {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
+
+    def sum_in_order(self, model: Model, indices: list, micro_batch):
+        """The sum over the global batch's micro-batches 0 .. k-1, in index order, of each one's gradient
+        and loss terms, whatever the number of ranks: the exactness scheme of the module docstring for
+        any objective (pretraining's :meth:`gradients`, ``ref-bert finetune``'s step).
+
+        ``indices``: this rank's micro-batches (:meth:`own_micro_batches`); ``micro_batch(i)`` computes
+        micro-batch i on this rank: ``(grads, terms)``, its weighted gradient (name -> array) and a 1-D
+        array of its weighted loss terms. Returns ``(grads, terms)``: the summed gradient (every
+        parameter, or this rank's shard's tensors when sharded) and the summed terms, the same on
+        every rank.
+        """
+        xp, dtype, comm, layout = model.xp, model.dtype, self.comm, self.layout
+        shard = xp.zeros(layout.width, dtype=dtype)   # this rank's shard of the summed gradient
+        own_terms = []
+        for i in indices:
+            grads, terms = micro_batch(i)
+            received = comm.alltoall(layout.pack(grads, xp, dtype))   # row j: micro-batch i - rank + j
             for row in received:
                 shard += row
-            weighted_parts.append(xp.stack([mlm_share * result.parts["mlm"], sop_share * result.parts["sop"]]))
-        # (N, k/N, 2) -> (k, 2) in index order: micro-batch t N + j is rank j's t-th
-        gathered = comm.allgather(xp.stack(weighted_parts).reshape(-1)).reshape(comm.size, len(indices), 2)
-        in_order = gathered.transpose(1, 0, 2).reshape(-1, 2)
-        mlm = xp.zeros((), dtype=dtype)
-        sop = xp.zeros((), dtype=dtype)
-        for mlm_term, sop_term in in_order:
-            mlm = mlm + mlm_term
-            sop = sop + sop_term
-        parts = {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
+            own_terms.append(terms)
+        width = own_terms[0].shape[0]
+        # (N, k/N, m) -> (k, m) in index order: micro-batch t N + j is rank j's t-th
+        gathered = comm.allgather(xp.stack(own_terms).reshape(-1)).reshape(comm.size, len(indices), width)
+        total = xp.zeros(width, dtype=dtype)
+        for row in gathered.transpose(1, 0, 2).reshape(-1, width):
+            total = total + row
         if self.sharded:
-            return layout.shard_views(shard, self.rank), parts
+            return layout.shard_views(shard, self.rank), total
         full = FlatBuffer(self.shapes, xp, dtype)
         layout.unpack(comm.allgather(shard), full.flat)
-        return dict(full.items()), parts
+        return dict(full.items()), total
 
     def grad_norm(self, grads: dict, model: Model):
         """The global gradient norm, a 0-d array equal on every rank (and to ``global_grad_norm`` of the

@@ -23,7 +23,7 @@ from ..data import SentencePairStream, Tokenizer, check_pairable, default_corpus
 from ..model import Model
 from . import rundir
 from .batches import make_stream, next_step_batch
-from .data_parallel import DataParallel, check_split
+from .data_parallel import DataParallel, check_split, every_rank_ends_on_error
 from .metrics import StepLog, write_plot
 from .settings import PretrainConfig, learning_rate, resolve_model_config, resolve_threads, thread_limit, validate
 
@@ -131,13 +131,8 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, comm=Non
     validate(cfg)
     comm = comm if comm is not None else backends.comm.communicator(cfg.comm, cfg.backend)
     check_split(cfg.grad_accum, cfg.batch_size, comm.size)
-    try:
+    with every_rank_ends_on_error(comm):   # the other ranks may be waiting in a collective: end them all
         return _run(cfg, resume_dir, state, on_step, comm)
-    except BaseException as e:
-        if comm.size > 1:   # the other ranks may be waiting in a collective: end them all
-            print(f"error (rank {comm.rank} of {comm.size}): {type(e).__name__}: {e}", file=sys.stderr)
-            comm.abort(2 if isinstance(e, ValueError) else 130 if isinstance(e, KeyboardInterrupt) else 1)
-        raise
 
 
 def _run(cfg: PretrainConfig, resume_dir, state, on_step: OnStep, comm) -> PretrainResult:

@@ -89,12 +89,13 @@ def holds_run(out: Path) -> bool:
 
 
 # --- the output directory ----------------------------------------------------------------------------
-def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool) -> None:
+def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: str = "pretraining") -> None:
     """Refuse an ``out`` that is not this run's to write, before anything is written. Allowed: a new
     or empty directory; the run directory that ``resume_dir`` belongs to (continuing it); anything
     with ``overwrite``. Refused: an existing run without a resume of it, and any other non-empty
     directory (a Hugging Face model directory, someone's files). A reusable guard: ``finetune``'s
-    ``--out`` is meant to go through it too (with :func:`ref_bert.files.claim_run_directory`)."""
+    ``--out`` goes through it too (with :func:`ref_bert.files.claim_run_directory`); ``kind`` names the job in
+    the messages."""
     out = Path(out)
     if not out.exists():
         return
@@ -108,13 +109,13 @@ def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool) -> None
         return
     if holds_run(out):
         if resume_dir is None:
-            raise ValueError(f"{out} already holds a pretraining run ({out / LATEST_NAME} or {out / CHECKPOINTS_DIR} "
+            raise ValueError(f"{out} already holds a {kind} run ({out / LATEST_NAME} or {out / CHECKPOINTS_DIR} "
                              f"exists); pass --resume to continue it, --overwrite to replace it, or choose another "
                              f"--out")
-        raise ValueError(f"--out {out} holds another pretraining run than the checkpoint {resume_dir}; resuming "
+        raise ValueError(f"--out {out} holds another {kind} run than the checkpoint {resume_dir}; resuming "
                          f"would write over it: choose a new --out (to branch from that checkpoint), resume {out}'s "
                          f"own run, or pass --overwrite to replace it")
-    raise ValueError(f"--out {out} is an existing directory that is not a pretraining run (it holds "
+    raise ValueError(f"--out {out} is an existing directory that is not a {kind} run (it holds "
                      f"{', '.join(found[:6])}{', ...' if len(found) > 6 else ''}); refusing to write into it: choose "
                      f"a new or empty directory, or pass --overwrite to let this run replace its files")
 
