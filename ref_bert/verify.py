@@ -205,13 +205,19 @@ def format_report(report: Report, title: str = "", show: str = "all") -> str:
 def verify_files(golden_path, candidate_path, rtol=None, atol=None, allow_missing=False,
                  equal_nan: bool = False) -> Report:
     """Compare a candidate dump (same format, produced by another implementation) with a golden file.
-    A malformed file of either side is a ValueError (the CLI's exit status 2), never a mismatch."""
+    A malformed file of either side is a ValueError (the CLI's exit status 2), never a mismatch; so is a
+    floating-point candidate where the golden file holds integers (the inputs)."""
     from .golden import read_golden
 
     reference, meta = read_golden(golden_path)
     dtype = meta["dtype"]
     tols = tolerances(dtype, rtol, atol)
     candidate, cmeta = read_golden(candidate_path)
+    for name, ref in reference.items():    # the inputs are integers: a float candidate for them is malformed
+        if ref.dtype.kind in "iub" and name in candidate and np.asarray(candidate[name]).dtype.kind not in "iub":
+            raise ValueError(f"candidate {candidate_path}: tensor {name} has dtype {candidate[name].dtype}, but the "
+                             f"golden file holds integers there ({ref.dtype}); expected an integer tensor (inputs are "
+                             f"compared exactly)")
     report = compare(reference, candidate, *tols, allow_missing=allow_missing, dtype=dtype, equal_nan=equal_nan)
     if cmeta.get("dtype") != dtype:
         report.notes.append(f"note: candidate dtype {cmeta.get('dtype')} differs from the golden file's {dtype}")

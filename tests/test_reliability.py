@@ -425,7 +425,10 @@ def test_verify_exit_codes_and_no_false_ok(tmp_path, capsys):
     capsys.readouterr()
     ids = next(n for n, v in tensors.items() if v.dtype.kind == "i")
     code, out = verify("--candidate", candidate("float-ids.safetensors", {ids: raw[ids].astype(np.float64)}))
-    assert code == 1 and "the reference holds integers" in out.out
+    assert code == 2 and f"tensor {ids} has dtype float64, but the golden file holds integers" in out.err
+    assert "Traceback" not in out.err
+    code, out = verify("--candidate", candidate("other-ids.safetensors", {ids: raw[ids] + 1}))
+    assert code == 1 and f"first divergence at {ids}" in out.out      # different integers: a mismatch
     # Bad tolerances and malformed candidates are usage/input errors: exit 2, no traceback.
     for extra in (["--rtol", "nan"], ["--atol", "-1"], ["--rtol", "inf"]):
         code, out = verify("--candidate", str(golden), *extra)
