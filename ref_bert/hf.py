@@ -86,8 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ACTIVATIONS, BERT_ONLY_HEADS, HEADS, Config
-from .files import (atomic_write_json, check_finite, check_float_tensors, load_tensors, parse_json, read_json,
-                    save_tensors)
+from .files import atomic_write_json, check_finite, check_float_tensors, load_tensors, read_json, save_tensors
 from .params import parameter_shapes
 
 # name: (family, Config.head), e.g. "AlbertForSequenceClassification": ("albert", "sequence_classification")

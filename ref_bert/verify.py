@@ -38,7 +38,6 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 DTYPE_RULE = ("float64 where numbers are compared to another implementation (golden, verify), float32 where a "
@@ -86,6 +87,42 @@ def resolve_config(value: str):
 
 def add_progress_flag(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+
+
+def add_run_arguments(parser, job: str) -> None:
+    """The flags of a training run's directory and processes, shared by ``pretrain`` and ``finetune``
+    (``job`` names the run in the help): --until, --resume, --overwrite, --threads, --comm, --no-progress."""
+    from backends.comm import KINDS as COMM_KINDS
+
+    a = parser.add_argument
+    a("--until", type=int, default=None, metavar="STEP",
+      help="stop after this step with a checkpoint; --resume later to finish the --steps schedule "
+           "(default: run to --steps)")
+    a("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+      help=f"continue from OUT/latest, or from the given checkpoint directory, with its recorded settings "
+           f"(default: a new {job} run; OUT must not hold one)")
+    a("--overwrite", action="store_true",
+      help="let --out be an existing directory that is not this run's (a model directory, another run): this run "
+           "replaces its files (default: refused, so that nothing that is not this run's is overwritten)")
+    a("--threads", type=int, default=None, metavar="N",
+      help="BLAS threads (and the numpy backend's own) for the run; 0 leaves them alone (default: 1 on the "
+           "numpy backend unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set, else 0)")
+    a("--comm", default="auto", choices=COMM_KINDS,
+      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then "
+           "mpi on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the parameters are "
+           "bit-identical to one process with the same --batch-size and --grad-accum (default auto)")
+    a("--no-progress", action="store_true", help="no progress bar (default: shown)")
+
+
+def parse_override(text: str) -> tuple:
+    """``--set KEY=VALUE``: (KEY, VALUE parsed as JSON, or the bare string, e.g. --set hidden_act=relu)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {text!r} is invalid: expected KEY=VALUE with KEY a Config field")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 def add_text_arguments(parser, command: str) -> None:
     """``--text``, ``--text-file``, ``--truncate``: run on the checkpoint's own tokenization of real text."""

@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
-import json
 
+from . import add_run_arguments, parse_override
 from ..config import PRESETS
 from ..model import DTYPES
 from ..optim import OPTIMIZERS
@@ -67,33 +67,8 @@ def add_arguments(parser) -> None:
     a("--checkpoint-every", type=int, default=None, metavar="N", help=f"(default {d.checkpoint_every})")
     a("--keep-checkpoints", type=int, default=None, metavar="K", help=f"0 keeps all (default {d.keep_checkpoints})")
     a("--log-every", type=int, default=None, metavar="N", help=f"(default {d.log_every})")
-    a("--until", type=int, default=None, metavar="STEP",
-      help="stop after this step with a checkpoint; --resume later to finish (default: run to --steps)")
-    a("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-      help="continue from OUT/latest or the given checkpoint with its recorded settings (default: a new run)")
-    a("--threads", type=int, default=None, metavar="N",
-      help="BLAS threads for the run; 0 leaves them alone (default: 1 on the numpy backend unless "
-           "OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set)")
-    a("--overwrite", action="store_true",
-      help="allow an --out that is neither new, empty nor this run (a model directory, another run): the run "
-           "replaces its files (default: such an --out is refused)")
-    from backends.comm import KINDS as COMM_KINDS
+    add_run_arguments(parser, "fine-tuning")
 
-    a("--comm", default=d.comm, choices=COMM_KINDS,
-      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then mpi "
-           "on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the parameters are "
-           f"bit-identical to one process with the same --batch-size and --grad-accum (default {d.comm})")
-    a("--no-progress", action="store_true", help="no progress bar (default: shown)")
-
-
-def _parse_override(text: str) -> tuple:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set {text!r} is invalid: expected KEY=VALUE with KEY a Config field")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def run(args) -> int:
@@ -102,7 +77,7 @@ def run(args) -> int:
 
     given = {name: getattr(args, name) for name in RECORDED_FLAGS if getattr(args, name) is not None}
     if args.config_set:
-        given["config_overrides"] = dict(_parse_override(text) for text in args.config_set)
+        given["config_overrides"] = dict(parse_override(text) for text in args.config_set)
     base = FinetuneConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
                           until=args.until, threads=args.threads, comm=args.comm, overwrite=args.overwrite,
                           progress=not args.no_progress)

@@ -8,10 +8,8 @@
 """
 from __future__ import annotations
 
-import json
 
-from backends.comm import KINDS as COMM_KINDS
-
+from . import add_run_arguments, parse_override
 from ..config import PRESETS
 from ..model import DTYPES
 from ..pretrain import OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain
@@ -24,16 +22,6 @@ RECORDED_FLAGS = ("corpus", "config", "objective", "sop_weight", "steps", "batch
                   "optimizer", "lr", "schedule", "warmup", "seed", "dtype", "checkpoint_every",
                   "keep_checkpoints", "log_every")
 
-
-def _parse_override(text: str) -> tuple:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set {text!r} is invalid: expected KEY=VALUE with KEY a Config field")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value  # a bare string, e.g. --set hidden_act=relu
-    return key, parsed
 
 
 def add_arguments(parser) -> None:
@@ -93,26 +81,10 @@ def add_arguments(parser) -> None:
       help=f"keep the K newest checkpoints, 0 = all (default {d.keep_checkpoints})")
     a("--log-every", type=int, default=None, metavar="N",
       help=f"log (and read the loss on the host: a device sync on GPUs) every N steps (default {d.log_every})")
-    a("--until", type=int, default=None, metavar="STEP",
-      help="stop after this step with a checkpoint; --resume later to finish the --steps schedule "
-           "(default: run to --steps)")
-    a("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-      help="continue from OUT/latest, or from the given checkpoint directory, with its recorded settings "
-           "(default: a new run; OUT must not hold one)")
-    a("--overwrite", action="store_true",
-      help="let --out be an existing directory that is not this run's (a model directory, another run): this run "
-           "replaces its files (default: refused, so that nothing that is not this run's is overwritten)")
-    a("--threads", type=int, default=None, metavar="N",
-      help="BLAS threads (and the numpy backend's own) for the run; 0 leaves them alone (default: 1 on the "
-           "numpy backend unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS is set, else 0)")
-    a("--comm", default=d.comm, choices=COMM_KINDS,
-      help="communicator of a data-parallel run: auto = one process unless started by 'mpiexec -n N' (then "
-           "mpi on the numpy backend, nccl on cupy); --grad-accum must be a multiple of N; the result is "
-           f"bit-identical to one process (default {d.comm})")
     a("--shard-optimizer", action="store_true",
       help="ZeRO stage 1: each rank keeps the optimiser moments of its share of the tensors only; "
            "bit-identical to the default (replicated) optimiser (default: replicated)")
-    a("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    add_run_arguments(parser, "pretraining")
     a("--no-plot", action="store_true", help=f"do not draw OUT/{PLOT_NAME} (default: drawn)")
 
 
@@ -122,7 +94,7 @@ def config_from_args(args) -> tuple:
     the others from the checkpoint)."""
     given = {name: getattr(args, name) for name in RECORDED_FLAGS if getattr(args, name) is not None}
     if args.config_set:
-        given["config_overrides"] = dict(_parse_override(text) for text in args.config_set)
+        given["config_overrides"] = dict(parse_override(text) for text in args.config_set)
     if args.warmup is None:
         given.pop("warmup", None)
     base = PretrainConfig(out=args.out, tokenizer=args.tokenizer, backend=args.backend, resume=args.resume,
