@@ -100,6 +100,19 @@ def test_resume_is_bit_identical_to_a_straight_run(small, grad_accum):
     assert [r["step"] for r in second.history] == list(range(1, 9))
 
 
+def test_resume_keeps_the_runs_thread_count(small):
+    """float32 matrix products from OpenBLAS differ in the last bits between 1 and 2 threads (README,
+    "Known limits"), so a resume without --threads takes the count the run recorded: 4 + 4 steps at
+    threads=2 equal 8 straight steps at threads=2."""
+    straight = pretrain(small("straight", threads=2, steps=4, until=None))
+    first = pretrain(small("resumed", threads=2, steps=4, until=2))
+    assert json.loads((first.checkpoint / "state.json").read_text())["job"]["threads"] == 2
+    second = pretrain(small("resumed", steps=4, resume=True))
+    final = json.loads((second.checkpoint / "state.json").read_text())
+    assert second.step == 4 and final["job"]["threads"] == 2
+    _assert_same_run(straight.out_dir, second.out_dir, 4)
+
+
 def test_unilm_objective_trains_on_mixed_masks_and_resumes_exactly(small):
     """--objective unilm: the stream's sentence pairs made into UniLM's mixed-mask batches (every kind in a
     batch of 12 over 8 steps), losses finite, and a resumed run rebuilds the same batches."""

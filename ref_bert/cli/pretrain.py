@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     d = PretrainConfig()
     parser.epilog = (
         "Resume: --resume continues OUT's run with the settings its checkpoint recorded (model config, corpus, "
-        "steps, batch, schedule, seed, dtype, checkpointing); a flag given with it overrides, except those "
+        "steps, batch, schedule, seed, dtype, checkpointing, threads); a flag given with it overrides, except those "
         "that change the run's arithmetic (all of the above but --steps and the checkpoint/log flags), which "
         "must match. --resume --steps N extends a run (also a finished one): the learning-rate schedule is "
         "re-derived for N steps (the recorded warmup kept), so the steps after the checkpoint take the rates "

@@ -371,7 +371,7 @@ def save_checkpoint(job: Job, elapsed: float) -> None:
     if job.parallel.rank != 0:
         job.newest = Path(job.parallel.comm.broadcast_text(None))
         return
-    job_settings = {k: getattr(cfg, k) for k in ("checkpoint_every", "keep_checkpoints", "log_every")}
+    job_settings = {k: getattr(cfg, k) for k in ("checkpoint_every", "keep_checkpoints", "log_every", "threads")}
     job_settings["corpus"] = None if cfg.corpus is None else os.path.abspath(str(cfg.corpus))
     run_state = {"run": cfg.run_settings(), "job": job_settings, "config_source": job.config_source,
                  "elapsed": elapsed, "tokens": job.tokens_seen}

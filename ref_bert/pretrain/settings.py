@@ -29,7 +29,9 @@ RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimi
             "warmup", "seed", "dtype", "sop_weight")
 # Settings a checkpoint records besides RUN_KEYS; a resume takes them (and RUN_KEYS) from the
 # checkpoint unless they are given explicitly (see :func:`ref_bert.pretrain.pretrain`).
-JOB_KEYS = ("corpus", "checkpoint_every", "keep_checkpoints", "log_every")
+# threads among them: float32 sums from OpenBLAS differ in the last bits between thread counts, so a
+# resume keeps the run's count (README, "Known limits").
+JOB_KEYS = ("corpus", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
 # The BLAS thread-count variables a user may set; any of them set means "leave BLAS alone" by default.
 THREAD_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
