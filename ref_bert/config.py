@@ -35,6 +35,7 @@ SIZE_LIMITS = {"vocab_size": 1 << 24, "embedding_size": 1 << 16, "hidden_size": 
                "max_position_embeddings": 1 << 20, "type_vocab_size": 1 << 16, "num_hidden_groups": 1 << 12,
                "inner_group_num": 1 << 8}
 MASK_VALUE_LIMIT = 1e30
+MAX_LABELS = 1 << 20     # a head's classes: a config.json cannot ask for a terabyte classifier
 
 # The head on top of the encoder, and the Hugging Face class each one is (``Config.architecture``):
 #   head                      Hugging Face class suffix      pooler  head parameters
@@ -144,8 +145,8 @@ class Config:
         need(isinstance(self.head, str) and self.head in HEADS, "head", f"one of {sorted(HEADS)}")
         need(self.model_type == "bert" or self.head not in BERT_ONLY_HEADS, "head",
              f"an ALBERT head (transformers has {', '.join(BERT_ONLY_HEADS)} for BERT only)")
-        need(isinstance(self.num_labels, int) and not isinstance(self.num_labels, bool) and self.num_labels > 0,
-             "num_labels", "a positive integer")
+        need(isinstance(self.num_labels, int) and not isinstance(self.num_labels, bool)
+             and 0 < self.num_labels <= MAX_LABELS, "num_labels", f"a positive integer at most {MAX_LABELS}")
         need(self.head != "question_answering" or self.num_labels == 2, "num_labels",
              "2 for question answering (start and end logits)")
         need(self.problem_type is None or self.problem_type in PROBLEM_TYPES, "problem_type",

@@ -441,8 +441,8 @@ def claim_run_directory(directory):
     The lock is ``filelock.FileLock`` on ``DIR/.lock``: an ``flock``, which the operating system releases
     when the holding process ends in any way (``kill -9`` included), so a stale lock never blocks a
     resume. The holder is written to ``DIR/.lock-holder`` (for the message only; the lock itself is the
-    ``flock``). Reusable by every command that writes a run directory: ``pretrain`` uses it, and
-    ``finetune`` is meant to (call it before writing anything into its ``--out``)."""
+    ``flock``). Reusable by every command that writes a run directory: ``pretrain`` and
+    ``finetune`` hold it from before they write anything into ``--out`` until the run ends."""
     from filelock import FileLock, Timeout
 
     directory = Path(directory)

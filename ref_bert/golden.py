@@ -94,7 +94,7 @@ def text_inputs(config, x: dict, seed: int = 0, dtype: str = "float64") -> dict:
         raise ValueError(f"a question-answering checkpoint needs texts of one token length (no padding); the "
                          f"texts tokenize to lengths {lengths}: give one text, or texts of one length")
     labels = task_labels(config, x, np.random.default_rng([seed, 2, 3]), dtype=dtype)
-    x = {k: v for k, v in x.items() if k not in ("mlm_labels", "sop_labels") or head in ("masked_lm", "next_sentence")}
+    x = {k: v for k, v in x.items() if k not in ("mlm_labels", "sop_labels")}   # masked_lm / next_sentence: in labels
     return _with_upstream(config, {**x, **labels}, seed, dtype)
 
 

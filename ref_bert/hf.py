@@ -322,7 +322,8 @@ def config_from_hf(hf: dict, family: str, name: str = "hf", head: str = "pretrai
         initializer="normal", group_rule="hf", pad_token_id=pad, model_type=family, name=name)
     # transformers keeps num_labels as the length of id2label (and accepts num_labels itself)
     id2label = hf.get("id2label")
-    num_labels = hf.get("num_labels") or (len(id2label) if isinstance(id2label, dict) and id2label else 2)
+    num_labels = hf["num_labels"] if hf.get("num_labels") is not None else (
+        len(id2label) if isinstance(id2label, dict) and id2label else 2)     # 0 reaches Config, which refuses it
     common.update(head=head, num_labels=num_labels, problem_type=hf.get("problem_type"))
     if family == "albert":
         prob = d["classifier_dropout_prob"]

@@ -154,6 +154,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(task, spiece, tmp_path):
     # A resume that changes the run's arithmetic is refused.
     with pytest.raises(ValueError, match="a resume keeps the checkpoint's settings"):
         finetune(out=str(tmp_path / "resumed"), resume=True, batch_size=4, steps=8)
+    # A resume from an earlier checkpoint of the finished run moves its evaluation aside with the newer
+    # checkpoints: OUT/eval.json describes the model OUT holds, or is absent.
+    out = tmp_path / "resumed"
+    assert json.loads((out / "eval.json").read_text())["step"] == 6
+    finetune(out=str(out), resume=str(out / "checkpoints" / "step-000004"), until=5, progress=False)
+    archive = out / "superseded" / "after-step-000004"
+    assert not (out / "eval.json").exists() and json.loads((archive / "eval.json").read_text())["step"] == 6
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -459,3 +466,18 @@ def test_one_writer_per_out_an_out_that_is_not_a_run_and_no_non_finite_checkpoin
     assert "the update of step 2 made parameter" in err and "step-000001" in err, err
     assert [p.name for p in (poisoned / "checkpoints").iterdir()] == ["step-000001"]
     assert files.read_pointer(poisoned / "latest").name == "step-000001"
+
+
+def test_a_run_given_relative_paths_resumes_from_another_directory(spiece, tmp_path, monkeypatch):
+    """The training file is recorded as an absolute path: a resume started elsewhere finds it, and giving
+    the same file by its absolute path is not taken for a different setting."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.jsonl").write_bytes(Path(embedded_path("classification", "train")).read_bytes())
+    monkeypatch.chdir(work)
+    settings = dict(task="classification", tokenizer=spiece, steps=3, batch_size=4, seq_len=16, progress=False)
+    first = finetune(out="run", train="train.jsonl", until=1, **settings)
+    assert first.step == 1
+    monkeypatch.chdir(tmp_path)
+    resumed = finetune(out=str(work / "run"), resume=True, train=str(work / "train.jsonl"), progress=False)
+    assert resumed.step == 3

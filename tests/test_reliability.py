@@ -104,6 +104,13 @@ def test_an_out_that_is_not_this_run_is_refused_unless_overwrite(spiece, tmp_pat
     # With overwrite the run replaces the directory's files, and OUT is a model directory of this run.
     result = pretrain(out=str(hf_dir), tokenizer=spiece, overwrite=True, **{**RUN, "steps": 1})
     assert ckpt.directory_kind(hf_dir) == ckpt.REF_BERT_DIRECTORY and result.step == 1
+    # Overwriting a run leaves none of its files to be read as this run's: a stale tokenizer setting (this
+    # run's tokenizer has the defaults, so it writes no tokenizer_config.json) or a stale evaluation.
+    (other / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    (other / "eval.json").write_text('{"step": 2}')
+    pretrain(out=str(other), tokenizer=spiece, overwrite=True, **{**RUN, "steps": 1})
+    assert not (other / "tokenizer_config.json").exists() and not (other / "eval.json").exists()
+    assert [p.name for p in rundir.list_checkpoints(other)] == ["step-000001"]
 
 
 # --- never publish a poisoned update ----------------------------------------------------------------
@@ -315,6 +322,7 @@ def test_a_full_tmpfs_is_one_line_and_the_previous_checkpoint_stays_loadable(spi
 # --- loading refuses what it cannot trust, before it allocates ----------------------------------------
 @pytest.mark.parametrize("field,value,message", [
     ("vocab_size", 10 ** 12, r"vocab_size=1000000000000 is invalid: expected a positive integer at most"),
+    ("num_labels", 1 << 40, r"num_labels=1099511627776 is invalid: expected a positive integer at most"),
     ("intermediate_size", 1 << 18, r"tensor encoder.ffn.0.intermediate.weight has shape \(64, 128\), expected \(64, 262144\)"),
 ])
 def test_a_config_claiming_more_than_its_weights_fails_before_any_big_allocation(tmp_path, field, value, message):

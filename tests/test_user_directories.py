@@ -236,7 +236,8 @@ def test_verify_and_golden_on_text_with_a_sharded_checkpoint(tokenizer, tmp_path
 
 
 
-@pytest.mark.parametrize("arch", ["Model", "ForSequenceClassification", "ForQuestionAnswering", "ForMultipleChoice"])
+@pytest.mark.parametrize("arch", ["Model", "ForSequenceClassification", "ForQuestionAnswering", "ForMultipleChoice",
+                                  "ForMaskedLM", "ForNextSentencePrediction"])
 def test_verify_and_golden_on_text_for_task_heads(tokenizer, tmp_path, capsys, arch):
     """--text on a task-head checkpoint: the text's tokens with the head's labels (a bare encoder: random
     upstream gradients), compared loss and every gradient; question answering needs one length, multiple

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,9 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **setti
     given = set(settings) | {f.name for f in dataclasses.fields(FinetuneConfig)
                              if getattr(base, f.name) != getattr(defaults, f.name)}
     cfg = dataclasses.replace(base, **settings)
+    # Files are recorded (and compared on resume) as absolute paths, so a resume works from any directory.
+    cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("train", "eval", "init")
+                                      if isinstance(getattr(cfg, k), (str, os.PathLike)) and getattr(cfg, k) != ""})
     resume_dir = rundir.resolve_resume(Path(cfg.out), cfg.resume, kind="fine-tuning")
     state = None
     if resume_dir is not None:
@@ -318,7 +322,7 @@ def _recorded_settings(cfg: FinetuneConfig, given: set, resume_dir: Path, state:
                              f"gives {getattr(cfg, key)!r}; a resume keeps the checkpoint's settings (omit "
                              f"--{key.replace('_', '-')})")
         changes[key] = saved[key]
-    for key in ("eval", "checkpoint_every", "keep_checkpoints", "log_every"):
+    for key in ("eval", "checkpoint_every", "keep_checkpoints", "log_every", "threads"):
         if key not in given and key in state.get("job", {}):
             changes[key] = state["job"][key]
     return dataclasses.replace(cfg, **changes)
@@ -398,9 +402,6 @@ def prepare(cfg: FinetuneConfig, resume_dir: Optional[Path] = None, state: Optio
         else:
             model, _ = ckpt.load_any(source, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed,
                                      tokenizer=cfg.tokenizer is None and resume_dir is None)
-        if cfg.config_overrides:
-            raise ValueError("--set changes the config of a model built from --config; with --init the "
-                             "checkpoint's config is used (omit --set)")
     else:   # from scratch: the task's architecture directly
         config = resolve_model_config(cfg.config, cfg.config_overrides)
         check_task_head(config, cfg.task, f"--config {cfg.config}")
@@ -559,7 +560,8 @@ def _save_checkpoint(job: Job, elapsed: float) -> None:
         job.newest = Path(job.parallel.comm.broadcast_text(None))
         return
     train_path = cfg.train or embedded_path(cfg.task, "train")
-    job_settings = {k: getattr(cfg, k) for k in ("eval", "checkpoint_every", "keep_checkpoints", "log_every")}
+    job_settings = {k: getattr(cfg, k) for k in ("eval", "checkpoint_every", "keep_checkpoints", "log_every",
+                                                 "threads")}
     job_settings["train_sha256"] = _file_digest(train_path)
     run_state = {"format": STATE_FORMAT, "run": cfg.run_settings(), "job": job_settings, "task": job.task_info,
                  "elapsed": elapsed, "tokens": job.tokens_seen}

@@ -11,7 +11,7 @@
 
 SQuAD's scores have no offline library (the ``evaluate`` package fetches its script from the hub), so
 :func:`squad_normalize` and :func:`squad_f1` restate the official evaluate-v1.1.py (docs/reference.md,
-"Fine-tuning metrics"): lower-case; drop punctuation (``string.punctuation``); drop the articles a,
+§12.3, "Metrics"): lower-case; drop punctuation (``string.punctuation``); drop the articles a,
 an, the as whole words; collapse whitespace. Exact match: the normalised strings are equal. F1:
 over the normalised whitespace tokens, common = the multiset intersection, precision = common /
 predicted tokens, recall = common / gold tokens, F1 = 2PR / (P + R), 0 when nothing is in common. Each

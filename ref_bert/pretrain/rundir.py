@@ -120,6 +120,16 @@ def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: s
                      f"a new or empty directory, or pass --overwrite to let this run replace its files")
 
 
+# The files a run keeps at OUT's top level besides checkpoints/ and latest: the model, its tokenizer (any
+# kind), the metrics and plot, and fine-tuning's task and evaluation. --overwrite removes them, so that
+# nothing of the run it replaces (a stale model or tokenizer setting) is read as this run's.
+RUN_FILES = (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, TOKENIZER_NAME, "vocab.txt", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", METRICS_NAME, "loss.png", "task.json", "eval.json")
+# Results computed from the final model: a resume from an earlier checkpoint moves them aside with the
+# newer checkpoints, since they no longer describe OUT's model.
+RESULT_FILES = ("eval.json",)
+
+
 def open_output(out: Path, history: list, tokenizer: Tokenizer, resume_dir: Optional[Path],
                 overwrite: bool = False) -> Optional[Path]:
     """Make OUT this run's (the caller holds its lock): clear staging leftovers, move work newer than
@@ -132,9 +142,12 @@ def open_output(out: Path, history: list, tokenizer: Tokenizer, resume_dir: Opti
     out.mkdir(parents=True, exist_ok=True)
     files.remove_staging(out / CHECKPOINTS_DIR)
     continuing = resume_dir is not None and run_directory_of(resume_dir) == out.resolve()
-    if overwrite and not continuing and holds_run(out):   # asked for: the old run is replaced
-        files.remove_directory(out / CHECKPOINTS_DIR)
-        (out / LATEST_NAME).unlink(missing_ok=True)
+    if overwrite and not continuing:   # asked for: the old run (or what else OUT held of a run's files) is replaced
+        if holds_run(out):
+            files.remove_directory(out / CHECKPOINTS_DIR)
+            (out / LATEST_NAME).unlink(missing_ok=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     if continuing:
         supersede_newer(out, resume_dir)
     files.atomic_write_bytes(out / METRICS_NAME, metrics_bytes(history))
@@ -169,6 +182,9 @@ def supersede_newer(out: Path, resume_dir: Path) -> Optional[Path]:
     (archive / CHECKPOINTS_DIR).mkdir(parents=True)
     if (out / METRICS_NAME).is_file():
         files.atomic_copy(out / METRICS_NAME, archive / METRICS_NAME)
+    for name in RESULT_FILES:
+        if (out / name).is_file():
+            (out / name).replace(archive / name)
     files.write_pointer(out / LATEST_NAME, resume_dir)
     for path in reversed(newer):   # newest first, so that the archive's latest names a moved checkpoint
         path.replace(archive / CHECKPOINTS_DIR / path.name)
