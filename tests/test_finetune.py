@@ -481,3 +481,16 @@ def test_a_run_given_relative_paths_resumes_from_another_directory(spiece, tmp_p
     monkeypatch.chdir(tmp_path)
     resumed = finetune(out=str(work / "run"), resume=True, train=str(work / "train.jsonl"), progress=False)
     assert resumed.step == 3
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(no_such_setting=1), r"unknown finetune settings \['no_such_setting'\]"),
+    (dict(out=None), "out=None is invalid: expected a directory path"),
+    (dict(resume=3), "resume=3 is invalid: expected True"),
+    (dict(train=5), "train=5 is invalid: expected None or a path"),
+])
+def test_bad_settings_from_python_are_value_errors(settings, message, tmp_path):
+    settings.setdefault("out", str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=message):
+        finetune(**settings)
+    assert not (tmp_path / "run").exists()

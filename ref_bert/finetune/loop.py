@@ -172,6 +172,12 @@ def validate(cfg: FinetuneConfig) -> None:
             "None, 0 (leave BLAS alone) or a positive thread count")
     require(cfg.comm in backends.comm.KINDS, "comm", cfg.comm, f"one of {backends.comm.KINDS}")
     require(isinstance(cfg.overwrite, bool), "overwrite", cfg.overwrite, "True or False")
+    require(isinstance(cfg.out, (str, os.PathLike)) and str(cfg.out) != "", "out", cfg.out, "a directory path")
+    require(cfg.resume is True or cfg.resume is False or isinstance(cfg.resume, (str, os.PathLike)), "resume",
+            cfg.resume, "True (OUT/latest), False or a checkpoint directory")
+    for name in ("train", "eval", "init", "tokenizer"):
+        require(getattr(cfg, name) is None or isinstance(getattr(cfg, name), (str, os.PathLike)), name,
+                getattr(cfg, name), "None or a path")
 
 
 @dataclass
@@ -258,10 +264,21 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **setti
     can fail on bad input (settings, both files whole, the model directory, the head) fails before
     OUT is touched."""
     base = cfg or FinetuneConfig()
+    if not isinstance(base, FinetuneConfig):
+        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a FinetuneConfig or None")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(FinetuneConfig)})
+    if unknown:
+        raise ValueError(f"unknown finetune settings {unknown}; expected fields of FinetuneConfig "
+                         f"({', '.join(f.name for f in dataclasses.fields(FinetuneConfig))})")
     defaults = FinetuneConfig()
     given = set(settings) | {f.name for f in dataclasses.fields(FinetuneConfig)
                              if getattr(base, f.name) != getattr(defaults, f.name)}
     cfg = dataclasses.replace(base, **settings)
+    if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))) \
+            or not isinstance(cfg.out, (str, os.PathLike)) \
+            or any(not (getattr(cfg, k) is None or isinstance(getattr(cfg, k), (str, os.PathLike)))
+                   for k in ("train", "eval", "init")):
+        validate(cfg)   # raises for resume, out or a file setting before they are used as paths
     # Files are recorded (and compared on resume) as absolute paths, so a resume works from any directory.
     cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("train", "eval", "init")
                                       if isinstance(getattr(cfg, k), (str, os.PathLike)) and getattr(cfg, k) != ""})
