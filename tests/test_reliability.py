@@ -111,6 +111,19 @@ def test_an_out_that_is_not_this_run_is_refused_unless_overwrite(spiece, tmp_pat
     pretrain(out=str(other), tokenizer=spiece, overwrite=True, **{**RUN, "steps": 1})
     assert not (other / "tokenizer_config.json").exists() and not (other / "eval.json").exists()
     assert [p.name for p in rundir.list_checkpoints(other)] == ["step-000001"]
+    # A run that stopped before its first checkpoint left only its own files (no weights, no latest): the
+    # same command runs again, and nothing of the failed start (a tokenizer setting) stays.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text("")
+    (failed / "spiece.model").write_bytes(Path(spiece).read_bytes())
+    (failed / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    assert pretrain(out=str(failed), tokenizer=spiece, **{**RUN, "steps": 1}).step == 1
+    assert not (failed / "tokenizer_config.json").exists()
+    (failed / "latest").unlink()                          # not a run any more, but holds weights: refused
+    files.remove_directory(failed / "checkpoints")
+    with pytest.raises(ValueError, match="is an existing directory that is not a pretraining run"):
+        pretrain(out=str(failed), tokenizer=spiece, **{**RUN, "steps": 1})
 
 
 # --- never publish a poisoned update ----------------------------------------------------------------

@@ -89,6 +89,17 @@ def holds_run(out: Path) -> bool:
 
 
 # --- the output directory ----------------------------------------------------------------------------
+# The files a run keeps at OUT's top level besides checkpoints/ and latest: the model, its tokenizer (any
+# kind), the metrics and plot, and fine-tuning's task and evaluation. A new run removes them (--overwrite,
+# or the leftovers of a run that stopped before its first checkpoint), so that nothing of the run it
+# replaces (a stale model or tokenizer setting) is read as this run's.
+RUN_FILES = (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, TOKENIZER_NAME, "vocab.txt", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", METRICS_NAME, "loss.png", "task.json", "eval.json")
+# Results computed from the final model: a resume from an earlier checkpoint moves them aside with the
+# newer checkpoints, since they no longer describe OUT's model.
+RESULT_FILES = ("eval.json",)
+
+
 def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: str = "pretraining") -> None:
     """Refuse an ``out`` that is not this run's to write, before anything is written. Allowed: a new
     or empty directory; the run directory that ``resume_dir`` belongs to (continuing it); anything
@@ -107,6 +118,9 @@ def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: s
         return
     if resume_dir is not None and run_directory_of(resume_dir) == out.resolve():
         return
+    if resume_dir is None and not holds_run(out) and (out / METRICS_NAME).is_file() \
+            and not (out / ckpt.WEIGHTS_NAME).exists() and set(found) <= set(RUN_FILES):
+        return   # a run that stopped before its first checkpoint: only its own files and no weights, nothing to lose
     if holds_run(out):
         if resume_dir is None:
             raise ValueError(f"{out} already holds a {kind} run ({out / LATEST_NAME} or {out / CHECKPOINTS_DIR} "
@@ -120,14 +134,6 @@ def check_output(out: Path, resume_dir: Optional[Path], overwrite: bool, kind: s
                      f"a new or empty directory, or pass --overwrite to let this run replace its files")
 
 
-# The files a run keeps at OUT's top level besides checkpoints/ and latest: the model, its tokenizer (any
-# kind), the metrics and plot, and fine-tuning's task and evaluation. --overwrite removes them, so that
-# nothing of the run it replaces (a stale model or tokenizer setting) is read as this run's.
-RUN_FILES = (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, TOKENIZER_NAME, "vocab.txt", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", METRICS_NAME, "loss.png", "task.json", "eval.json")
-# Results computed from the final model: a resume from an earlier checkpoint moves them aside with the
-# newer checkpoints, since they no longer describe OUT's model.
-RESULT_FILES = ("eval.json",)
 
 
 def open_output(out: Path, history: list, tokenizer: Tokenizer, resume_dir: Optional[Path],
@@ -142,8 +148,8 @@ def open_output(out: Path, history: list, tokenizer: Tokenizer, resume_dir: Opti
     out.mkdir(parents=True, exist_ok=True)
     files.remove_staging(out / CHECKPOINTS_DIR)
     continuing = resume_dir is not None and run_directory_of(resume_dir) == out.resolve()
-    if overwrite and not continuing:   # asked for: the old run (or what else OUT held of a run's files) is replaced
-        if holds_run(out):
+    if not continuing:   # a new run: nothing of a replaced run (--overwrite) or of a failed start stays
+        if overwrite and holds_run(out):
             files.remove_directory(out / CHECKPOINTS_DIR)
             (out / LATEST_NAME).unlink(missing_ok=True)
         for name in RUN_FILES:
