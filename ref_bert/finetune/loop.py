@@ -53,7 +53,8 @@ from ..pretrain import rundir
 from ..pretrain.data_parallel import DataParallel, check_split, dropout_seed, every_rank_ends_on_error
 from ..pretrain.loop import check_publishable
 from ..pretrain.loop import train as run_loop
-from ..pretrain.settings import check_config_overrides, resolve_model_config, resolve_threads, thread_limit
+from ..pretrain.settings import (check_config_overrides, merge_settings, resolve_model_config, resolve_threads,
+                                thread_limit)
 from ..validate import is_int, require
 from . import metrics as task_metrics
 from .data import Encoded, TaskData, check_task, encode, load_task_file
@@ -263,17 +264,7 @@ def finetune(cfg: FinetuneConfig | None = None, on_step=None, comm=None, **setti
     (:data:`RUN_KEYS`) from the checkpoint; one given that differs is a ValueError. Everything that
     can fail on bad input (settings, both files whole, the model directory, the head) fails before
     OUT is touched."""
-    base = cfg or FinetuneConfig()
-    if not isinstance(base, FinetuneConfig):
-        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a FinetuneConfig or None")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(FinetuneConfig)})
-    if unknown:
-        raise ValueError(f"unknown finetune settings {unknown}; expected fields of FinetuneConfig "
-                         f"({', '.join(f.name for f in dataclasses.fields(FinetuneConfig))})")
-    defaults = FinetuneConfig()
-    given = set(settings) | {f.name for f in dataclasses.fields(FinetuneConfig)
-                             if getattr(base, f.name) != getattr(defaults, f.name)}
-    cfg = dataclasses.replace(base, **settings)
+    cfg, given = merge_settings(FinetuneConfig, cfg, settings, "finetune")
     if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))) \
             or not isinstance(cfg.out, (str, os.PathLike)) \
             or any(not (getattr(cfg, k) is None or isinstance(getattr(cfg, k), (str, os.PathLike)))

@@ -3,7 +3,6 @@ written), opens the output directory, runs the loop and draws the plot."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -25,7 +24,8 @@ from . import rundir
 from .batches import make_stream, next_step_batch
 from .data_parallel import DataParallel, check_split, every_rank_ends_on_error
 from .metrics import StepLog, write_plot
-from .settings import PretrainConfig, learning_rate, resolve_model_config, resolve_threads, thread_limit, validate
+from .settings import (PretrainConfig, learning_rate, merge_settings, resolve_model_config, resolve_threads,
+                       thread_limit, validate)
 
 
 @dataclass
@@ -109,17 +109,7 @@ def pretrain(cfg: PretrainConfig | None = None, on_step: OnStep = None, comm=Non
     step, then propagates; a first Ctrl-C during a step lets the step finish first (a second one stops
     at once, without a checkpoint of that step).
     """
-    base = cfg or PretrainConfig()
-    if not isinstance(base, PretrainConfig):
-        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a PretrainConfig or None")
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(PretrainConfig)})
-    if unknown:
-        raise ValueError(f"unknown pretrain settings {unknown}; expected fields of PretrainConfig "
-                         f"({', '.join(f.name for f in dataclasses.fields(PretrainConfig))})")
-    defaults = PretrainConfig()
-    given = set(settings) | {f.name for f in dataclasses.fields(PretrainConfig)
-                             if getattr(base, f.name) != getattr(defaults, f.name)}
-    cfg = dataclasses.replace(base, **settings)
+    cfg, given = merge_settings(PretrainConfig, cfg, settings, "pretrain")
     if not (cfg.resume is False or cfg.resume is True or isinstance(cfg.resume, (str, os.PathLike))) \
             or not isinstance(cfg.out, (str, os.PathLike)) or not isinstance(cfg.overwrite, bool):
         validate(cfg)   # raises for resume, out or overwrite

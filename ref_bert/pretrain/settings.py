@@ -192,6 +192,24 @@ def learning_rate(cfg: PretrainConfig, updates_done: int) -> float:
     return linear_warmup_decay(updates_done, cfg.lr, cfg.steps, cfg.warmup_steps())
 
 
+def merge_settings(config_class, base, settings: dict, job: str) -> tuple:
+    """A job's settings from a dataclass ``base`` (or None: the defaults) and keyword ``settings``:
+    ``(cfg, given)``, ``given`` the names set by the caller (a keyword, or a field of ``base`` that differs
+    from the default), which a resume must not take from the checkpoint. Used by ``pretrain`` and
+    ``finetune``; a ValueError names a ``base`` of another type and unknown settings."""
+    base = config_class() if base is None else base
+    if not isinstance(base, config_class):
+        raise ValueError(f"cfg={type(base).__name__} is invalid: expected a {config_class.__name__} or None")
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {job} settings {unknown}; expected fields of {config_class.__name__} "
+                         f"({', '.join(fields)})")
+    defaults = config_class()
+    given = set(settings) | {name for name in fields if getattr(base, name) != getattr(defaults, name)}
+    return dataclasses.replace(base, **settings), given
+
+
 def resolve_threads(threads: Optional[int], backend) -> int:
     """The thread count :func:`thread_limit` applies for the ``threads`` setting (0 = leave alone)."""
     if threads is not None:
