@@ -223,6 +223,16 @@ class DataParallel:
         every rank.
         """
         xp, dtype, comm, layout = model.xp, model.dtype, self.comm, self.layout
+        if comm.size == 1 and not self.sharded:
+            # One process: the same additions onto zeros in index order, without packing gradients into
+            # rows for collectives that would only copy them (two gradient-sized copies a step).
+            full, total = FlatBuffer(self.shapes, xp, dtype), None
+            for i in indices:
+                grads, terms = micro_batch(i)
+                for name, view in full.items():
+                    view += grads[name]
+                total = xp.zeros(terms.shape[0], dtype=dtype) + terms if total is None else total + terms
+            return dict(full.items()), total
         shard = xp.zeros(layout.width, dtype=dtype)   # this rank's shard of the summed gradient
         own_terms = []
         for i in indices:
