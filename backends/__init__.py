@@ -21,7 +21,7 @@ process-wide, Linux/glibc only, and ``REF_BERT_MALLOC_TUNING=0`` turns it off
 (``Backend.malloc_tuned`` says whether it was applied). CuPy keeps its own memory pool.
 
 Fast variants: every op in ref_bert/ops is a plain reference, the formula of its docstring. A
-backend may replace some of them (the ops decorated with :func:`fast_path`) by a variant with the same
+backend may replace some of them (the ops wrapped with :func:`fast_path`) by a variant with the same
 signature and the same results up to rounding, listed in ``Backend.fast`` and chosen here, in
 :func:`_make`, and nowhere else. The NumPy backend runs the memory-optimised forms of
 :mod:`backends.numpy_fast` (fewer passes over memory, bit-identical to the code the ops carried

@@ -1,7 +1,7 @@
 """The optimisers' fast variants on CuPy: the fused kernels of :class:`backends.cupy_kernels.CupyKernels`
 behind the signatures of the reference functions in ref_bert/optim (``Backend.fast``).
 
-Each reference function is decorated with :func:`backends.fast_path`; its key is the reference's
+Each reference function is wrapped with :func:`backends.fast_path`; its key is the reference's
 ``"module.name"``, written out here as a string because backends/ never imports ref_bert
 (tests/test_fused_kernels.py checks that the keys are the references' ``fast_key``). Each adapter
 takes the reference's arguments, turns them into the kernel's (host floats, a 0-d array for the

@@ -6,9 +6,11 @@ gradient with respect to the op's input. Read them in model order: embedding, la
 attention (softmax, dropout), activations, cross_entropy, and the heads' other losses (losses: binary
 cross-entropy with logits, mean squared error).
 
-The code here is the reference: each op computes the formula of its docstring. A few ops are marked
-``@backends.fast_path``; a backend may run a faster arrangement of the same arithmetic in their place
-(``op.reference`` is always this code). Those variants live in backends/ and are tested against these.
+The code here is the reference: each op computes the formula of its docstring. A few ops are wrapped,
+``op = backends.fast_path(op)`` on the line after the function; a backend may run a faster arrangement of the same arithmetic in their place
+(``op.reference`` is always this code). Those variants live in backends/ and are tested against these. (A line after
+the function rather than a decorator, because the mutation tool, docs/testing.md, does not mutate
+decorated functions.)
 """
 from .activations import activation_backward, activation_forward
 from .attention import (additive_mask_from, merge_heads, self_attention_backward, self_attention_forward,

@@ -26,31 +26,31 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
 
 
-@backends.fast_path
 def gelu_forward(x):
     cdf = 0.5 * (1.0 + backends.of(x).erf(x * _INV_SQRT_2))      # Phi(x)
     return x * cdf, ("gelu", x, cdf)
+gelu_forward = backends.fast_path(gelu_forward)   # a backend may run its fast variant instead
 
 
-@backends.fast_path
 def gelu_backward(dy, cache):
     _, x, cdf = cache
     pdf = backends.of(x).xp.exp(-0.5 * x * x) * _INV_SQRT_2PI    # phi(x)
     return dy * (cdf + x * pdf)
+gelu_backward = backends.fast_path(gelu_backward)   # a backend may run its fast variant instead
 
 
-@backends.fast_path
 def gelu_new_forward(x):
     xp = backends.of(x).xp
     t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3))
     return 0.5 * x * (1.0 + t), ("gelu_new", x, t)
+gelu_new_forward = backends.fast_path(gelu_new_forward)   # a backend may run its fast variant instead
 
 
-@backends.fast_path
 def gelu_new_backward(dy, cache):
     _, x, t = cache
     du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+gelu_new_backward = backends.fast_path(gelu_new_backward)   # a backend may run its fast variant instead
 
 
 def relu_forward(x):

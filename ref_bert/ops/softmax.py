@@ -23,13 +23,13 @@ import backends
 from .dropout import dropout_backward, dropout_forward
 
 
-@backends.fast_path
 def softmax_forward(x):
     """Return ``(p, cache)``."""
     xp = backends.of(x).xp
     e = xp.exp(x - x.max(axis=-1, keepdims=True))
     p = e / e.sum(axis=-1, keepdims=True)
     return p, p
+softmax_forward = backends.fast_path(softmax_forward)   # a backend may run its fast variant instead
 
 
 def log_softmax(x):
@@ -40,13 +40,12 @@ def log_softmax(x):
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-@backends.fast_path
 def softmax_backward(dp, cache):
     p = cache
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+softmax_backward = backends.fast_path(softmax_backward)   # a backend may run its fast variant instead
 
 
-@backends.fast_path
 def masked_softmax_forward(scores, scale, additive_mask, dropout_mask=None):
     """Return ``((probs, dropped), cache)``: probs before dropout, dropped after (``dropout_mask=None``:
     no dropout, dropped is probs).
@@ -57,11 +56,12 @@ def masked_softmax_forward(scores, scale, additive_mask, dropout_mask=None):
     probs, softmax_cache = softmax_forward(scores * scale + additive_mask)
     dropped, dropout_cache = dropout_forward(probs, dropout_mask)
     return (probs, dropped), (softmax_cache, dropout_cache, scale)
+masked_softmax_forward = backends.fast_path(masked_softmax_forward)   # a backend may run its fast variant instead
 
 
-@backends.fast_path
 def masked_softmax_backward(ddropped, cache):
     """Gradient with respect to the raw scores (before the scale)."""
     softmax_cache, dropout_cache, scale = cache
     dprobs = dropout_backward(ddropped, dropout_cache)
     return scale * softmax_backward(dprobs, softmax_cache)
+masked_softmax_backward = backends.fast_path(masked_softmax_backward)   # a backend may run its fast variant instead

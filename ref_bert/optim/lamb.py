@@ -80,7 +80,6 @@ def decay_terms(wd: float, weight_decay_mode: str):
             wd if weight_decay_mode == "outside_ratio" else 0.0)
 
 
-@backends.fast_path
 def lamb_direction(w, g, m, v, *, clip, b1, b2, eps, bias1, bias2, wd_l2, wd_inside):
     """Part 1, elementwise: the formula's lines from g to u, for a tensor or a piece of it.
 
@@ -103,6 +102,7 @@ def lamb_direction(w, g, m, v, *, clip, b1, b2, eps, bias1, bias2, wd_l2, wd_ins
     if wd_inside:
         u += wd_inside * w                                      # u <- u + wd * w    ("inside_ratio")
     return u
+lamb_direction = backends.fast_path(lamb_direction)   # a backend may run its fast variant instead
 
 
 def trust_ratio(w_sq, u_sq, *, weight_norm_clamp=None, zero_norm_ratio: float = 1.0):
@@ -121,7 +121,6 @@ def trust_ratio(w_sq, u_sq, *, weight_norm_clamp=None, zero_norm_ratio: float = 
     return xp.where(both_positive, w_norm / safe_u_norm, zero_norm_ratio)
 
 
-@backends.fast_path
 def lamb_apply(w, u, *, scale, decay_outside):
     """Part 3, elementwise, in place: w <- w - scale * u - decay_outside * w, for a tensor or a piece.
 
@@ -131,6 +130,7 @@ def lamb_apply(w, u, *, scale, decay_outside):
     if decay_outside:
         delta += decay_outside * w
     w -= delta
+lamb_apply = backends.fast_path(lamb_apply)   # a backend may run its fast variant instead
 
 
 def lamb_update(w, g, m, v, *, lr: float, t: int, betas=(0.9, 0.999), eps: float = 1e-6, wd: float = 0.0,
