@@ -1,6 +1,7 @@
 """Hypothesis profiles: "ci" (default; derandomized, bounded examples) and "dev" (longer, random).
 
-Select with HYPOTHESIS_PROFILE=dev. Per-test ``max_examples`` set with @settings are scaled by the
+Select with HYPOTHESIS_PROFILE=dev, or HYPOTHESIS_PROFILE=mutation for the mutation run (docs/testing.md:
+a quarter of the examples, so that a surviving mutant does not cost minutes). Per-test ``max_examples`` set with @settings are scaled by the
 profile through ``examples(n)``.
 """
 import os
@@ -11,12 +12,16 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", deadline=None, print_blob=True, max_examples=200,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("mutation", parent=settings.get_profile("ci"))
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
 
 def examples(n: int) -> int:
-    """Examples for a test: ``n`` under the CI profile, 10x under the dev profile."""
+    """Examples for a test: ``n`` under the CI profile, 10x under the dev profile, n/4 (at least 1) under
+    the mutation profile."""
+    if PROFILE == "mutation":
+        return max(1, n // 4)
     return n * 10 if PROFILE == "dev" else n
 
 
