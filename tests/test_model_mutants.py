@@ -10,6 +10,7 @@ from scratch with the same seed, and messages are the documented ones.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -42,6 +43,10 @@ def _no_warnings():
 def test_from_hf_defaults_load_every_tensor_as_float32_on_numpy_with_seed_0(tmp_path):
     model = perturbed_model(_config(), dtype="float64", seed=3)
     model.save_hf(tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())     # the dtype transformers loads it in
+    assert hf_config["dtype"] == hf_config["torch_dtype"] == "float64"
+    Model(_config(), dtype="float32").save_hf(tmp_path / "f32")
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
     context = _no_warnings()
     try:
         loaded = Model.from_hf(tmp_path)                       # no tokenizer files: none attached, no warning
@@ -56,6 +61,17 @@ def test_from_hf_defaults_load_every_tensor_as_float32_on_numpy_with_seed_0(tmp_
     again = Model.from_hf(tmp_path, dtype="float64", seed=9)
     assert again.dtype == np.float64 and again.seed == 9
     assert np.array_equal(again.params.flat, model.params.flat)     # save_hf writes float64 bit for bit
+
+
+def test_from_hf_takes_its_backend_argument_not_the_environment(tmp_path, monkeypatch):
+    """from_hf's backend defaults to "numpy" and is passed on: $REF_BERT_BACKEND (what Model(backend=None)
+    reads) must not decide it."""
+    Model(_config(), seed=0).save_hf(tmp_path)
+    monkeypatch.setenv("REF_BERT_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        Model(_config())
+    assert Model.from_hf(tmp_path).backend.name == "numpy"
+    assert Model.from_hf(tmp_path, backend="numpy").backend.name == "numpy"
 
 
 def test_from_hf_refuses_non_finite_weights_unless_asked(tmp_path):
@@ -148,6 +164,10 @@ def test_many_fresh_parameters_are_named_six_then_dots_and_unused_heads_are_name
     with pytest.warns(UserWarning, match=f"^save_hf: writing freshly initialised \\(untrained\\) parameters: "
                                          f"{shown.replace('.', '[.]')}$"):
         model.save_hf(tmp_path / "x", allow_fresh=True)
+
+    model.fresh_parameters = names[:6]                            # exactly six: all named, no dots
+    with pytest.warns(UserWarning, match=r"parameters: mlm.dense.weight, [a-z_., ]+, sop.weight$"):
+        model.save_hf(tmp_path / "y", allow_fresh=True)
 
     # a pretraining checkpoint under a token classifier: a fresh classifier, the unused heads named too
     Model(_config(), seed=0).save_hf(tmp_path / "pre")
