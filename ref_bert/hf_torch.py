@@ -97,7 +97,11 @@ def from_config(config, architecture: str = "ForPreTraining", dtype: str = "floa
     # model transformers builds would be rounded to float32 on the way
     model = model.to(device=device, dtype=torch_dtype(dtype))
     if weights is not None:
-        state = {k: torch.from_numpy(v) for k, v in weights.items()}
+        # a bare Albert/BertModel's own parameter names lack the base prefix its checkpoint names (and
+        # Model.hf_state_dict()) carry: "albert.encoder..." is its "encoder..."
+        prefix = f"{model.base_model_prefix}." if _base(model) is model else ""
+        state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: torch.from_numpy(v)
+                 for k, v in weights.items()}
         result = model.load_state_dict(state, strict=False)
         untied = [k for k in result.missing_keys if ".decoder." not in k]
         if untied or result.unexpected_keys:

@@ -1,0 +1,238 @@
+"""ref_bert/model.py's plumbing, pinned where a wrong version would change what a user sees (issue #18,
+mutation testing): ``from_hf`` / ``save_hf`` (defaults, the tokenizer argument, freshly initialised heads,
+unused checkpoint heads, the exact warnings and where they point), ``hf_state_dict``, the bookkeeping
+methods. No torch: checkpoints are written by ``save_hf`` itself, whose format the parity tests check
+against transformers (test_hf_parity.py, test_heads.py).
+
+The references are independent of the code under test: parameter counts are sums of the arrays' sizes,
+Hugging Face layouts are nn.Linear's (out_features, in_features), fresh weights are those of a model built
+from scratch with the same seed, and messages are the documented ones.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from ref_bert import Config, Model, Tokenizer
+from tests._models import perturbed_model
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _config(**changes):
+    base = dict(vocab_size=24, embedding_size=6, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=12, max_position_embeddings=8)
+    return Config(**{**base, **changes})
+
+
+def _tokenizer(n):
+    return Tokenizer.from_wordpiece_vocab(SPECIALS + [f"w{i}" for i in range(n - len(SPECIALS))])
+
+
+def _no_warnings():
+    """A context in which any warning is an error."""
+    context = warnings.catch_warnings()
+    context.__enter__()
+    warnings.simplefilter("error")
+    return context
+
+
+def test_from_hf_defaults_load_every_tensor_as_float32_on_numpy_with_seed_0(tmp_path):
+    model = perturbed_model(_config(), dtype="float64", seed=3)
+    model.save_hf(tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())     # the dtype transformers loads it in
+    assert hf_config["dtype"] == hf_config["torch_dtype"] == "float64"
+    Model(_config(), dtype="float32").save_hf(tmp_path / "f32")
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    context = _no_warnings()
+    try:
+        loaded = Model.from_hf(tmp_path)                       # no tokenizer files: none attached, no warning
+    finally:
+        context.__exit__(None, None, None)
+    assert loaded.backend.name == "numpy" and loaded.dtype == np.float32 and loaded.seed == 0
+    assert loaded.tokenizer is None and loaded.fresh_parameters == ()
+    assert list(loaded.params.shapes) == list(model.params.shapes)
+    for name, view in model.params.items():
+        assert loaded.params[name].dtype == np.float32
+        assert np.array_equal(loaded.params[name], view.astype(np.float32)), name
+    again = Model.from_hf(tmp_path, dtype="float64", seed=9)
+    assert again.dtype == np.float64 and again.seed == 9
+    assert np.array_equal(again.params.flat, model.params.flat)     # save_hf writes float64 bit for bit
+
+
+def test_from_hf_takes_its_backend_argument_not_the_environment(tmp_path, monkeypatch):
+    """from_hf's backend defaults to "numpy" and is passed on: $REF_BERT_BACKEND (what Model(backend=None)
+    reads) must not decide it."""
+    Model(_config(), seed=0).save_hf(tmp_path)
+    monkeypatch.setenv("REF_BERT_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        Model(_config())
+    assert Model.from_hf(tmp_path).backend.name == "numpy"
+    assert Model.from_hf(tmp_path, backend="numpy").backend.name == "numpy"
+
+
+def test_from_hf_refuses_non_finite_weights_unless_asked(tmp_path):
+    model = Model(_config(), dtype="float32", seed=0)
+    model.params["encoder.ffn.0.output.bias"][1] = np.nan
+    model.save_hf(tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):
+        Model.from_hf(tmp_path)
+    loaded = Model.from_hf(tmp_path, allow_nonfinite=True)
+    assert np.isnan(loaded.params["encoder.ffn.0.output.bias"][1])
+
+
+def test_from_hf_tokenizer_argument(tmp_path):
+    config = _config(model_type="bert", sharing="none", embedding_size=8)
+    model = Model(config, seed=0)
+    model.save_hf(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"^tokenizer='yes' is invalid: expected 'auto', True or False$"):
+        Model.from_hf(tmp_path / "bare", tokenizer="yes")
+    with pytest.raises(ValueError, match="has no tokenizer: looked for"):
+        Model.from_hf(tmp_path / "bare", tokenizer=True)
+    assert Model.from_hf(tmp_path / "bare", tokenizer="auto").tokenizer is None
+
+    model.tokenizer = _tokenizer(config.vocab_size)
+    directory = model.save_hf(tmp_path / "with")
+    assert (tmp_path / "with" / "vocab.txt").read_text().split() == SPECIALS + [f"w{i}" for i in range(19)]
+    for choice in ("auto", True):
+        found = Model.from_hf(directory, tokenizer=choice).tokenizer
+        assert found is not None and found.vocab_size == config.vocab_size
+        assert found.encode("w3 w4").input_ids == model.tokenizer.encode("w3 w4").input_ids
+    assert Model.from_hf(directory, tokenizer=False).tokenizer is None
+
+    # a tokenizer whose size is not the embedding table's: refused, naming the directory
+    _tokenizer(config.vocab_size + 2).save_hf(tmp_path / "with")
+    for choice in ("auto", True):
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'with'}: the tokenizer has 26 tokens but the model's "
+                                             f"word embeddings have 24 rows"):
+            Model.from_hf(directory, tokenizer=choice)
+    assert Model.from_hf(directory, tokenizer=False).tokenizer is None
+
+
+def test_a_head_put_on_an_encoder_checkpoint_is_fresh_from_the_seed_and_named(tmp_path):
+    encoder = perturbed_model(_config(head="base"), dtype="float64", seed=1)
+    encoder.save_hf(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        model = Model.from_hf(tmp_path, dtype="float64", seed=4, head="sequence_classification", num_labels=3)
+    assert len(record) == 1 and record[0].filename == __file__          # stacklevel: the caller's line
+    assert str(record[0].message) == (
+        f"{tmp_path}: the AlbertModel checkpoint has no classifier weights for AlbertForSequenceClassification; "
+        f"they are freshly initialised (seed 4) and must be trained (model.fresh_parameters)")
+    assert model.fresh_parameters == ("classifier.weight", "classifier.bias")
+    assert model.config.head == "sequence_classification" and model.config.num_labels == 3
+    scratch = Model(model.config, dtype="float64", seed=4)
+    for name, view in model.params.items():
+        expected = scratch.params[name] if name.startswith("classifier.") else encoder.params[name]
+        assert np.array_equal(view, expected), name
+
+    # save_hf refuses to publish them, names them, and writes nothing
+    with pytest.raises(ValueError, match=r"^save_hf: 2 parameters \(classifier.weight, classifier.bias\) are "
+                                         r"freshly initialised and were never trained; train them and call "
+                                         r"model.mark_trained\(\), or pass allow_fresh=True"):
+        model.save_hf(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning) as record:
+        model.save_hf(tmp_path / "forced", allow_fresh=True)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert str(record[0].message) == ("save_hf: writing freshly initialised (untrained) parameters: "
+                                      "classifier.weight, classifier.bias")
+    forced = Model.from_hf(tmp_path / "forced", dtype="float64")
+    assert forced.fresh_parameters == () and np.array_equal(forced.params.flat, model.params.flat)
+    model.mark_trained()
+    assert model.fresh_parameters == ()
+    context = _no_warnings()
+    try:
+        model.save_hf(tmp_path / "trained")
+    finally:
+        context.__exit__(None, None, None)
+
+
+def test_many_fresh_parameters_are_named_six_then_dots_and_unused_heads_are_named(tmp_path):
+    Model(_config(head="base"), seed=0).save_hf(tmp_path / "base")
+    with pytest.warns(UserWarning, match=r"checkpoint has no mlm, sop weights for AlbertForPreTraining; they are "
+                                         r"freshly initialised \(seed 0\)"):
+        model = Model.from_hf(tmp_path / "base", head="pretraining")
+    names = ("mlm.dense.weight", "mlm.dense.bias", "mlm.layer_norm.weight", "mlm.layer_norm.bias", "mlm.bias",
+             "sop.weight", "sop.bias")
+    assert sorted(model.fresh_parameters) == sorted(names)
+    with pytest.raises(ValueError, match=r"^save_hf: 7 parameters \(([a-z_.]+, ){5}[a-z_.]+, \.\.\.\) are freshly"):
+        model.save_hf(tmp_path / "x")
+    shown = ", ".join(model.fresh_parameters[:6]) + ", ..."
+    with pytest.warns(UserWarning, match=f"^save_hf: writing freshly initialised \\(untrained\\) parameters: "
+                                         f"{shown.replace('.', '[.]')}$"):
+        model.save_hf(tmp_path / "x", allow_fresh=True)
+
+    model.fresh_parameters = names[:6]                            # exactly six: all named, no dots
+    with pytest.warns(UserWarning, match=r"parameters: mlm.dense.weight, [a-z_., ]+, sop.weight$"):
+        model.save_hf(tmp_path / "y", allow_fresh=True)
+
+    # a pretraining checkpoint under a token classifier: a fresh classifier, the unused heads named too
+    Model(_config(), seed=0).save_hf(tmp_path / "pre")
+    with pytest.warns(UserWarning) as record:
+        Model.from_hf(tmp_path / "pre", head="token_classification", num_labels=4, seed=2)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert str(record[0].message) == (
+        f"{tmp_path / 'pre'}: the AlbertForPreTraining checkpoint has no classifier weights for "
+        f"AlbertForTokenClassification; they are freshly initialised (seed 2) and must be trained "
+        f"(model.fresh_parameters); AlbertForTokenClassification does not use the checkpoint's albert.pooler, "
+        f"predictions, sop_classifier weights")
+
+
+def test_save_hf_refuses_a_tokenizer_of_another_size_and_writes_a_fitting_one(tmp_path):
+    model = Model(_config(model_type="bert", sharing="none", embedding_size=8), seed=0)
+    model.tokenizer = _tokenizer(23)
+    with pytest.raises(ValueError, match="^save_hf: the tokenizer has 23 tokens but the model's word embeddings "
+                                         "have 24 rows"):
+        model.save_hf(tmp_path / "bad")
+    model.tokenizer = _tokenizer(24)
+    model.save_hf(tmp_path / "good")
+    assert (tmp_path / "good" / "vocab.txt").read_text().split() == SPECIALS + [f"w{i}" for i in range(19)]
+
+
+def test_hf_state_dict_maps_parameters_and_any_dict_shaped_like_them():
+    """nn.Linear stores (out_features, in_features): our (n_in, n_out) weights appear transposed."""
+    model = perturbed_model(_config(model_type="bert", sharing="none", embedding_size=8, head="base"), seed=0)
+    grads = {name: np.full(view.shape, i + 0.5) for i, (name, view) in enumerate(model.params.items())}
+    for tensors in (None, grads):
+        mapped = model.hf_state_dict(tensors)
+        source = model.state_dict() if tensors is None else grads
+        q = mapped["bert.encoder.layer.0.attention.self.query.weight"]
+        assert np.array_equal(q, source["encoder.attention.0.query.weight"].T)
+        assert np.array_equal(mapped["bert.embeddings.word_embeddings.weight"], source["embeddings.word_embeddings"])
+        assert np.array_equal(mapped["bert.pooler.dense.bias"], source["pooler.bias"])
+        assert sum(a.size for a in mapped.values()) == model.params.size
+    with pytest.raises(ValueError, match="tensor 'pooler.bias' is missing"):
+        model.hf_state_dict({k: v for k, v in grads.items() if k != "pooler.bias"})
+
+
+def test_bookkeeping_counts_names_and_views():
+    config = _config(vocab_size=60)
+    model = Model(config, dtype="float64", seed=0)
+    sizes = {name: view.size for name, view in model.params.items()}
+    heads = sum(n for name, n in sizes.items() if name.startswith(("mlm.", "sop.")))
+    assert model.num_parameters(include_heads=True) == sum(sizes.values()) == model.params.size
+    # AlbertModel's count (no heads): embeddings V E + P E + types E + LN 2E + projection E H + H,
+    # one shared layer 4 (H H + H) + 2H + (H I + I) + (I H + H) + 2H, pooler H H + H
+    V, E, H, I, P = 60, 6, 8, 12, 8
+    albert_model = V * E + P * E + 2 * E + 2 * E + E * H + H + 4 * (H * H + H) + 2 * H + H * I + I + I * H + H \
+        + 2 * H + H * H + H
+    assert model.num_parameters() == albert_model == sum(sizes.values()) - heads
+    names = [name for name, _ in model.named_parameters()]
+    assert names == list(model.state_dict()) == list(config_names(config))
+    arrays = list(model.parameters())
+    assert len(arrays) == len(names)
+    arrays[0][0, 0] = 123.0                                   # views: writing changes the model
+    assert model.params["embeddings.word_embeddings"][0, 0] == 123.0
+    model.state_dict()["sop.bias"][1] = -7.0
+    assert model.params.flat[-1] == -7.0
+    assert sum(sizes.values()) > 1000                           # so the thousands separator shows
+    assert repr(model) == f"Model('custom', backend='numpy', dtype='float64', parameters={sum(sizes.values()):,})"
+
+
+def config_names(config):
+    from ref_bert.params import parameter_shapes
+
+    return parameter_shapes(config, heads=True)
