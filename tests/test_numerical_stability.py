@@ -290,15 +290,25 @@ def mp_attention(x, p, additive_mask, num_heads, drop, dcontext):
     dq = np.einsum("bhij,bhjd->bhid", dz, k) * s
     dk = np.einsum("bhij,bhid->bhjd", dz, q) * s
     merge = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, H)   # noqa: E731
-    grads, dx = {}, 0
-    for name, dt in (("query", merge(dq)), ("key", merge(dk)), ("value", merge(dv))):
-        grads[f"{name}.weight"] = np.einsum("bti,btj->ij", X, dt)
-        grads[f"{name}.bias"] = dt.sum(axis=(0, 1))
-        grads[f"{name}.bias terms"] = np.abs(dt).sum(axis=(0, 1))       # what the bias sum's rounding scales with
-        dx = dx + dt @ to_mp(p[f"{name}.weight"]).T
     f = lambda a: np.asarray(a, dtype=np.float64)   # noqa: E731
-    return (f(merge(q)), f(merge(k)), f(merge(v)), f(probs), f(merge(context)), f(dx),
-            {key: f(val) for key, val in grads.items()})
+    A = lambda a: np.abs(f(a))                      # noqa: E731
+    # the magnitudes the roundings scale with: every product and sum above taken of absolute values
+    # (a gradient that cancels, like the key bias's, is exactly 0, and its computed value is that noise)
+    mag = {"query": A(merge(q)), "key": A(merge(k)), "value": A(merge(v)), "probs": A(probs),
+           "context": f(merge(np.einsum("bhij,bhjd->bhid", A(dropped), A(v))))}
+    mag_dz = A(probs) * (A(dprobs) + (A(dprobs) * A(probs)).sum(axis=-1, keepdims=True))
+    mag_dt = {"query": merge(np.einsum("bhij,bhjd->bhid", mag_dz, A(k))) * float(s),
+              "key": merge(np.einsum("bhij,bhid->bhjd", mag_dz, A(q))) * float(s),
+              "value": merge(np.einsum("bhij,bhid->bhjd", A(dropped), A(dctx)))}
+    grads, dx, mag["dx"] = {}, 0, 0
+    for name, dt in (("query", merge(dq)), ("key", merge(dk)), ("value", merge(dv))):
+        grads[f"{name}.weight"] = f(np.einsum("bti,btj->ij", X, dt))
+        grads[f"{name}.bias"] = f(dt.sum(axis=(0, 1)))
+        dx = dx + dt @ to_mp(p[f"{name}.weight"]).T
+        mag[f"{name}.weight"] = np.einsum("bti,btj->ij", np.abs(x), mag_dt[name])
+        mag[f"{name}.bias"] = mag_dt[name].sum(axis=(0, 1))
+        mag["dx"] = mag["dx"] + mag_dt[name] @ np.abs(p[f"{name}.weight"]).T
+    return f(merge(q)), f(merge(k)), f(merge(v)), f(probs), f(merge(context)), f(dx), grads, mag
 
 
 def integer_attention_case(dtype, case, seed=5):
@@ -329,17 +339,19 @@ def integer_attention_case(dtype, case, seed=5):
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_self_attention_with_scores_past_the_overflow_limits(dtype, table, case):
-    """self_attention_forward / _backward (with attention dropout) against mp_attention. Every traced
+    """self_attention_forward / _backward (with attention dropout) against mp_attention: every traced
     activation, the context, dx and the six parameter gradients (accumulated onto buffers that already
-    hold a value, as a shared ALBERT layer's are) must match to 64 eps of the tensor's largest value:
-    the op chains a few dozen roundings (sums of up to 3H products, the softmax's n + 4), and the inputs
-    to the softmax are exact, so nothing is amplified; an unstable softmax is off by O(1) or gives nan."""
+    hold a value, as a shared ALBERT layer's are). Bound per tensor: 32 eps of the largest magnitude its
+    roundings scale with (mp_attention's ``mag``: the same products and sums of absolute values; a
+    normwise bound). The op chains a few dozen roundings (sums of up to 3H = 24 products, the softmax's
+    n + 4), and the softmax's inputs are exact, so nothing is amplified; an unstable softmax is off by
+    O(1) or gives nan."""
     x, p, M, heads = integer_attention_case(dtype, case)
     B, T, H = x.shape
     drop = keep_mask((B, heads, T, T), 0.8, seed=6).astype(dtype)
     rng = np.random.default_rng(7)
     dcontext = rng.standard_normal((B, T, H)).astype(dtype)
-    q, k, v, probs, context, dx, grads = mp_attention(x, p, M, heads, drop, dcontext)
+    q, k, v, probs, context, dx, grads, mag = mp_attention(x, p, M, heads, drop, dcontext)
     scores = np.einsum("bhid,bhjd->bhij", *(t.reshape(B, T, heads, -1).transpose(0, 2, 1, 3) for t in (q, k))) / 2
     assert scores.max() > np.log(np.finfo(dtype).max)                  # an unshifted exp overflows
     if case == "near":                                                 # and the softmax is not one-hot
@@ -351,15 +363,369 @@ def test_self_attention_with_scores_past_the_overflow_limits(dtype, table, case)
         g = {key: val.copy() for key, val in g0.items()}
         got_dx = ops.self_attention_backward(dcontext, cache, g)
     assert [n for n, _ in traced] == ["query", "key", "value", "probs", "context"]
-    expected = dict(query=q, key=k, value=v, probs=probs.reshape(B, heads, T, T), context=context)
-    tol = lambda ref: 64 * eps_of(dtype) * np.abs(ref).max()   # noqa: E731
+    expected = dict(query=q, key=k, value=v, probs=probs, context=context)
+    scale = lambda name: 8 * np.abs(mag[name]).max()   # noqa: E731   (K * 8 = 32 eps)
     for name, a in traced:
-        check(a, expected[name], tol(expected[name]) / K / eps_of(dtype), dtype, f"attention {name}")
-    check(out, context, tol(context) / K / eps_of(dtype), dtype, "attention context")
-    check(got_dx, dx, tol(dx) / K / eps_of(dtype), dtype, "attention dx")
-    for key in p:
-        # key.bias: softmax ignores a constant added to a query's scores, so its gradient is exactly 0 and
-        # what is computed is the rounding of a sum that cancels: measured against the terms summed
-        terms = tol(grads[key + " terms"]) if key.endswith("bias") else 0.0
-        check(g[key] - g0[key], grads[key], (tol(grads[key]) + terms + 2 * tol(g0[key])) / K / eps_of(dtype), dtype,
-              f"attention d{key}")
+        check(a, expected[name], scale(name), dtype, f"attention {name}")
+    check(out, context, scale("context"), dtype, "attention context")
+    check(got_dx, dx, scale("dx"), dtype, "attention dx")
+    for key in p:          # the accumulation g0 + gradient rounds once more, at g's size
+        check(g[key] - g0[key], grads[key], scale(key) + np.abs(g[key]).max(), dtype, f"attention d{key}")
+
+
+# --- losses -------------------------------------------------------------------------------------------------
+def mp_cross_entropy(z, labels, eps, normalization, dloss, ignore_index=-100):
+    """torch's CrossEntropyLoss(label_smoothing=eps) (mean) or TF ALBERT's sum / (count + 1e-5), and its
+    gradient, in 50 digits: log p_c = z_c - log sum_j exp(z_j), l_n = -sum_c q_c log p_c with
+    q = (1 - eps) onehot(y) + eps / C."""
+    N, C = z.shape
+    total, grad = MP.mpf(0), np.zeros((N, C))
+    valid = [n for n in range(N) if labels[n] != ignore_index]
+    D = MP.mpf(max(len(valid), 1)) if normalization == "mean" else len(valid) + MP.mpf("1e-5")
+    for n in valid:
+        e = [MP.exp(MP.mpf(v)) for v in z[n].astype(np.float64)]
+        s = MP.fsum(e)
+        logs = MP.log(s)
+        q = [MP.mpf(eps) / C + (1 - MP.mpf(eps) if c == labels[n] else 0) for c in range(C)]
+        total += -MP.fsum(qc * (MP.mpf(v) - logs) for qc, v in zip(q, z[n].astype(np.float64)))
+        for c in range(C):
+            grad[n, c] = float(MP.mpf(dloss) * (e[c] / s - q[c]) / D)
+    return float(total / D), grad
+
+
+def ce_case(dtype):
+    """extreme_rows but the one spread to +-max/2 (10 rows of 8), with labels on the largest logit, on
+    vanishing ones (log p = -2e4, -1e4, -4e3) and on ordinary ones, two rows ignored. The row left out:
+    with smoothing, its sum_c log p_c is about -4 max, which overflows before the eps / C scaling (the
+    loss, 4 max eps / (C D), would be representable): a limit of that sum, far from any model's logits."""
+    z = np.delete(extreme_rows(dtype), 9, axis=0)
+    labels = np.array([3, 0, 7, 2, -100, 1, 1, 0, 5, -100])
+    return z, labels
+
+
+def check_cross_entropy(z, labels, smoothing, normalization, dloss, dtype, what):
+    """cross_entropy_forward / _backward against mp_cross_entropy. Loss bound: every term -q_c log p_c >= 0
+    carries the log-softmax error eps (|d_c| + |log p_c| + n + 4), and the sums add (N + C) eps/2 of the
+    total: scale = sum_n,c q_c (|d_c| + |log p_c| + n + 4) / D + (N + C) loss. Gradient dloss (p - q) / D:
+    scale = |dloss| / D (p (|d| + n + 4) + 2 |p - q|) + |ref| (p's error, the subtraction, the product).
+    Rows of an ignored label have zero gradient exactly."""
+    N, C = z.shape
+    loss_ref, grad_ref = mp_cross_entropy(z, labels, smoothing, normalization, dloss)
+    p_ref, logp_ref, d = mp_softmax_rows(z)
+    valid = labels != -100
+    count = int(valid.sum())
+    D = max(count, 1) if normalization == "mean" else count + 1e-5
+    q = smoothing / C + (1 - smoothing) * (np.arange(C) == np.where(valid, labels, 0)[:, None])
+    ad = np.abs(d)
+    loss, cache = ops.cross_entropy_forward(z.copy(), labels, label_smoothing=smoothing, normalization=normalization)
+    dz = ops.cross_entropy_backward(dtype(dloss), cache)
+    terms = (q * (ad / 2 + np.abs(logp_ref) / 2 + 0.5 * (C + 4)))[valid].sum() * 2 / D
+    check(loss, loss_ref, terms + (N + C) * abs(loss_ref), dtype, what + " loss")
+    check(dz, grad_ref, dloss / D * (p_ref * (ad + C + 4) + 2 * np.abs(p_ref - q)) * valid[:, None]
+          + np.abs(grad_ref), dtype, what + " dz")
+    assert not dz[~valid].any()
+    return logp_ref
+
+
+@pytest.mark.parametrize("table", ["reference", "numpy_fast"])
+@pytest.mark.parametrize("smoothing, normalization", [(0.0, "mean"), (0.1, "mean"), (1.0, "mean"),
+                                                       (0.0, "tf_albert"), (0.3, "tf_albert")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_at_the_overflow_limits(dtype, smoothing, normalization, table):
+    """Cross-entropy with an ignore index, label smoothing up to the uniform target 1.0 and both
+    normalisations, on ce_case, against 50 digits (bounds: check_cross_entropy)."""
+    z, labels = ce_case(dtype)
+    with running(table):      # cross-entropy has no fast variant: the tables must not matter
+        logp_ref = check_cross_entropy(z, labels, smoothing, normalization, 0.7, dtype, "cross-entropy")
+    valid = labels != -100
+    assert logp_ref[valid, labels[valid]].min() < -4000          # labels on vanishing probabilities
+
+
+@pytest.mark.parametrize("normalization", ["mean", "tf_albert"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_with_one_or_no_labelled_row(dtype, normalization):
+    """One labelled row: D = 1 (mean) or 1 + 1e-5 (TF ALBERT); none: the loss is 0 (torch gives nan for the
+    mean) and so is the gradient."""
+    z = extreme_rows(dtype)[[0, 5]]
+    for labels in (np.array([-100, 1]), np.array([-100, -100])):
+        check_cross_entropy(z, labels, 0.0, normalization, 1.0, dtype, "cross-entropy, <= 1 row")
+
+
+def mp_bce(z, y):
+    """Per element -[y log sigma(z) + (1 - y) log(1 - sigma(z))] = y log1p(exp(-z)) + (1 - y) log1p(exp(z)),
+    and sigma(z) = 1 / (1 + exp(-z)), in 50 digits."""
+    loss, sig = np.empty(z.shape), np.empty(z.shape)
+    for i, (zi, yi) in enumerate(zip(z.reshape(-1).astype(np.float64), y.reshape(-1).astype(np.float64))):
+        zi, yi = MP.mpf(zi), MP.mpf(yi)
+        loss.flat[i] = float(yi * MP.log1p(MP.exp(-zi)) + (1 - yi) * MP.log1p(MP.exp(zi)))
+        sig.flat[i] = float(1 / (1 + MP.exp(-zi)))
+    return loss, sig
+
+
+def bce_case(dtype, case):
+    """"mixed": logits at +-1e4, past +-log(max), in sigma's tails and ordinary ones, hard and soft targets;
+    "well classified": every logit on its target's side (the losses are exp(-|z|), down to 1e-4343 and
+    below the smallest float): the loss is a mean of tail values, which log1p keeps accurate."""
+    L = float(np.log(np.finfo(dtype).max))
+    if case == "well classified":
+        z = np.array([[30.0, -30.0, 40.0, -17.0], [100.0, -100.0, L, -L], [1e4, -1e4, 25.0, -60.0]])
+        return z.astype(dtype), (z > 0).astype(dtype)
+    z = np.array([[1e4, -1e4, L + 5, -L - 5, L - 1, -L + 1],
+                  [100.0, -100.0, 40.0, -40.0, 17.0, -17.0],
+                  [1e4, -1e4, 2.5, -2.5, 0.0, -0.0],
+                  [L + 30, -L - 30, 1e-3, -1e-3, 30.0, -30.0]]).astype(dtype)
+    y = np.array([[1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0.25, 0.75], [0.25, 0.75, 1, 0, 0, 1], [1, 0, 1, 0, 0.5, 0.5]],
+                 dtype=dtype)
+    return z, y
+
+
+@pytest.mark.parametrize("case", ["mixed", "well classified"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_with_logits_and_sigmoid_at_the_overflow_limits(dtype, case):
+    """bce_with_logits_forward / _backward and sigmoid against mp_bce. Per element the stable form
+    max(z, 0) - z y + log1p(exp(-|z|)) rounds z y and the difference only for a soft target (for y in
+    {0, 1} both are exact), and log1p(exp(-|z|)) to a few eps of itself: scale_l = |z| (1 + y) (soft y)
+    + 3 l; the loss scale is sum(scale_l) / N + N loss (the mean's sum). sigma is exp of -|z| (exact)
+    and one division: scale 2 sigma, relative even where sigma is 3.7e-44 (float64). Gradient
+    (sigma - y) dloss / N: scale (2 sigma + |sigma - y|) |dloss| / N."""
+    z, y = bce_case(dtype, case)
+    N = z.size
+    l_ref, sig_ref = mp_bce(z, y)
+    loss, cache = ops.bce_with_logits_forward(z, y)
+    dz = ops.bce_with_logits_backward(dtype(0.7), cache)
+    az, soft = np.abs(z.astype(np.float64)), (y != 0) & (y != 1)
+    scale_l = np.where(soft, az * (1 + y), 0.0) + 3 * l_ref
+    check(loss, l_ref.mean(), scale_l.sum() / N + N * l_ref.mean(), dtype, f"bce loss, {case}")
+    check(ops.sigmoid(z), sig_ref, 2 * sig_ref, dtype, "sigmoid")
+    check(dz, (sig_ref - y) * 0.7 / N, (2 * sig_ref + np.abs(sig_ref - y)) * 0.7 / N, dtype, "bce dz")
+    if case == "well classified":
+        assert 0 < l_ref.mean() < 1e-8                  # every term is a tail value
+
+
+# --- activations --------------------------------------------------------------------------------------------
+GELU_CUBIC = 0.044715
+
+
+def mp_activation(name, x):
+    """y and dy/dx in 50 digits, from the definitions (ops/activations.py's docstring) written so that no
+    digit cancels: Phi(x) = erfc(-x / sqrt 2) / 2; 0.5 x (1 + tanh u) = x / (1 + exp(-2u));
+    1 - tanh(u)^2 = sech(u)^2."""
+    y, dy = np.empty(x.shape), np.empty(x.shape)
+    for i, v in enumerate(x.reshape(-1).astype(np.float64)):
+        v = MP.mpf(v)
+        if name == "gelu":
+            cdf = MP.erfc(-v / MP.sqrt(2)) / 2
+            y.flat[i], dy.flat[i] = v * cdf, cdf + v * MP.exp(-v * v / 2) / MP.sqrt(2 * MP.pi)
+        elif name == "gelu_new":
+            c = MP.sqrt(2 / MP.pi)
+            u = c * (v + GELU_CUBIC * v ** 3)
+            y.flat[i] = v / (1 + MP.exp(-2 * u))
+            dy.flat[i] = 1 / (1 + MP.exp(-2 * u)) + v / 2 * MP.sech(u) ** 2 * c * (1 + 3 * GELU_CUBIC * v * v)
+        else:
+            y.flat[i], dy.flat[i] = MP.tanh(v), MP.sech(v) ** 2
+    return y, dy
+
+
+def activation_inputs(dtype):
+    """+-1e4, past +-log(max), the tanh saturation region, ordinary values, 0, and +-1.3 cbrt(max), where
+    x^3 overflows (gelu_new's u is +-inf; its backward's x^2 terms still fit: the formulas are finite up
+    to about 1.7 cbrt(max) in the fast gelu_new backward, where 0.2 x^3 overflows and inf * 0 gives
+    nan, and up to sqrt(max / 0.134) in the reference one, where x^2 does; torch's tanh-GELU backward has
+    the same x^2 term)."""
+    L = float(np.log(np.finfo(dtype).max))
+    big = 1.3 * float(np.finfo(dtype).max) ** (1 / 3)
+    v = np.array([1e4, L + 5, 100.0, 20.0, 10.0, 5.5, 2.7, 1.0, 0.3, big])
+    return np.concatenate([v, -v, [0.0]]).astype(dtype).reshape(3, 7)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")    # gelu_new's x^3, on purpose
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("name", ["gelu", "gelu_new", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_at_large_inputs(dtype, name, table):
+    """activation_forward / _backward against mp_activation. Bounds (absolute, per element, dy the
+    upstream gradient): gelu y: |y| + |x| (1 + erf(x / sqrt 2) is formed in float: an absolute error
+    eps, times x / 2); gelu dy: |dy| (|y'| + 1 + |x| phi(x) (x^2 + 2)) (exp(-x^2 / 2) has the condition
+    number x^2 / 2); gelu_new y: |y| + 2 |x| (1 + tanh u likewise); gelu_new and tanh dy: |dy| (|y'| + 3 +
+    |x| u' S) with S = min(4 + 2 |u|, sech(u)^2 / eps) the error of 1 - t^2 (where sech^2 < eps, t rounds
+    to +-1 and 1 - t^2 to 0, off by sech^2 only), for tanh |x| u' is 1 and u = x."""
+    x = activation_inputs(dtype)
+    y_ref, d_ref = mp_activation(name, x)
+    dy = np.random.default_rng(8).standard_normal(x.shape).astype(dtype)
+    with running(table):
+        y, cache = ops.activation_forward(name, x.copy())
+        dx = ops.activation_backward(dy.copy(), cache)
+    xf, ady = np.abs(x.astype(np.float64)), np.abs(dy.astype(np.float64))
+    eps = eps_of(dtype)
+    if name == "gelu":
+        pdf = np.exp(-np.minimum(xf, 1e150) ** 2 / 2) / np.sqrt(2 * np.pi)
+        y_scale, d_scale = np.abs(y_ref) + xf, ady * (np.abs(d_ref) + 1 + xf * pdf * (np.minimum(xf, 1e150) ** 2 + 2))
+    else:
+        if name == "gelu_new":
+            c = np.sqrt(2 / np.pi)
+            with np.errstate(over="ignore"):
+                u = c * (xf + GELU_CUBIC * xf ** 3)
+                du = c * (1 + 3 * GELU_CUBIC * xf * xf)
+            y_scale = np.abs(y_ref) + 2 * xf
+        else:
+            u, du, y_scale = xf, np.ones_like(xf), np.abs(y_ref)
+        sech2 = 4 * np.exp(-2 * np.minimum(u, 400.0)) / (1 + np.exp(-2 * np.minimum(u, 400.0))) ** 2
+        S = np.minimum(4 + 2 * np.minimum(u, 1e10), sech2 / eps)
+        d_scale = ady * (np.abs(d_ref) + 3 + np.where(S > 0, xf * du * S, 0.0))
+    check(y, y_ref, y_scale, dtype, f"{name} y")
+    check(dx, d_ref * dy, d_scale, dtype, f"{name} dx")
+
+
+def test_relu_at_large_inputs_and_at_zero():
+    """relu: max(x, 0) and the gradient 1 where x > 0 else 0 (so 0 at x = 0, as torch), exactly."""
+    x = np.array([1e4, -1e4, 3e38, -3e38, 0.0, -0.0, 1e-45, -1e-45], dtype=np.float32)
+    y, cache = ops.activation_forward("relu", x)
+    np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
+    assert y.dtype == np.float32 and y[4] == 0 and y[2] == x[2] and y[6] == x[6]
+    np.testing.assert_array_equal(ops.activation_backward(np.full(8, 2.0, np.float32), cache),
+                                  [2, 0, 2, 0, 0, 0, 2, 0])
+
+
+# --- layer norm ---------------------------------------------------------------------------------------------
+def mp_layer_norm(x, w, b, eps, dout):
+    """LayerNorm and its gradients (ops/layer_norm.py's docstring) in 50 digits: out, dx, dw, db."""
+    X, W, Bb, G = to_mp(x), to_mp(w), to_mp(b), to_mp(dout)
+    C = x.shape[-1]
+    mean = X.sum(axis=-1, keepdims=True) / C
+    var = ((X - mean) ** 2).sum(axis=-1, keepdims=True) / C
+    rstd = 1 / np.vectorize(MP.sqrt, otypes=[object])(var + MP.mpf(eps))
+    xhat = (X - mean) * rstd
+    g = G * W
+    dx = rstd * (g - g.sum(axis=-1, keepdims=True) / C - xhat * (g * xhat).sum(axis=-1, keepdims=True) / C)
+    f = lambda a: np.asarray(a, dtype=np.float64)   # noqa: E731
+    return f(xhat * W + Bb), f(dx), f((G * xhat).sum(axis=0)), f(G.sum(axis=0)), f(rstd)
+
+
+def layer_norm_rows(dtype, C=12, seed=9):
+    rng = np.random.default_rng(seed)
+    huge = 1e15 if dtype == np.float32 else 1e150
+    return np.stack([rng.standard_normal(C) * huge,               # (x - mean)^2 about 1e30 / 1e300
+                     1e4 + rng.standard_normal(C),                 # a large offset: the mean's rounding
+                     np.r_[1e4, -1e4, rng.standard_normal(C - 2)],
+                     np.r_[huge, np.zeros(C - 1)],                 # one outlier
+                     np.zeros(C),                                  # var = 0: rstd = 1 / sqrt(eps)
+                     rng.standard_normal(C)]).astype(dtype)
+
+
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_at_large_and_zero_rows(dtype, table):
+    """layer_norm_forward / _backward (eps 1e-12) against mp_layer_norm. The rounding that matters is
+    the mean's (C eps / 2 of max|x|), which the centring passes on and rstd multiplies: per row
+    kappa = max|x| rstd + 1, and the bounds are C kappa for xhat, |w| C kappa + |out| for the output,
+    2 C kappa rstd max|g| + |dx| for dx (g = dout w), sum over rows of |dout| C kappa for dw and
+    N |dout| for db. A zero row gives out = b and dx = 1e6 (g - mean(g)) exactly (the epsilon is inside
+    the square root). Rows of |x| above sqrt(max) (1.8e19 in float32) overflow (x - mean)^2: not tested."""
+    x = layer_norm_rows(dtype)
+    N, C = x.shape
+    rng = np.random.default_rng(10)
+    w = (1 + rng.standard_normal(C) / 4).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    out_ref, dx_ref, dw_ref, db_ref, rstd = mp_layer_norm(x, w, b, 1e-12, dout)
+    dw0, db0 = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    dw, db = dw0.copy(), db0.copy()
+    with running(table):
+        out, cache = ops.layer_norm_forward(x.copy(), w, b, 1e-12)
+        dx = ops.layer_norm_backward(dout.copy(), cache, dw, db)
+    kappa = np.abs(x.astype(np.float64)).max(axis=-1, keepdims=True) * rstd + 1
+    g = np.abs(dout.astype(np.float64) * w)
+    check(out, out_ref, np.abs(w) * C * kappa + np.abs(out_ref), dtype, "layer norm out")
+    check(dx, dx_ref, 2 * C * kappa * rstd * g.max(axis=-1, keepdims=True) + np.abs(dx_ref), dtype, "layer norm dx")
+    check(dw - dw0, dw_ref, (np.abs(dout) * C * kappa).sum(axis=0) + 2 * np.abs(dw0), dtype, "layer norm dw")
+    check(db - db0, db_ref, N * np.abs(dout).sum(axis=0) + 2 * np.abs(db0), dtype, "layer norm db")
+    np.testing.assert_array_equal(out[4], b)
+
+
+# --- pooling and L2 normalisation ---------------------------------------------------------------------------
+def pooling_case(dtype):
+    """B 3, T 5, H 4. Padding holds the largest finite values (and +-1e4), real tokens hold huge and tiny
+    ones; row 1 is left-padded (its first real token is t = 2)."""
+    rng = np.random.default_rng(11)
+    big = float(np.finfo(dtype).max) / 8
+    h = rng.standard_normal((3, 5, 4)) * 1e4
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    h[mask == 0] = big                                   # padding: larger than any real token
+    h[0, 1, 0], h[2, 0, 3] = -big, big / 4               # real tokens at the extremes
+    return h.astype(dtype), mask
+
+
+@pytest.mark.parametrize("mode", ["cls", "max", "mean", "mean_sqrt_len_tokens"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pooling_with_huge_padding(dtype, mode):
+    """pooling_forward / _backward against sentence-transformers' definitions, summed with math.fsum
+    (docs/reference.md 7.2): cls the first real token, max over real tokens only (padding never wins,
+    however large), mean = sum / n and mean_sqrt_len_tokens = sum / sqrt(n) over the n real tokens.
+    The gradient is dy routed to the chosen token (cls, max) or dy / n, dy / sqrt(n) on every real one.
+    Bounds: exact for cls and max; the sums (T + 2) eps/2 of sum|h| / n."""
+    import math
+
+    h, mask = pooling_case(dtype)
+    B, T, H = h.shape
+    y, cache = ops.pooling_forward(h, mask, mode)
+    dy = np.random.default_rng(12).standard_normal((B, H)).astype(dtype)
+    dh = ops.pooling_backward(dy, cache)
+    y_ref, dh_ref, scale = np.zeros((B, H)), np.zeros((B, T, H)), np.zeros((B, H))
+    for b in range(B):
+        real = [t for t in range(T) if mask[b, t]]
+        n = len(real)
+        for k in range(H):
+            column = [float(h[b, t, k]) for t in real]
+            if mode == "cls":
+                y_ref[b, k], dh_ref[b, real[0], k] = column[0], dy[b, k]
+            elif mode == "max":
+                y_ref[b, k] = max(column)
+                dh_ref[b, real[column.index(max(column))], k] = dy[b, k]
+            else:
+                den = n if mode == "mean" else math.sqrt(n)
+                y_ref[b, k] = math.fsum(column) / den
+                scale[b, k] = math.fsum(abs(c) for c in column) / den * (T + 2)
+                for t in real:
+                    dh_ref[b, t, k] = dy[b, k] / den
+    check(y, y_ref, scale, dtype, f"pooling {mode} y", k=1)
+    check(dh, dh_ref, 2 * np.abs(dh_ref), dtype, f"pooling {mode} dh", k=1)
+    assert np.abs(y).max() < float(np.finfo(dtype).max) / 8      # padding's value never came through
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_normalize_of_huge_tiny_and_zero_rows(dtype):
+    """l2_normalize_forward / _backward over the last axis of a (2, 3, 6) array, against 50 digits:
+    z = x / max(|x|, 1e-12); dx = (dz - z (z . dz)) / |x| where |x| > 1e-12, dz / 1e-12 where not (the
+    docstring's rule, also at |x| = 1e-12 exactly; torch's clamp_min would pass the gradient through the
+    norm at that one point). Rows: huge (1e15 / 1e150: |x|^2 fits), tiny (1e-8), zero, |x| = 1e-12
+    exactly, below it, ordinary. Bounds: z (C/2 + 2) |z| (the sum of squares, the square root, the
+    division); dx ((|dz| + (C + 4) |z| sum|z dz|) / max(|x|, 1e-12) + (C/2 + 3) |dx|). Rows of |x| above
+    sqrt(max) overflow the sum of squares: not tested."""
+    rng = np.random.default_rng(13)
+    C = 6
+    huge = 1e15 if dtype == np.float32 else 1e150
+    x = rng.standard_normal((6, C))
+    x[0] *= huge
+    x[1] *= 1e-8
+    x[2] = 0.0
+    x[3] = np.r_[1e-12, np.zeros(C - 1)]
+    x[4] = np.r_[3e-13, -4e-13, np.zeros(C - 2)]
+    x = x.astype(dtype).reshape(2, 3, C)
+    dz = rng.standard_normal(x.shape).astype(dtype)
+    z_ref, dx_ref, scale = np.zeros(x.shape), np.zeros(x.shape), np.zeros(x.shape)
+    for i in np.ndindex(x.shape[:-1]):
+        row, g = [MP.mpf(float(v)) for v in x[i]], [MP.mpf(float(v)) for v in dz[i]]
+        norm = MP.sqrt(MP.fsum(v * v for v in row))
+        den = max(norm, MP.mpf(1e-12))
+        z = [v / den for v in row]
+        dot = MP.fsum(a * b for a, b in zip(z, g))
+        dx = [(gi - zi * dot) / norm if norm > MP.mpf(1e-12) else gi / MP.mpf(1e-12) for zi, gi in zip(z, g)]
+        z_ref[i], dx_ref[i] = [float(v) for v in z], [float(v) for v in dx]
+        adot = float(MP.fsum(abs(a * b) for a, b in zip(z, g)))
+        scale[i] = (np.abs(dz[i]) + (C + 4) * np.abs(z_ref[i]) * adot) / float(den) + (C / 2 + 3) * np.abs(dx_ref[i])
+    assert np.sqrt((x[1, 0] * x[1, 0]).sum()) == dtype(1e-12)      # the boundary row, as the op computes it
+    z, cache = ops.l2_normalize_forward(x)
+    dx = ops.l2_normalize_backward(dz, cache)
+    check(z, z_ref, (C / 2 + 2) * np.abs(z_ref), dtype, "l2 normalize z")
+    check(dx, dx_ref, scale, dtype, "l2 normalize dx")
+    np.testing.assert_allclose(np.sqrt((z[0, :2].astype(np.float64) ** 2).sum(-1)), 1.0, rtol=C * eps_of(dtype))
