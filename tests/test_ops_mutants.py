@@ -7,6 +7,7 @@ Each test here was written against a mutation-testing survivor (docs/testing.md)
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ import scipy.special
 
 import backends
 from ref_bert import ops
-from ref_bert.ops import attention, cross_entropy, embedding, losses, pooling, softmax
+from ref_bert.ops import attention
 
 
 # --- error messages -------------------------------------------------------------------------------------------
@@ -80,8 +81,6 @@ def test_mse_against_its_definition_and_one_element(dtype):
     """mse = mean((z - y)^2), dz = 2 (z - y) dloss / N, in the predictions' dtype (targets of another dtype
     are cast); N = 1 divides by 1. Reference: math.fsum in float64. Tolerance 4 eps relative (one
     product, a sum of 6 terms, one division)."""
-    import math
-
     z = np.array([[1.5, -2.0, 3.25], [0.5, 7.0, -1.0]], dtype=dtype)
     y = np.array([[1.0, 2.0, -3.0], [0.0, 7.5, 1.0]], dtype=np.float64)
     loss, cache = ops.mse_forward(z, y)
@@ -98,12 +97,11 @@ def test_mse_against_its_definition_and_one_element(dtype):
 def test_bce_over_one_element_and_foreign_targets(dtype):
     """N = 1: the loss is that element's, log(1 + e^-2) for z = 2, y = 1 (math.log1p); targets of another
     dtype are cast to the logits'."""
-    import math
-
     loss, cache = ops.bce_with_logits_forward(np.array([2.0], dtype=dtype), np.array([1.0]))
-    assert loss.dtype == dtype and float(loss) == pytest.approx(math.log1p(math.exp(-2.0)), rel=4 * float(np.finfo(dtype).eps))
+    eps = float(np.finfo(dtype).eps)
+    assert loss.dtype == dtype and float(loss) == pytest.approx(math.log1p(math.exp(-2.0)), rel=4 * eps)
     dz = ops.bce_with_logits_backward(dtype(1.0), cache)
-    assert dz.dtype == dtype and float(dz[0]) == pytest.approx(1 / (1 + math.exp(-2.0)) - 1, rel=8 * float(np.finfo(dtype).eps))
+    assert dz.dtype == dtype and float(dz[0]) == pytest.approx(1 / (1 + math.exp(-2.0)) - 1, rel=8 * eps)
 
 
 # --- the embedding layer ---------------------------------------------------------------------------------------
