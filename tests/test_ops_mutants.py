@@ -203,7 +203,12 @@ def device(monkeypatch):
         spy.used.add("scatter_add")
         host.scatter_add(table, ids, values)
 
+    def erf(x, out=None):
+        spy.used.add("erf")
+        return scipy.special.erf(x) if out is None else scipy.special.erf(x, out=out)
+
     fake.scatter_add = scatter_add
+    fake._erf = erf
     monkeypatch.setitem(backends._cache, "cupy", fake)
     assert backends.of(np.zeros(1).view(DeviceArray)) is fake
     return spy
@@ -243,6 +248,13 @@ def _l2_backward():
 
 DISPATCH = {   # op -> (a call made on DeviceArray inputs, the array-module functions it must look up there)
     "log_softmax": (lambda: lambda: ops.log_softmax(_dev(_x(2, 3))), {"exp", "log"}),
+    "softmax": (lambda: lambda: ops.softmax_forward(_dev(_x(2, 3))), {"exp"}),
+    "gelu forward": (lambda: lambda: ops.activation_forward("gelu", _dev(_x(3))), {"erf"}),
+    "gelu backward": (lambda: (lambda c: lambda: ops.activation_backward(_dev(_x(3)), c))(
+        ops.activation_forward("gelu", _dev(_x(3)))[1]), {"exp"}),
+    "gelu_new forward": (lambda: lambda: ops.activation_forward("gelu_new", _dev(_x(3))), {"tanh"}),
+    "layer norm forward": (lambda: lambda: ops.layer_norm_forward(_dev(_x(2, 3)), _dev(np.ones(3)), _dev(np.zeros(3)),
+                                                                  1e-12), {"sqrt"}),
     "relu": (lambda: lambda: ops.activation_forward("relu", _dev(_x(3))), {"maximum"}),
     "tanh": (lambda: lambda: ops.activation_forward("tanh", _dev(_x(3))), {"tanh"}),
     "pooling forward max": (lambda: lambda: ops.pooling_forward(_dev(_x(2, 3, 4)), _dev(np.ones((2, 3))), "max"),
