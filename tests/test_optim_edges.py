@@ -702,6 +702,15 @@ def test_global_grad_norm_single_and_several(layout_name, monkeypatch):
     assert float(global_grad_norm([np.full(16, 0.5)])) == 2.0          # 16 * 0.25 = 4, over 3 pieces of 7
     # float32 stays float32.
     assert global_grad_norm([np.ones(3, dtype=np.float32)]).dtype == np.float32
+    # A given xp is the one that takes the square root (the optimisers pass their backend's).
+    calls = []
+
+    class RecordingXp:
+        def sqrt(self, x):
+            calls.append(float(x))
+            return np.sqrt(x)
+
+    assert float(global_grad_norm([np.array([3.0, 4.0])], RecordingXp())) == 5.0 and calls == [25.0]
     with pytest.raises(ValueError, match="needs at least one gradient, got none"):
         global_grad_norm([])
 
