@@ -835,3 +835,91 @@ def test_linear_warmup_decay_single_step_edges():
     assert [linear_warmup_decay(s, 2.0, 3, 1) for s in (0, 1, 2, 3)] == [0.0, 2.0, 1.0, 0.0]  # warmup of one
     assert [linear_warmup_decay(s, 2.0, 1, 1) for s in (0, 1, 2)] == [0.0, 0.0, 0.0]     # all warmup
     assert [linear_warmup_decay(s, 2.0, 2, 0) for s in (0, 1, 2)] == [2.0, 1.0, 0.0]     # zero-step warmup
+
+
+# =============================================================================================
+# Gradient accumulation (ref_bert/pretrain/accumulation.py): the loss path's weights
+# =============================================================================================
+def test_micro_batch_weights_are_exact_shares():
+    """(n_i / N, b_i / B) against exact rationals (each a single correctly rounded division, so equal
+    to the float nearest the fraction); no masks anywhere gives MLM weight 0 (the MLM loss is then 0)."""
+    from ref_bert.pretrain.accumulation import micro_batch_weights
+    for counts, sizes in (([3, 0, 7], [2, 1, 4]), ([5], [3]), ([1, 2], [1, 1]), ([0, 0], [2, 3])):
+        weights = micro_batch_weights(counts, sizes)
+        assert len(weights) == len(counts)
+        for (mlm, sop), n, b in zip(weights, counts, sizes):
+            expected_mlm = float(Fraction(n, sum(counts))) if sum(counts) else 0.0
+            assert mlm == expected_mlm and sop == float(Fraction(b, sum(sizes)))
+            assert isinstance(mlm, float) and isinstance(sop, float)
+    assert micro_batch_weights([0, 0], [2, 3]) == [(0.0, 0.4), (0.0, 0.6)]
+    assert micro_batch_weights([2, 6], [1, 3]) == [(0.25, 0.25), (0.75, 0.75)]
+
+
+def _accumulation_case(dropout):
+    from ref_bert import Config, Model
+    config = Config.preset("tiny", vocab_size=40, num_hidden_layers=1, hidden_dropout_prob=dropout,
+                           attention_probs_dropout_prob=dropout)
+    rng = np.random.default_rng(21)
+    B, T = 5, 7
+    ids = rng.integers(4, 40, (B, T))
+    labels = np.full((B, T), -100)
+    for row, positions in enumerate(([1, 2, 5], [3], [], [1, 4], [2, 3, 4, 6])):   # mask counts 3, 1, 0, 2, 4
+        labels[row, positions] = rng.integers(4, 40, len(positions))
+    batch = dict(input_ids=ids, token_type_ids=(np.arange(T) >= 4).astype(np.int64)[None].repeat(B, 0),
+                 attention_mask=np.ones((B, T), dtype=np.int64), mlm_labels=labels,
+                 sop_labels=np.array([0, 1, 1, 0, 1]))
+    return config, batch, (lambda seed=5: Model(config, dtype="float64", seed=seed))
+
+
+@pytest.mark.parametrize("bounds", [[0, 5], [0, 2, 5], [0, 1, 3, 5]])
+def test_accumulated_loss_and_gradient_with_a_sop_weight(bounds):
+    """k = 1, 2, 3 micro-batches (uneven sizes and mask counts) with sop_weight 3 against one pass over
+    the whole batch with loss_weights=(1, 3) (the loss's definition, docs in accumulation.py): grads to
+    1e-12 of the largest entry, and "loss" = MLM + 3 SOP, "mlm", "sop" (unweighted) to 1e-12 relative
+    (float64, the same sums in a different order, dropout off)."""
+    from ref_bert.pretrain.accumulation import effective_batch_gradients
+    _, batch, make_model = _accumulation_case(0.0)
+    model = make_model()
+    whole = model.loss_and_grads(**batch, loss_weights=(1.0, 3.0))
+    micro = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
+    counts = [int((m["mlm_labels"] != -100).sum()) for m in micro]
+    grads, parts = effective_batch_gradients(model, micro, counts, training=False, sop_weight=3.0)
+    assert grads.keys() == whole.grads.keys() and set(parts) == {"loss", "mlm", "sop"}
+    scale = max(float(np.max(np.abs(g))) for g in whole.grads.values())
+    for name, g in whole.grads.items():
+        assert float(np.max(np.abs(grads[name] - g))) <= 1e-12 * scale, name
+    mlm, sop = float(whole.parts["mlm"]), float(whole.parts["sop"])
+    assert float(parts["mlm"]) == pytest.approx(mlm, rel=1e-12)
+    assert float(parts["sop"]) == pytest.approx(sop, rel=1e-12)
+    assert float(parts["loss"]) == pytest.approx(mlm + 3.0 * sop, rel=1e-12)
+    assert float(whole.loss) == pytest.approx(mlm + 3.0 * sop, rel=1e-12)
+    for value in parts.values():
+        assert np.ndim(value) == 0 and value.dtype == np.float64
+
+
+def test_accumulation_training_flag_and_errors():
+    """training=True applies dropout (the gradient differs from training=False by far more than
+    rounding); one micro-batch with training=True is exactly one training pass of the same model state
+    (same dropout draws, loss_weights (1, w)); bad arguments are refused with their message."""
+    from ref_bert.pretrain.accumulation import effective_batch_gradients
+    _, batch, make_model = _accumulation_case(0.1)
+    assert int((batch["mlm_labels"] != -100).sum()) == 10
+    for k_bounds in ([0, 5], [0, 2, 5]):
+        micro = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(k_bounds, k_bounds[1:])]
+        counts = [int((m["mlm_labels"] != -100).sum()) for m in micro]
+        off, _ = effective_batch_gradients(make_model(), micro, counts, training=False)
+        on, _ = effective_batch_gradients(make_model(), micro, counts, training=True)
+        whole_off = make_model().loss_and_grads(**batch, training=False).grads
+        scale = max(float(np.max(np.abs(g))) for g in whole_off.values())
+        assert max(float(np.max(np.abs(on[n] - off[n]))) for n in on) > 1e-3 * scale
+        assert max(float(np.max(np.abs(whole_off[n] - off[n]))) for n in off) <= 1e-12 * scale
+    reference = make_model().loss_and_grads(**batch, training=True, loss_weights=(1.0, 2.0))
+    grads, parts = effective_batch_gradients(make_model(), [batch], [10], training=True, sop_weight=2.0)
+    for name in grads:
+        assert np.array_equal(grads[name], reference.grads[name]), name
+    assert float(parts["loss"]) == float(reference.loss)
+    assert float(parts["mlm"]) == float(reference.parts["mlm"]) and float(parts["sop"]) == float(reference.parts["sop"])
+    with pytest.raises(ValueError, match=r"needs at least one micro-batch, got none"):
+        effective_batch_gradients(make_model(), [], [])
+    with pytest.raises(ValueError, match=r"mlm_counts has 1 entries, expected one per micro-batch \(2\)"):
+        effective_batch_gradients(make_model(), [batch, batch], [10])
