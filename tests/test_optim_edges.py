@@ -923,3 +923,126 @@ def test_accumulation_training_flag_and_errors():
         effective_batch_gradients(make_model(), [], [])
     with pytest.raises(ValueError, match=r"mlm_counts has 1 entries, expected one per micro-batch \(2\)"):
         effective_batch_gradients(make_model(), [batch, batch], [10])
+
+
+# =============================================================================================
+# Refused input: every message in full (a message is part of the contract: it names the argument,
+# the value, and what was expected)
+# =============================================================================================
+def _raises_exactly(message, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        fn(*args, **kwargs)
+
+
+def test_refused_constructor_arguments_messages():
+    p = {"a.weight": np.ones(2)}
+    _raises_exactly("optimizer='sgd' is invalid: expected one of ('lamb', 'albert', 'tfa', 'nvlamb', 'apex', "
+                    "'torch_optimizer', 'optax', 'adamw', 'adamw-torch', 'adamw-bert')", make_optimizer, "sgd", p)
+    _raises_exactly("params must be a dict name -> array, got list", Lamb, [np.ones(2)])
+    _raises_exactly("params is empty; expected at least one name -> array", Lamb, {})
+    _raises_exactly("parameter names must be strings, got 1", AdamW, {1: np.ones(2)})
+    _raises_exactly("parameter 'b' must be a floating-point array, got int32", Lamb,
+                    {"a": np.ones(2), "b": np.ones(2, np.int32)})
+    _raises_exactly("parameter 'b' must be a floating-point array, got list", Lamb, {"a": np.ones(2), "b": [1.0]})
+    _raises_exactly("exclude_from_weight_decay must be a list or tuple of regex patterns, got 3", Lamb, p,
+                    exclude_from_weight_decay=3)
+    _raises_exactly("exclude_from_layer_adaptation must hold regex strings, got 3 (int)", Lamb, p,
+                    exclude_from_layer_adaptation=["bias", 3])
+    _raises_exactly("exclude_from_weight_decay must be a list or tuple of regex patterns, got the string 'bias'; "
+                    "write ['bias'] for one pattern", AdamW, p, exclude_from_weight_decay="bias")
+    _raises_exactly("adapt_only_decayed must be True or False, got 1", Lamb, p, adapt_only_decayed=1)
+    _raises_exactly("zero_norm_ratio must be a finite number >= 0, got -1", Lamb, p, zero_norm_ratio=-1)
+    _raises_exactly("weight_decay must be a finite number >= 0, got -0.1", AdamW, p, weight_decay=-0.1)
+    _raises_exactly("eps must be a finite number >= 0, got nan", Lamb, p, eps=float("nan"))
+    _raises_exactly("max_grad_norm must be a finite number > 0, got inf", AdamW, p, max_grad_norm=float("inf"))
+    _raises_exactly("bias_correction must be True or False, got 'moments'", AdamW, p, bias_correction="moments")
+    _raises_exactly("bias_correction must be True, False or one of ('moments', 'none', 'step_size'), got 1",
+                    Lamb, p, bias_correction=1)
+    _raises_exactly("weight_decay_mode must be one of ('inside_ratio', 'outside_ratio', 'l2'), got 'decoupled'",
+                    Lamb, p, weight_decay_mode="decoupled")
+    _raises_exactly("betas[1] must be in [0, 1), got True", Lamb, p, betas=[0.9, True])
+    _raises_exactly("betas must be a pair (beta1, beta2), got 0.9", AdamW, p, betas=0.9)
+    _raises_exactly("weight_norm_clamp must be a finite number > 0, got 0", Lamb, p, weight_norm_clamp=0)
+    for clamp in ((1.0,), True, (2.0, 1.0), "10"):
+        _raises_exactly(f"weight_norm_clamp must be None, an upper bound > 0, or a pair (lo, hi) with 0 <= lo <= hi, "
+                        f"got {clamp!r}", Lamb, p, weight_norm_clamp=clamp)
+    _raises_exactly("unknown Lamb option(s) ['foo']; expected some of ['lr', 'betas', 'eps', 'weight_decay', "
+                    "'bias_correction', 'weight_decay_mode', 'weight_norm_clamp', 'zero_norm_ratio', "
+                    "'exclude_from_weight_decay', 'exclude_from_layer_adaptation', 'adapt_only_decayed', "
+                    "'max_grad_norm']", Lamb.from_preset, "albert", p, foo=1)
+    _raises_exactly("unknown AdamW option(s) ['weight_norm_clamp']; expected some of ['lr', 'betas', 'eps', "
+                    "'weight_decay', 'bias_correction', 'exclude_from_weight_decay', 'max_grad_norm']",
+                    AdamW.from_preset, "bert", p, weight_norm_clamp=1)
+    _raises_exactly("unknown LAMB preset 'lars'; expected one of ['albert', 'apex', 'nvlamb', 'optax', 'tfa', "
+                    "'torch_optimizer']", Lamb.from_preset, "lars", p)
+    _raises_exactly("unknown AdamW preset 'adam'; expected one of ['bert', 'torch']", AdamW.from_preset, "adam", p)
+    # What is accepted: the clamp forms, patterns None, betas as a list, bias_correction booleans.
+    assert Lamb(p, weight_norm_clamp=2).weight_norm_clamp == (0.0, 2.0)
+    assert Lamb(p, weight_norm_clamp=[0.5, 2]).weight_norm_clamp == (0.5, 2.0)
+    assert Lamb(p, weight_norm_clamp=(1.0, 1.0)).weight_norm_clamp == (1.0, 1.0)     # lo == hi is allowed
+    assert Lamb(p, exclude_from_weight_decay=None).exclude_from_weight_decay == ()
+    assert AdamW(p, betas=[0, 0.5]).betas == (0.0, 0.5)
+    assert Lamb(p, bias_correction=True).bias_correction == "moments"
+    assert Lamb(p, bias_correction=False).bias_correction == "none"
+    assert Lamb(p, eps=0).eps == 0.0 and Lamb(p, weight_decay=0).weight_decay == 0.0
+
+
+def test_refused_step_and_state_messages():
+    p = {"a.weight": np.ones(2)}
+    for opt in (Lamb(p), AdamW(p)):
+        _raises_exactly("grads must be a dict name -> array, got list", opt.step, [np.ones(2)])
+        _raises_exactly("grads must have exactly the parameter names; missing ['a.weight'], unexpected ['b']",
+                        opt.step, {"b": np.ones(2)})
+        _raises_exactly("grads['a.weight'] has shape (), expected (2,)", opt.step, {"a.weight": 1.0})
+        _raises_exactly("grads['a.weight'] has dtype float32, expected float64 (the parameter's; no silent casting)",
+                        opt.step, {"a.weight": np.ones(2, np.float32)})
+        _raises_exactly("lr must be a finite number >= 0, got -1", opt.step, {"a.weight": np.ones(2)}, lr=-1)
+        assert opt.step_count == 0
+        _raises_exactly("state must be a dict with keys 'step', 'tensors' (and 'hyper'), got list",
+                        opt.load_state_dict, [1])
+        _raises_exactly("state must be a dict with keys 'step', 'tensors' (and 'hyper'), got ['step']",
+                        opt.load_state_dict, {"step": 0})
+        for step in (True, 1.0, -1):
+            _raises_exactly(f"state['step'] must be an integer >= 0, got {step!r}", opt.load_state_dict,
+                            {"step": step, "tensors": {}})
+    saved = Lamb(p).state_dict()
+    hyper = dict(saved["hyper"])
+    del hyper["eps"]
+    hyper["extra"] = 1
+    _raises_exactly("optimiser state does not match: hyper['eps'] is '<absent>', expected 1e-06; "
+                    "hyper['extra'] is 1, expected '<absent>'", Lamb(p).load_state_dict,
+                    {"step": 1, "tensors": saved["tensors"], "hyper": hyper})
+    # check_hyper=False skips the hyperparameters (and a state without "hyper" is not compared).
+    opt = Lamb(p)
+    opt.load_state_dict({"step": 1, "tensors": saved["tensors"], "hyper": hyper}, check_hyper=False)
+    opt.load_state_dict({"step": 2, "tensors": saved["tensors"]})
+    assert opt.step_count == 2
+
+
+def test_refused_schedule_messages():
+    for fn, args in ((albert_schedule, (1.0, 10)), (linear_warmup_decay, (1.0, 10, 2))):
+        for step in (1.5, True, -1):
+            _raises_exactly(f"step must be an integer >= 0, got {step!r}", fn, step, *args)
+    _raises_exactly("num_warmup_steps must be an integer >= 0, got -2", albert_schedule, 1, 1.0, 10, num_warmup_steps=-2)
+    _raises_exactly("num_train_steps must be an integer >= 0, got 10.0", linear_warmup_decay, 1, 1.0, 10.0, 2)
+    _raises_exactly("num_train_steps must be > 0, got 0", linear_warmup_decay, 0, 1.0, 0, 0)
+    _raises_exactly("init_lr must be a finite number > 0, got -1.0", linear_warmup_decay, 0, -1.0, 5, 0)
+    _raises_exactly("power must be a finite number > 0, got 0", albert_schedule, 1, 1.0, 10, power=0)
+    _raises_exactly("num_warmup_steps must be <= num_train_steps (3), got 4", linear_warmup_decay, 0, 1.0, 3, 4)
+
+
+class _OtherDeviceArray(np.ndarray):
+    """A NumPy array that the patched ``backends.of`` below assigns to another backend (as a CuPy array
+    would be): the backend checks can be tested without a GPU."""
+
+
+def test_refused_arrays_on_another_backend(monkeypatch):
+    other = type("OtherBackend", (), {"__repr__": lambda self: "Backend('other')"})()
+    real_of = backends.of
+    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    foreign = np.ones(2).view(_OtherDeviceArray)
+    _raises_exactly("parameter 'b' lives on Backend('other'), expected Backend('numpy') like the first parameter",
+                    Lamb, {"a": np.ones(2), "b": foreign})
+    for opt in (Lamb({"a": np.ones(2)}), AdamW({"a": np.ones(2)})):
+        _raises_exactly("grads['a'] lives on Backend('other'), expected Backend('numpy')", opt.step, {"a": foreign})
+        assert opt.step_count == 0
