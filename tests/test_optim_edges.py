@@ -711,8 +711,7 @@ def test_global_grad_norm_single_and_several(layout_name, monkeypatch):
             return np.sqrt(x)
 
     assert float(global_grad_norm([np.array([3.0, 4.0])], RecordingXp())) == 5.0 and calls == [25.0]
-    with pytest.raises(ValueError, match="needs at least one gradient, got none"):
-        global_grad_norm([])
+    _raises_exactly("global_grad_norm needs at least one gradient, got none", global_grad_norm, [])
 
 
 def test_sum_of_squares_and_total():
@@ -1046,3 +1045,28 @@ def test_refused_arrays_on_another_backend(monkeypatch):
     for opt in (Lamb({"a": np.ones(2)}), AdamW({"a": np.ones(2)})):
         _raises_exactly("grads['a'] lives on Backend('other'), expected Backend('numpy')", opt.step, {"a": foreign})
         assert opt.step_count == 0
+
+
+def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
+    """The pieces (and the threads that sum them) are those of the gradients' own backend, found from
+    the first gradient: here a recording stand-in for a second backend (CuPy's on a GPU)."""
+    numpy_backend = backends.get("numpy")
+    seen = []
+
+    class OtherBackend:
+        xp = np
+        fast = {}          # no fast variants: the reference ops
+
+        def pieces(self, *arrays):
+            seen.append(arrays[0].shape)
+            return numpy_backend.pieces(*arrays)
+
+        def parallel_map(self, fn, items):
+            return [fn(x) for x in items]
+
+    other = OtherBackend()
+    real_of = backends.of
+    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    grads = [np.array([3.0, 0.0]).view(_OtherDeviceArray), np.array([[4.0]]).view(_OtherDeviceArray)]
+    assert float(global_grad_norm(grads)) == 5.0
+    assert seen == [(2,), (1, 1)]
