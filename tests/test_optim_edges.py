@@ -616,6 +616,14 @@ def test_lamb_update_decay_modes_by_hand():
     np.testing.assert_allclose(w, np.array([3.0, 4.0]) - 0.1 * ratio * u, rtol=1e-15)
     w, ratio = run(weight_decay_mode="inside_ratio", bias_correction="none")
     assert ratio == pytest.approx(10.0, rel=1e-15)                     # u = wd w whatever the correction
+    w, ratio = run(weight_norm_clamp=(0.0, 2.0))                       # phi(5) = 2: ratio 2 / 0.5
+    assert ratio == pytest.approx(4.0, rel=1e-15)
+    np.testing.assert_allclose(w, [3.0 - 0.1 * 4 * 0.3, 4.0 - 0.1 * 4 * 0.4], rtol=1e-15)
+    # The clip factor scales g before the moments: m = (1 - b1) * c * g.
+    w, m, v = np.array([3.0, 4.0]), np.zeros(2), np.zeros(2)
+    lamb_module.lamb_update(w, np.array([1.0, -2.0]), m, v, lr=0.1, t=1, clip=np.float64(0.5))
+    np.testing.assert_allclose(m, [0.05, -0.1], rtol=1e-15)
+    np.testing.assert_allclose(v, [0.001 * 0.25, 0.001 * 1.0], rtol=1e-15)
 
 
 # =============================================================================================
