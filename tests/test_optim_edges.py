@@ -41,6 +41,7 @@ import pytest
 import backends
 from ref_bert.optim import (ADAMW_PRESETS, ALBERT_EXCLUDE, LAMB_PRESETS, AdamW, Lamb, albert_schedule,
                             clip_factor, global_grad_norm, linear_warmup_decay, make_optimizer)
+from ref_bert.optim import adamw as adamw_module
 from ref_bert.optim import lamb as lamb_module
 from ref_bert.optim.norms import sum_of_squares, total
 
@@ -710,6 +711,41 @@ def test_adamw_zero_gradient_is_pure_decay_by_hand():
         assert not opt.exp_avg["a.weight"].any() and not opt.exp_avg_sq["a.weight"].any()
 
 
+def test_adamw_update_defaults_by_hand():
+    """adamw_update's defaults: torch.optim.AdamW's betas (0.9, 0.999), eps 1e-8 and bias correction,
+    and no decay (wd 0, the signature's); two steps by hand in Python floats (rtol 1e-14: a dozen
+    roundings). Step 2's bias corrections 1 - 0.9^2 and 1 - 0.999^2 check the betas themselves."""
+    w0, g1, g2 = [1.0, -2.0], [0.5, 0.25], [-1.0, 0.5]
+    w, m, v = np.array(w0), np.zeros(2), np.zeros(2)
+    adamw_module.adamw_update(w, np.array(g1), m, v, lr=0.1, t=1)
+    adamw_module.adamw_update(w, np.array(g2), m, v, lr=0.1, t=2)
+    expected = []
+    for wi, a, b in zip(w0, g1, g2):
+        mi, vi = 0.1 * a, 0.001 * a * a
+        wi -= 0.1 * (mi / 0.1) / (math.sqrt(vi / 0.001) + 1e-8)
+        mi, vi = 0.9 * mi + 0.1 * b, 0.999 * vi + 0.001 * b * b
+        wi -= 0.1 * (mi / (1 - 0.9 ** 2)) / (math.sqrt(vi / (1 - 0.999 ** 2)) + 1e-8)
+        expected.append(wi)
+    np.testing.assert_allclose(w, expected, rtol=1e-14)
+
+
+def test_adamw_update_uses_the_arrays_backend(monkeypatch):
+    asked = []
+
+    class RecordingXp:
+        def __getattr__(self, name):
+            asked.append(name)
+            return getattr(np, name)
+
+    other = type("OtherBackend", (), {"xp": RecordingXp(), "fast": {}})()
+    real_of = backends.of
+    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    w = np.array([1.0, 2.0]).view(_OtherDeviceArray)
+    adamw_module.adamw_update(w, np.ones(2), np.zeros(2), np.zeros(2), lr=0.1, t=1)
+    assert asked == ["sqrt"]
+    np.testing.assert_allclose(np.asarray(w), [1.0 - 0.1 / (1 + 1e-8), 2.0 - 0.1 / (1 + 1e-8)], rtol=1e-15)
+
+
 # =============================================================================================
 # The global gradient norm and the clip rule
 # =============================================================================================
@@ -957,10 +993,33 @@ def test_accumulation_training_flag_and_errors():
         assert np.array_equal(grads[name], reference.grads[name]), name
     assert float(parts["loss"]) == float(reference.loss)
     assert float(parts["mlm"]) == float(reference.parts["mlm"]) and float(parts["sop"]) == float(reference.parts["sop"])
-    with pytest.raises(ValueError, match=r"needs at least one micro-batch, got none"):
-        effective_batch_gradients(make_model(), [], [])
-    with pytest.raises(ValueError, match=r"mlm_counts has 1 entries, expected one per micro-batch \(2\)"):
-        effective_batch_gradients(make_model(), [batch, batch], [10])
+    _raises_exactly("effective_batch_gradients needs at least one micro-batch, got none",
+                    effective_batch_gradients, make_model(), [], [])
+    _raises_exactly("mlm_counts has 1 entries, expected one per micro-batch (2)",
+                    effective_batch_gradients, make_model(), [batch, batch], [10])
+    # training defaults to True (a training step's gradient): the same draws as training=True.
+    default, _ = effective_batch_gradients(make_model(), [batch], [10], sop_weight=2.0)
+    for name in grads:
+        assert np.array_equal(default[name], reference.grads[name]), name
+
+
+def test_accumulation_keeps_float32():
+    """A float32 model's accumulated gradients and losses stay float32 (no silent float64 buffers);
+    they equal one float32 whole-batch pass to float32 rounding (1e-5 of the largest entry)."""
+    from ref_bert import Model
+    from ref_bert.pretrain.accumulation import effective_batch_gradients
+    config, batch, _ = _accumulation_case(0.0)
+    model = Model(config, dtype="float32", seed=5)
+    micro = [{k: v[a:b] for k, v in batch.items()} for a, b in ((0, 2), (2, 5))]
+    counts = [int((m["mlm_labels"] != -100).sum()) for m in micro]
+    grads, parts = effective_batch_gradients(model, micro, counts, training=False)
+    whole = model.loss_and_grads(**batch)
+    scale = max(float(np.max(np.abs(g))) for g in whole.grads.values())
+    for name, g in grads.items():
+        assert g.dtype == np.float32, name
+        assert float(np.max(np.abs(g - whole.grads[name]))) <= 1e-5 * scale, name
+    for key, value in parts.items():
+        assert value.dtype == np.float32, key
 
 
 # =============================================================================================
