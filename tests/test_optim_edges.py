@@ -1058,6 +1058,8 @@ def test_refused_constructor_arguments_messages():
     _raises_exactly("weight_decay_mode must be one of ('inside_ratio', 'outside_ratio', 'l2'), got 'decoupled'",
                     Lamb, p, weight_decay_mode="decoupled")
     _raises_exactly("betas[1] must be in [0, 1), got True", Lamb, p, betas=[0.9, True])
+    for bad in (False, 1.0, 1.5, -0.5, "0.9", None):               # the range is [0, 1), booleans refused
+        _raises_exactly(f"betas[0] must be in [0, 1), got {bad!r}", AdamW, p, betas=(bad, 0.999))
     _raises_exactly("betas must be a pair (beta1, beta2), got 0.9", AdamW, p, betas=0.9)
     _raises_exactly("weight_norm_clamp must be a finite number > 0, got 0", Lamb, p, weight_norm_clamp=0)
     for clamp in ((1.0,), True, (2.0, 1.0), "10"):
