@@ -1062,6 +1062,10 @@ def test_refused_constructor_arguments_messages():
         _raises_exactly(f"betas[0] must be in [0, 1), got {bad!r}", AdamW, p, betas=(bad, 0.999))
     _raises_exactly("betas must be a pair (beta1, beta2), got 0.9", AdamW, p, betas=0.9)
     _raises_exactly("weight_norm_clamp must be a finite number > 0, got 0", Lamb, p, weight_norm_clamp=0)
+    _raises_exactly("weight_norm_clamp[0] must be a finite number >= 0, got -1", Lamb, p, weight_norm_clamp=(-1, 2))
+    _raises_exactly("weight_norm_clamp[1] must be a finite number > 0, got 0", Lamb, p, weight_norm_clamp=(0, 0))
+    with pytest.raises(ValueError, match=r"^exclude_from_weight_decay: '\(' is not a valid regular expression \(.+\)$"):
+        Lamb(p, exclude_from_weight_decay=["("])
     for clamp in ((1.0,), True, (2.0, 1.0), "10"):
         _raises_exactly(f"weight_norm_clamp must be None, an upper bound > 0, or a pair (lo, hi) with 0 <= lo <= hi, "
                         f"got {clamp!r}", Lamb, p, weight_norm_clamp=clamp)
@@ -1079,6 +1083,7 @@ def test_refused_constructor_arguments_messages():
     assert Lamb(p, weight_norm_clamp=2).weight_norm_clamp == (0.0, 2.0)
     assert Lamb(p, weight_norm_clamp=[0.5, 2]).weight_norm_clamp == (0.5, 2.0)
     assert Lamb(p, weight_norm_clamp=(1.0, 1.0)).weight_norm_clamp == (1.0, 1.0)     # lo == hi is allowed
+    assert Lamb(p, weight_norm_clamp=(0, 3)).weight_norm_clamp == (0.0, 3.0)         # lo == 0 is allowed
     assert Lamb(p, exclude_from_weight_decay=None).exclude_from_weight_decay == ()
     assert AdamW(p, betas=[0, 0.5]).betas == (0.0, 0.5)
     assert Lamb(p, bias_correction=True).bias_correction == "moments"
