@@ -200,6 +200,26 @@ def _installed_defaults(package, relative_path, function, cls=None):
     return {name: ast.literal_eval(value) for name, value in defaults.items()}
 
 
+def test_make_optimizer_every_name_is_its_source_preset():
+    """Every name ``ref-bert pretrain --optimizer`` accepts builds its preset (checked by the source
+    table's eps, bias correction and clipping), with its own lr or the one given."""
+    from ref_bert.optim import OPTIMIZERS
+    for name in OPTIMIZERS:
+        preset = {"lamb": "albert", "adamw": "torch"}.get(name, name.removeprefix("adamw-"))
+        is_adamw = name.startswith("adamw")
+        src = (ADAMW_SOURCE_DEFAULTS if is_adamw else LAMB_SOURCE_DEFAULTS)[preset]
+        for lr in (None, 0.02):
+            opt = make_optimizer(name, _tiny_params(), lr=lr)
+            assert type(opt) is (AdamW if is_adamw else Lamb), name
+            assert (opt.eps, opt.max_grad_norm) == (src["eps"], src["clip"]), name
+            expected_lr = lr if lr is not None else (src["lr"] if src["lr"] is not None else PLACEHOLDER_LR)
+            assert opt.lr == expected_lr, (name, lr)
+            if is_adamw:
+                assert opt.bias_correction is src["bias_correction"], name
+            else:
+                assert opt.bias_correction == src["bias"] and opt.weight_norm_clamp == src["clamp"], name
+
+
 def test_preset_defaults_against_installed_sources():
     """Where the source is installed, its own file's defaults are the reference (exact)."""
     d = _installed_defaults("torch_optimizer", "lamb.py", "__init__", cls="Lamb")
