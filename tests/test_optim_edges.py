@@ -1055,6 +1055,9 @@ def test_refused_constructor_arguments_messages():
     p = {"a.weight": np.ones(2)}
     _raises_exactly("optimizer='sgd' is invalid: expected one of ('lamb', 'albert', 'tfa', 'nvlamb', 'apex', "
                     "'torch_optimizer', 'optax', 'adamw', 'adamw-torch', 'adamw-bert')", make_optimizer, "sgd", p)
+    for name in ("lamb--bert", "adamw-lamb", "Adamw-torch"):      # near misses of "adamw-<preset>"
+        with pytest.raises(ValueError, match="^" + re.escape(f"optimizer={name!r} is invalid: expected one of (")):
+            make_optimizer(name, p)
     _raises_exactly("params must be a dict name -> array, got list", Lamb, [np.ones(2)])
     _raises_exactly("params is empty; expected at least one name -> array", Lamb, {})
     _raises_exactly("parameter names must be strings, got 1", AdamW, {1: np.ones(2)})
