@@ -640,6 +640,14 @@ def test_lamb_update_decay_modes_by_hand():
     w, ratio = run(weight_norm_clamp=(0.0, 2.0))                       # phi(5) = 2: ratio 2 / 0.5
     assert ratio == pytest.approx(4.0, rel=1e-15)
     np.testing.assert_allclose(w, [3.0 - 0.1 * 4 * 0.3, 4.0 - 0.1 * 4 * 0.4], rtol=1e-15)
+    # Outside the ratio with a gradient: w - lr ratio u - lr wd w, u = g / (|g| + eps), ratio ||w|| / ||u||.
+    w = np.array([3.0, 4.0])
+    ratio = float(lamb_module.lamb_update(w, np.array([1.0, -1.0]), np.zeros(2), np.zeros(2), lr=0.1, t=1, wd=0.1,
+                                          weight_decay_mode="outside_ratio"))
+    u = np.array([1.0, -1.0]) / (1.0 + 1e-6)
+    assert ratio == pytest.approx(5.0 / math.sqrt(float(u @ u)), rel=1e-15)
+    np.testing.assert_allclose(w, [3.0 - 0.1 * ratio * u[0] - 0.01 * 3.0, 4.0 - 0.1 * ratio * u[1] - 0.01 * 4.0],
+                               rtol=1e-15)
     # The clip factor scales g before the moments: m = (1 - b1) * c * g.
     w, m, v = np.array([3.0, 4.0]), np.zeros(2), np.zeros(2)
     lamb_module.lamb_update(w, np.array([1.0, -2.0]), m, v, lr=0.1, t=1, clip=np.float64(0.5))
@@ -1216,3 +1224,10 @@ def test_trust_ratio_uses_the_arrays_backend(monkeypatch):
     w_sq, u_sq = np.array(4.0).view(_OtherDeviceArray), np.array(0.25).view(_OtherDeviceArray)
     assert float(lamb_module.trust_ratio(w_sq, u_sq)) == 4.0
     assert "sqrt" in asked and "where" in asked
+    # The direction too: its square root is the arrays' backend's.
+    asked.clear()
+    w = np.array([1.0, 2.0]).view(_OtherDeviceArray)
+    u = lamb_module.lamb_direction(w, np.ones(2), np.zeros(2), np.zeros(2), clip=None, b1=0.9, b2=0.999, eps=1e-6,
+                                   bias1=None, bias2=None, wd_l2=0.0, wd_inside=0.0)
+    assert asked == ["sqrt"]
+    np.testing.assert_allclose(np.asarray(u), 0.1 / (math.sqrt(0.001) + 1e-6), rtol=1e-15)
