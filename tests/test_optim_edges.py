@@ -1080,6 +1080,8 @@ def test_refused_constructor_arguments_messages():
                     "write ['bias'] for one pattern", AdamW, p, exclude_from_weight_decay="bias")
     _raises_exactly("adapt_only_decayed must be True or False, got 1", Lamb, p, adapt_only_decayed=1)
     _raises_exactly("zero_norm_ratio must be a finite number >= 0, got -1", Lamb, p, zero_norm_ratio=-1)
+    _raises_exactly("lr must be a finite number > 0, got 0", Lamb, p, lr=0)
+    _raises_exactly("lr must be a finite number > 0, got -0.001", AdamW, p, lr=-0.001)
     _raises_exactly("weight_decay must be a finite number >= 0, got -0.1", AdamW, p, weight_decay=-0.1)
     _raises_exactly("eps must be a finite number >= 0, got nan", Lamb, p, eps=float("nan"))
     _raises_exactly("max_grad_norm must be a finite number > 0, got inf", AdamW, p, max_grad_norm=float("inf"))
@@ -1178,6 +1180,8 @@ def test_refused_arrays_on_another_backend(monkeypatch):
     foreign = np.ones(2).view(_OtherDeviceArray)
     _raises_exactly("parameter 'b' lives on Backend('other'), expected Backend('numpy') like the first parameter",
                     Lamb, {"a": np.ones(2), "b": foreign})
+    _raises_exactly("parameter 'b' lives on Backend('numpy'), expected Backend('other') like the first parameter",
+                    AdamW, {"a": foreign, "b": np.ones(2)})
     for opt in (Lamb({"a": np.ones(2)}), AdamW({"a": np.ones(2)})):
         _raises_exactly("grads['a'] lives on Backend('other'), expected Backend('numpy')", opt.step, {"a": foreign})
         assert opt.step_count == 0
@@ -1189,8 +1193,15 @@ def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
     numpy_backend = backends.get("numpy")
     seen = []
 
+    asked = []
+
+    class RecordingXp:
+        def __getattr__(self, name):
+            asked.append(name)
+            return getattr(np, name)
+
     class OtherBackend:
-        xp = np
+        xp = RecordingXp()
         fast = {}          # no fast variants: the reference ops
 
         def pieces(self, *arrays):
@@ -1206,6 +1217,7 @@ def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
     grads = [np.array([3.0, 0.0]).view(_OtherDeviceArray), np.array([[4.0]]).view(_OtherDeviceArray)]
     assert float(global_grad_norm(grads)) == 5.0
     assert seen == [(2,), (1, 1)]
+    assert asked == ["sum", "sum", "sqrt"]              # each piece's sum of squares, then the root
 
 
 def test_trust_ratio_uses_the_arrays_backend(monkeypatch):
