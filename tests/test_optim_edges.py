@@ -1,7 +1,10 @@
 """The optimisers' edge rules (issue #18): LAMB, every preset, and AdamW on all-zero tensors, zero
 gradients and zero updates; the trust ratio's zero-norm fallback (its value and its condition) per
 source; every preset's defaults against its source; the global gradient norm and the clip rule at the
-threshold; the schedules where warmup or decay lasts a single step (or warmup none).
+threshold; the schedules where warmup or decay lasts a single step (or warmup none). Also the loss
+path's gradient accumulation (ref_bert/pretrain/accumulation.py) with a SOP weight and in float32,
+every refusal message of ref_bert.optim in full, and the backend each function computes with (a
+recording stand-in for a second backend, through a patched ``backends.of``: what CuPy would be).
 
 The references are written here from the sources, not from ref_bert.optim (docs/reference.md §4 and §5,
 /work/shared/REFERENCE.md §1 and §4; the source files are named at each function):
@@ -117,9 +120,6 @@ ADAMW_SOURCE_DEFAULTS = {
                  decay_excluded=NO_DECAY, clip=1.0),
 }
 
-_BIAS_NAMES = {"none": "none", "moments": "moments", "step_size": "step_size"}
-
-
 def _tiny_params():
     return {"enc.query.weight": np.ones((2, 2)), "enc.query.bias": np.zeros(2),
             "enc.layer_norm.weight": np.ones(2), "pooler.weight": np.ones((2, 2))}
@@ -137,7 +137,7 @@ def test_preset_defaults_lamb(preset):
     assert opt.betas == src["betas"]
     assert opt.eps == src["eps"]
     assert opt.weight_decay == src["weight_decay"]
-    assert opt.bias_correction == _BIAS_NAMES[src["bias"]]
+    assert opt.bias_correction == src["bias"]
     assert opt.weight_decay_mode == "inside_ratio"          # every source: u + wd w, then the ratio
     assert opt.weight_norm_clamp == src["clamp"]
     assert opt.zero_norm_ratio == src["zero_ratio"]
@@ -896,7 +896,8 @@ def hf_linear_lr(step, init_lr, T, W):
     """transformers optimization.py get_linear_schedule_with_warmup, lr_lambda, times init_lr, exact:
         if current_step < num_warmup_steps:
             return float(current_step) / float(max(1, num_warmup_steps))
-        return max(0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps)))"""
+        return max(0.0, float(num_training_steps - current_step)
+                   / float(max(1, num_training_steps - num_warmup_steps)))"""
     if step < W:
         return Fraction(init_lr) * Fraction(step, max(1, W))
     return Fraction(init_lr) * max(Fraction(0), Fraction(T - step, max(1, T - W)))
@@ -1160,7 +1161,8 @@ def test_refused_schedule_messages():
     for fn, args in ((albert_schedule, (1.0, 10)), (linear_warmup_decay, (1.0, 10, 2))):
         for step in (1.5, True, -1):
             _raises_exactly(f"step must be an integer >= 0, got {step!r}", fn, step, *args)
-    _raises_exactly("num_warmup_steps must be an integer >= 0, got -2", albert_schedule, 1, 1.0, 10, num_warmup_steps=-2)
+    _raises_exactly("num_warmup_steps must be an integer >= 0, got -2", albert_schedule, 1, 1.0, 10,
+                    num_warmup_steps=-2)
     _raises_exactly("num_train_steps must be an integer >= 0, got 10.0", linear_warmup_decay, 1, 1.0, 10.0, 2)
     _raises_exactly("num_train_steps must be > 0, got 0", linear_warmup_decay, 0, 1.0, 0, 0)
     _raises_exactly("init_lr must be a finite number > 0, got -1.0", linear_warmup_decay, 0, -1.0, 5, 0)
