@@ -159,6 +159,29 @@ def test_preset_defaults_lamb(preset):
     assert hyper["max_grad_norm"] == src["clip"] and hyper["zero_norm_ratio"] == src["zero_ratio"]
 
 
+@pytest.mark.parametrize("preset", list(LAMB_SOURCE_DEFAULTS))
+def test_preset_hyperparameters_saved_in_the_state(preset):
+    """The hyperparameters a checkpoint records (state_dict()["hyper"], compared on resume) are the
+    source row, every key, in JSON types (lists for tuples)."""
+    src = LAMB_SOURCE_DEFAULTS[preset]
+    decay_list = list(src["decay_excluded"])
+    expected = dict(
+        optimizer="Lamb", lr=PLACEHOLDER_LR if src["lr"] is None else src["lr"], betas=list(src["betas"]),
+        eps=src["eps"], weight_decay=src["weight_decay"], bias_correction=src["bias"],
+        weight_decay_mode="inside_ratio", weight_norm_clamp=None if src["clamp"] is None else list(src["clamp"]),
+        zero_norm_ratio=src["zero_ratio"], exclude_from_weight_decay=decay_list,
+        exclude_from_layer_adaptation=decay_list if src["ratio_skipped"] == "decay list" else [],
+        adapt_only_decayed=src["ratio_skipped"] == "wd == 0", max_grad_norm=src["clip"])
+    assert Lamb.from_preset(preset, _tiny_params()).state_dict()["hyper"] == expected
+    if preset == "albert":
+        for name in ADAMW_SOURCE_DEFAULTS:
+            a = ADAMW_SOURCE_DEFAULTS[name]
+            assert AdamW.from_preset(name, _tiny_params()).state_dict()["hyper"] == dict(
+                optimizer="AdamW", lr=a["lr"], betas=list(a["betas"]), eps=a["eps"], weight_decay=a["weight_decay"],
+                bias_correction=a["bias_correction"], exclude_from_weight_decay=list(a["decay_excluded"]),
+                max_grad_norm=a["clip"])
+
+
 @pytest.mark.parametrize("preset", list(ADAMW_SOURCE_DEFAULTS))
 def test_preset_defaults_adamw(preset):
     assert set(ADAMW_PRESETS) == set(ADAMW_SOURCE_DEFAULTS)
@@ -1132,6 +1155,11 @@ def test_refused_step_and_state_messages():
         _raises_exactly("grads must have exactly the parameter names; missing ['a.weight'], unexpected ['b']",
                         opt.step, {"b": np.ones(2)})
         _raises_exactly("grads['a.weight'] has shape (), expected (2,)", opt.step, {"a.weight": 1.0})
+        _raises_exactly("grads['a.weight'] has shape (3,), expected (2,)", opt.step, {"a.weight": np.ones(3)})
+        _raises_exactly("grads must have exactly the parameter names; missing ['a.weight'], unexpected []",
+                        opt.step, {})
+        _raises_exactly("grads must have exactly the parameter names; missing [], unexpected ['b']",
+                        opt.step, {"a.weight": np.ones(2), "b": np.ones(2)})
         _raises_exactly("grads['a.weight'] has dtype float32, expected float64 (the parameter's; no silent casting)",
                         opt.step, {"a.weight": np.ones(2, np.float32)})
         _raises_exactly("lr must be a finite number >= 0, got -1", opt.step, {"a.weight": np.ones(2)}, lr=-1)
