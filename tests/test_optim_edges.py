@@ -1171,6 +1171,14 @@ def test_refused_step_and_state_messages():
         for step in (True, 1.0, -1):
             _raises_exactly(f"state['step'] must be an integer >= 0, got {step!r}", opt.load_state_dict,
                             {"step": step, "tensors": {}})
+    # float32 parameters take float32 gradients, and refuse float64 ones (no silent casting either way).
+    for opt_cls in (Lamb, AdamW):
+        p32 = {"a.weight": np.ones(2, np.float32)}
+        opt = opt_cls(p32)
+        _raises_exactly("grads['a.weight'] has dtype float64, expected float32 (the parameter's; no silent casting)",
+                        opt.step, {"a.weight": np.ones(2)})
+        opt.step({"a.weight": np.ones(2, np.float32)})
+        assert opt.step_count == 1 and p32["a.weight"].dtype == np.float32
     saved = Lamb(p).state_dict()
     hyper = dict(saved["hyper"])
     del hyper["eps"]
