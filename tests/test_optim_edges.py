@@ -1281,3 +1281,57 @@ def test_trust_ratio_uses_the_arrays_backend(monkeypatch):
                                    bias1=None, bias2=None, wd_l2=0.0, wd_inside=0.0)
     assert asked == ["sqrt"]
     np.testing.assert_allclose(np.asarray(u), 0.1 / (math.sqrt(0.001) + 1e-6), rtol=1e-15)
+
+
+class _ShapeOnly:
+    """Has a shape but no dtype: not an array."""
+    shape = (1,)
+
+
+def test_load_state_dict_reports_every_problem_at_once():
+    """One state with every kind of mismatch: all of them in one message, in order (missing, unexpected,
+    then each of our tensors in order, then the hyperparameters sorted by name); nothing written. The
+    lr may differ (a schedule sets it), and step 0 is a valid step."""
+    p = {"a.weight": np.ones(2), "b.weight": np.ones(3), "c.weight": np.ones(1)}
+    opt = Lamb(p)
+    state = opt.state_dict()
+    assert set(state) == {"step", "tensors", "hyper"} and state["step"] == 0
+    tensors = {k: np.array(v) for k, v in state["tensors"].items()}
+    del tensors["exp_avg/a.weight"]
+    tensors["exp_avg/z"] = np.zeros(1)
+    tensors["exp_avg_sq/a.weight"] = np.zeros(3)
+    tensors["exp_avg/b.weight"] = np.zeros(3, np.float32)
+    tensors["exp_avg_sq/b.weight"] = [0.0, 0.0, 0.0]
+    tensors["exp_avg/c.weight"] = _ShapeOnly()
+    hyper = {**state["hyper"], "eps": 1e-8, "lr": 0.5, "extra": None}
+    del hyper["weight_norm_clamp"]                      # ours is None: absent is still a mismatch
+    _raises_exactly("optimiser state does not match: missing tensors ['exp_avg/a.weight']; unexpected tensors "
+                    "['exp_avg/z']; exp_avg_sq/a.weight has shape (3,), expected (2,); exp_avg/b.weight has dtype "
+                    "float32, expected float64; exp_avg_sq/b.weight is a list, expected an array; exp_avg/c.weight "
+                    "is a _ShapeOnly, expected an array; hyper['eps'] is 1e-08, expected 1e-06; hyper['extra'] is "
+                    "None, expected '<absent>'; hyper['weight_norm_clamp'] is '<absent>', expected None",
+                    opt.load_state_dict, {"step": 3, "tensors": tensors, "hyper": hyper})
+    _raises_exactly("state must be a dict with keys 'step', 'tensors' (and 'hyper'), got ['tensors']",
+                    opt.load_state_dict, {"tensors": state["tensors"]})
+    assert opt.step_count == 0 and not any(v.any() for v in opt.state_dict()["tensors"].values())
+    # A different lr alone is accepted, at step 0 as at any other.
+    good = {k: np.full(v.shape, 0.5) for k, v in state["tensors"].items()}
+    opt.load_state_dict({"step": 0, "tensors": good, "hyper": {**state["hyper"], "lr": 0.5}})
+    assert opt.step_count == 0 and np.array_equal(opt.exp_avg["b.weight"], np.full(3, 0.5))
+    opt.step({n: np.ones_like(w) for n, w in p.items()})
+    assert opt.state_dict()["step"] == 1
+
+
+def test_constructor_defaults():
+    """Without a preset: AdamW's defaults are torch.optim.AdamW's (its installed source's), with bias
+    correction, no exclusions and no clipping; Lamb's are its signature's (apex FusedLAMB's lr, eps and
+    weight decay, bias-corrected, without clipping)."""
+    p = {"a.weight": np.ones(2)}
+    d = _installed_defaults("torch", "optim/adamw.py", "__init__", cls="AdamW")
+    assert AdamW(p).state_dict()["hyper"] == dict(
+        optimizer="AdamW", lr=d["lr"], betas=list(d["betas"]), eps=d["eps"], weight_decay=d["weight_decay"],
+        bias_correction=True, exclude_from_weight_decay=[], max_grad_norm=None)
+    assert Lamb(p).state_dict()["hyper"] == dict(
+        optimizer="Lamb", lr=1e-3, betas=[0.9, 0.999], eps=1e-6, weight_decay=0.01, bias_correction="moments",
+        weight_decay_mode="inside_ratio", weight_norm_clamp=None, zero_norm_ratio=1.0, exclude_from_weight_decay=[],
+        exclude_from_layer_adaptation=[], adapt_only_decayed=False, max_grad_norm=None)
