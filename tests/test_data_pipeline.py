@@ -1,0 +1,750 @@
+"""The data pipeline's labels, budgets and distributions, and the stream over many epochs (issue #18).
+
+References are the published procedure (docs/reference.md §6, google-research/albert
+``create_pretraining_data.py``; §3.2 for UniLM), written here independently of ref_bert's code:
+
+- Exact rules (masking budget, whole words, the n-gram shortening / skipping rule, the SOP label) are
+  replayed: a recording wrapper around the generator notes the random decisions the code made (the
+  order of the start words, each n drawn), and a reimplementation of the rule as the reference states it
+  turns those decisions into the selection that must come out, position for position.
+- Distributions (n drawn with p(n) proportional to 1/n, the selection after shortening, the 80/10/10
+  split, the short-sequence target length, the SOP label rate) are tested against exact probabilities
+  (fractions, or an exhaustive enumeration of the published procedure) with a chi-square or an exact
+  binomial test whose false-failure probability is ALPHA = 1e-6 per check. The seeds are fixed, so a run
+  is reproducible; a correct implementation would fail a check with probability < 1e-6 over the choice
+  of seed, and the bugs each check targets sit far outside the acceptance region at these sample sizes
+  (stated per test).
+- Stream tests give every token of a synthetic corpus a unique id, so each example's two segments can be
+  traced back to their document, sentences and order.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import backends
+from ref_bert import Config
+from ref_bert.data import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, PretrainingDataset, SentencePairStream, Tokenizer,
+                           create_masked_lm_predictions, create_sentence_pairs, masking_budget, ngram_probabilities,
+                           tokenize_documents, whole_words)
+from ref_bert.data import stream as stream_module
+from ref_bert.pretrain import batches as batches_module
+from ref_bert.pretrain.settings import PretrainConfig
+
+IGNORE = -100
+ALPHA = 1e-6  # false-failure probability of each statistical check
+
+
+# --- statistics helpers --------------------------------------------------------------------------
+def chi_square_ok(counts, probs, alpha=ALPHA):
+    """Pearson's chi-square goodness of fit at level ``alpha``; cells with expected count < 5 are
+    pooled into one (so the chi-square approximation holds). Returns (ok, statistic, threshold)."""
+    counts, probs = np.asarray(counts, dtype=float), np.asarray(probs, dtype=float)
+    assert counts.shape == probs.shape and abs(probs.sum() - 1) < 1e-12
+    assert (counts[probs == 0] == 0).all(), "an outcome of probability 0 occurred"
+    counts, probs = counts[probs > 0], probs[probs > 0]
+    if len(counts) == 1:
+        return True, 0.0, 0.0
+    n = counts.sum()
+    expected = n * probs
+    small = expected < 5
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    threshold = float(stats.chi2.isf(alpha, len(counts) - 1))
+    return statistic < threshold, statistic, threshold
+
+
+def binomial_ok(k, n, p, alpha=ALPHA):
+    """k successes in n Bernoulli(p) trials lie inside the central 1 - alpha interval (exact binomial)."""
+    lo, hi = stats.binom.interval(1 - alpha, n, p)
+    return lo <= k <= hi
+
+
+class Recorder:
+    """A numpy Generator that notes every call: (method, args, result). The code under test draws from it
+    exactly as from the generator it wraps."""
+
+    def __init__(self, rng):
+        self._rng, self.log = rng, []
+
+    def __getattr__(self, name):
+        method = getattr(self._rng, name)
+
+        def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            self.log.append((name, args, kwargs, result))
+            return result
+        return call
+
+    def calls(self, name):
+        return [entry for entry in self.log if entry[0] == name]
+
+
+# --- the published rules, written from docs/reference.md §6.2 -------------------------------------
+def spec_budget(num_tokens, prob, cap):
+    """ALBERT: min(max_predictions_per_seq, max(1, int(round(len(tokens) * masked_lm_prob)))) (Python round)."""
+    return min(cap, max(1, int(round(num_tokens * prob))))
+
+
+def spec_words(tokens, is_start):
+    """Whole words: [CLS]/[SEP] split the sequence and belong to no word; inside each stretch between
+    them, a word begins at a word-start piece or at the stretch's first piece (a continuation piece
+    there has nothing to attach to) and takes the continuation pieces after it."""
+    words, stretch = [], []
+    for position, token in list(enumerate(tokens)) + [(len(tokens), SEP_ID)]:
+        if token in (CLS_ID, SEP_ID):
+            for q in stretch:
+                if q == stretch[0] or is_start[tokens[q]]:
+                    words.append([q])
+                else:
+                    words[-1].append(q)
+            stretch = []
+        else:
+            stretch.append(position)
+    return words
+
+
+def spec_albert_selection(words, budget, start_order, ns_drawn):
+    """The selection ALBERT's rule makes given the visiting order of start words and each n drawn:
+    stop once the budget is reached; the n-gram is words w..w+n-1 (fewer at the end); the longest
+    n' <= n that fits in the remaining budget is used, and if none (or it overlaps a chosen position)
+    the start is skipped. Returns (chosen positions, [(n drawn, n used or 0)])."""
+    chosen, draws, ns = set(), [], iter(ns_drawn)
+    for w in start_order:
+        if len(chosen) >= budget:
+            break
+        n = next(ns)
+        fits = [m for m in range(1, n + 1) if len(chosen) + sum(len(x) for x in words[w:w + m]) <= budget]
+        span = {q for x in words[w:w + max(fits)] for q in x} if fits else set()
+        if not fits or span & chosen:
+            draws.append((n, 0))
+            continue
+        chosen |= span
+        draws.append((n, max(fits)))
+    return chosen, draws
+
+
+CONTINUATION = set(range(40, 60))                  # synthetic vocabulary 0..59: 40..59 continue a word
+IS_START = np.array([i not in CONTINUATION for i in range(60)])
+
+
+def random_sequence(rng, longest=30):
+    """[CLS] A [SEP] B [SEP] with ids in 5..59 (about a third of them continuation pieces)."""
+    a = rng.integers(5, 60, size=int(rng.integers(1, longest + 1))).tolist()
+    b = rng.integers(5, 60, size=int(rng.integers(1, longest + 1))).tolist()
+    return np.array([CLS_ID, *a, SEP_ID, *b, SEP_ID])
+
+
+# --- masking: budget, words, selection rule ------------------------------------------------------
+def test_masking_budget_is_the_published_formula():
+    """Every length 1..600 at several probabilities and caps against ALBERT's expression; the halves
+    where Python 3's round goes to even are pinned by hand (docs/reference.md §6.2)."""
+    for prob in (0.01, 0.1, 0.15, 0.2, 0.5, 0.99, 1.0):
+        for cap in (1, 2, 5, 20, 10**6):
+            assert [masking_budget(n, prob, cap) for n in range(1, 601)] == \
+                   [spec_budget(n, prob, cap) for n in range(1, 601)], (prob, cap)
+    assert [masking_budget(n, 0.15, 20) for n in (10, 30, 50, 70, 3, 7, 128, 140, 512)] == \
+           [2, 4, 8, 10, 1, 1, 19, 20, 20]   # 1.5 -> 2, 4.5 -> 4, 7.5 -> 8, 10.5 -> 10 (half to even)
+
+
+def test_ngram_probabilities_are_one_over_n_normalised():
+    for max_ngram in range(1, 7):
+        harmonic = sum(Fraction(1, k) for k in range(1, max_ngram + 1))
+        expected = [float(Fraction(1, n) / harmonic) for n in range(1, max_ngram + 1)]
+        np.testing.assert_allclose(ngram_probabilities(max_ngram), expected, rtol=1e-15, atol=0)
+
+
+def test_whole_words_against_the_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tokens = random_sequence(rng, 12)
+        assert whole_words(tokens, IS_START) == spec_words(tokens.tolist(), IS_START)
+    # Not starting with [CLS]: a leading continuation piece is a word of its own.
+    assert whole_words(np.array([41, 42, 10, 43]), IS_START) == [[0, 1], [2, 3]]
+    assert whole_words(np.array([10, CLS_ID, 41, SEP_ID]), IS_START) == [[0], [2]]
+
+
+@pytest.mark.parametrize("prob, cap, max_ngram", [(0.15, 20, 3), (0.3, 4, 3), (0.5, 3, 4), (1.0, 20, 2),
+                                                  (0.4, 1, 3), (0.25, 6, 1)])
+def test_selection_replays_the_published_rule(prob, cap, max_ngram):
+    """Exact: for 150 random sequences each, the positions chosen and the (n drawn, n used) record equal
+    what the published rule makes of the code's own random decisions (start-word order, n drawn). The
+    parameters cover a budget of 1, budgets capped by max_predictions, and every position allowed."""
+    rng = np.random.default_rng([1, int(prob * 100), cap, max_ngram])
+    ordinary = np.arange(5, 40)
+    for _ in range(150):
+        tokens = random_sequence(rng)
+        recorder = Recorder(rng)
+        out = create_masked_lm_predictions(tokens, IS_START, ordinary, recorder, prob, cap, max_ngram)
+        words = spec_words(tokens.tolist(), IS_START)
+        [(_, (num_words,), _, order)] = recorder.calls("permutation")
+        assert num_words == len(words)
+        ns = [int(result) + 1 for _, _, _, result in recorder.calls("choice")]
+        budget = spec_budget(len(tokens), prob, cap)
+        chosen, draws = spec_albert_selection(words, budget, order.tolist(), ns)
+        assert np.flatnonzero(out.mlm_labels != IGNORE).tolist() == sorted(chosen)
+        assert out.ngram_draws == draws
+        assert len(ns) == len(draws)                                 # no draw after the budget is used
+        assert 1 <= len(chosen) <= budget
+        np.testing.assert_array_equal(out.mlm_labels[sorted(chosen)], tokens[sorted(chosen)])
+        unchosen = np.setdiff1d(np.arange(len(tokens)), sorted(chosen))
+        np.testing.assert_array_equal(out.input_ids[unchosen], tokens[unchosen])
+        changed = out.input_ids[sorted(chosen)]
+        assert np.isin(changed, np.concatenate([[MASK_ID], ordinary, tokens[sorted(chosen)]])).all()
+
+
+def test_zero_probability_draws_nothing_and_full_probability_fills_the_budget():
+    tokens = np.array([CLS_ID, 10, 11, SEP_ID, 12, 13, 14, SEP_ID])
+    recorder = Recorder(np.random.default_rng(0))
+    out = create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), recorder, masked_lm_prob=0.0)
+    assert recorder.log == [] and out.ngram_draws == []
+    assert (out.mlm_labels == IGNORE).all() and np.array_equal(out.input_ids, tokens)
+    for seed in range(20):        # 5 one-piece words, budget min(20, 8) = 8, unigrams: all, never a special
+        out = create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), np.random.default_rng(seed),
+                                           masked_lm_prob=1.0, max_ngram=1)
+        assert np.flatnonzero(out.mlm_labels != IGNORE).tolist() == [1, 2, 4, 5, 6]
+
+
+def enumerate_albert_selection(words, budget, p_n):
+    """Exact distribution of (chosen positions, n-used multiset) under the published rule: every order
+    of the start words (uniform), every n drawn (p_n), by exhaustive enumeration with exact fractions."""
+    dist = {}
+
+    def walk(order, chosen, used, prob):
+        if not order or len(chosen) >= budget:
+            key = (tuple(sorted(chosen)), tuple(sorted(used)))
+            dist[key] = dist.get(key, 0) + prob
+            return
+        w = order[0]
+        for n, pn in enumerate(p_n, start=1):
+            fits = [m for m in range(1, n + 1) if len(chosen) + sum(len(x) for x in words[w:w + m]) <= budget]
+            span = {q for x in words[w:w + max(fits)] for q in x} if fits else set()
+            if not fits or span & chosen:
+                walk(order[1:], chosen, used, prob * pn)
+            else:
+                walk(order[1:], chosen | span, used + [max(fits)], prob * pn)
+
+    orders = list(itertools.permutations(range(len(words))))
+    for order in orders:
+        walk(order, frozenset(), [], Fraction(1, len(orders)))
+    return dist
+
+
+def test_selection_and_span_lengths_after_shortening_match_the_exact_distribution():
+    """Statistical, exact reference: [CLS] w0 w1 [SEP] w2 w3 w4 [SEP] with words of 1, 2, 1, 1, 2 pieces,
+    masked_lm_prob 0.3 (budget round(3.0) = 3), n ~ 6/11, 3/11, 2/11. The probability of every possible
+    (chosen positions, span lengths used) outcome is enumerated exactly over the 120 start orders and the
+    n drawn; 12,000 samples are compared cell by cell (chi-square, false failure 1e-6), and so are the
+    span lengths after shortening (1, 2, 3 words). A uniform n, n proportional to 1/n^2, no shortening
+    (skip an overflowing n-gram) or shortening that ignores the budget each move several cells by tens
+    of standard deviations here."""
+    tokens = np.array([CLS_ID, 10, 11, 41, SEP_ID, 12, 13, 14, 42, SEP_ID])
+    words = spec_words(tokens.tolist(), IS_START)
+    assert words == [[1], [2, 3], [5], [6], [7, 8]]
+    budget = spec_budget(len(tokens), 0.3, 20)
+    assert budget == 3
+    p_n = [Fraction(6, 11), Fraction(3, 11), Fraction(2, 11)]
+    exact = enumerate_albert_selection(words, budget, p_n)
+    assert sum(exact.values()) == 1
+    keys = sorted(exact)
+    rng = np.random.default_rng(2024)
+    counts = dict.fromkeys(keys, 0)
+    N = 12_000
+    for _ in range(N):
+        out = create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), rng, masked_lm_prob=0.3)
+        key = (tuple(np.flatnonzero(out.mlm_labels != IGNORE).tolist()),
+               tuple(sorted(used for _, used in out.ngram_draws if used)))
+        assert key in counts, key                                   # an outcome the rule cannot produce
+        counts[key] += 1
+    ok, statistic, threshold = chi_square_ok([counts[k] for k in keys], [float(exact[k]) for k in keys])
+    assert ok, (statistic, threshold)
+    # Span lengths after shortening, pooled over spans.
+    span_counts, span_probs = np.zeros(3), np.zeros(3)
+    for (_, used), p in exact.items():
+        for m in used:
+            span_probs[m - 1] += float(p)
+    for (_, used), c in counts.items():
+        for m in used:
+            span_counts[m - 1] += c
+    span_probs /= span_probs.sum()
+    # Spans of one sample are dependent; this pooled test is an extra view of the same samples, whose
+    # per-span variance is at most that of independent spans times the spans per sample (<= 3), so the
+    # statistic is divided by 3 to keep the false-failure bound.
+    ok, statistic, threshold = chi_square_ok(span_counts, span_probs)
+    assert statistic / 3 < threshold, (span_counts / span_counts.sum(), span_probs)
+    assert span_probs[2] > 0.01 and span_counts[2] > 0                 # a trigram can be used here
+
+
+@pytest.mark.parametrize("max_ngram", [3, 5])
+def test_n_is_drawn_with_probability_one_over_n(max_ngram):
+    """Every n drawn (before shortening) over 600 sequences of 40 one-piece words, prob 0.5 with no cap:
+    independent categorical draws, chi-square against (1/n) / H(max_ngram) at false failure 1e-6 (about
+    5,000 draws). Uniform n or a max off by one is rejected by tens of deviations."""
+    tokens = np.array([CLS_ID, *range(5, 25), SEP_ID, *range(5, 25), SEP_ID])
+    rng = np.random.default_rng(max_ngram)
+    drawn = np.zeros(max_ngram + 2)
+    for _ in range(600):
+        out = create_masked_lm_predictions(tokens, np.ones(60, bool), np.arange(5, 40), rng, 0.5, 10**6,
+                                           max_ngram)
+        for n, _ in out.ngram_draws:
+            drawn[n] += 1
+    harmonic = sum(1 / k for k in range(1, max_ngram + 1))
+    probs = np.array([0.0] + [1 / n / harmonic for n in range(1, max_ngram + 1)] + [0.0])
+    assert drawn.sum() > 4000
+    ok, statistic, threshold = chi_square_ok(drawn, probs)
+    assert ok, (drawn / drawn.sum(), probs)
+
+
+def test_replacement_is_80_10_10_and_random_tokens_are_uniform_ordinary_ids():
+    """Each chosen position: [MASK] 0.8, kept 0.1, a uniform draw from ordinary_ids 0.1. The original
+    tokens (5..24) are outside ordinary_ids (50, 51, 52), so the three cases are told apart exactly.
+    About 22,000 chosen positions; chi-square (df 2) at false failure 1e-6 for the split and for the
+    uniformity of the three random ids (about 2,200 draws). A 0.8 or 0.5 threshold moved to another
+    constant, or a draw that never picks the last id, fails by far more than the threshold."""
+    tokens = np.array([CLS_ID, *range(5, 25), SEP_ID, *range(5, 25), SEP_ID])
+    ordinary = np.array([50, 51, 52])
+    rng = np.random.default_rng(7)
+    split, random_ids = np.zeros(3), np.zeros(3)
+    for _ in range(1000):
+        out = create_masked_lm_predictions(tokens, np.ones(60, bool), ordinary, rng, 0.5, 10**6, 3)
+        chosen = out.mlm_labels != IGNORE
+        new, old = out.input_ids[chosen], tokens[chosen]
+        split += [(new == MASK_ID).sum(), (new == old).sum(), np.isin(new, ordinary).sum()]
+        random_ids += [(new == r).sum() for r in ordinary]
+        assert ((new == MASK_ID) | (new == old) | np.isin(new, ordinary)).all()
+    assert split.sum() > 20_000
+    ok, statistic, threshold = chi_square_ok(split, [0.8, 0.1, 0.1])
+    assert ok, split / split.sum()
+    ok, statistic, threshold = chi_square_ok(random_ids, [1 / 3] * 3)
+    assert ok, random_ids
+
+
+# --- sentence pairs: target length, split, order, label ------------------------------------------
+def one_token_sentences(count, first_id=1000):
+    return [[first_id + k] for k in range(count)]
+
+
+def test_short_sequence_target_length_range_and_probability():
+    """A document of one-token sentences closes each chunk exactly at the target length (which is at
+    most max_seq_length - 3, so nothing is truncated): the first pair's length is the target. With
+    max_seq_length 13 (targets 2..10): short_seq_prob 1 gives a uniform target on [2, 10] (Python's
+    inclusive randint), short_seq_prob 0.3 the mixture P(10) = 0.7 + 0.3 / 9, P(k) = 0.3 / 9 otherwise,
+    and 0 always 10; each drawn once per document (every pair of the document but the last has the same
+    length). 3,000 documents each; chi-square at false failure 1e-6. An exclusive upper bound (never 10
+    in the short draw), a lower bound of 3, or a probability of 1 - short_seq_prob are rejected by
+    tens of deviations."""
+    max_seq_length, M = 13, 10
+    document = one_token_sentences(47)
+    for prob in (1.0, 0.3, 0.0):
+        rng = np.random.default_rng([3, int(prob * 10)])
+        lengths = np.zeros(M + 2)
+        for _ in range(3000):
+            pairs = create_sentence_pairs(document, max_seq_length, prob, rng)
+            sizes = [len(p.tokens_a) + len(p.tokens_b) for p in pairs]
+            assert len(set(sizes[:-1])) <= 1 and sizes[-1] <= max(sizes)   # one target per document
+            assert sum(sizes) == 47 or sum(sizes) == 47 - 1                 # tiles it (a lone last dropped)
+            lengths[sizes[0]] += 1
+        probs = np.zeros(M + 2)
+        probs[2:M + 1] = prob / (M - 1)
+        probs[M] += 1 - prob
+        ok, statistic, threshold = chi_square_ok(lengths, probs)
+        assert ok, (prob, lengths)
+        if prob == 1.0:
+            assert lengths[2] > 0 and lengths[M] > 0 and lengths[:2].sum() == lengths[M + 1] == 0
+
+
+def unique_id_documents(rng, num_documents, first_id=5, last_id=1000):
+    """Documents whose every token id is different (ids first_id..last_id-1 shuffled): each token tells
+    its document, sentence and place. Sentence counts 1..8, lengths 1..6; document 0 has one sentence."""
+    ids = iter(rng.permutation(np.arange(first_id, last_id)).tolist())
+    documents = []
+    for d in range(num_documents):
+        sentences = 1 if d == 0 else int(rng.integers(2, 9))
+        documents.append([[next(ids) for _ in range(int(rng.integers(1, 7)))] for _ in range(sentences)])
+    return documents
+
+
+def locate(documents):
+    """token id -> (document, sentence, rank of the token in its document)."""
+    where = {}
+    for d, document in enumerate(documents):
+        rank = 0
+        for s, sentence in enumerate(document):
+            for token in sentence:
+                where[token] = (d, s, rank)
+                rank += 1
+    return where
+
+
+def check_pair(tokens_a, tokens_b, label, where, documents, max_num_tokens):
+    """The published construction, checked from the source sentences: A and B come from one document,
+    each a run of consecutive tokens (truncation trims only the ends), split between two sentences;
+    label 0 when A precedes B in the document, 1 when it follows; at most max_num_tokens tokens, and a
+    pair shorter than that is untruncated: whole consecutive sentences. Returns (document, first rank)."""
+    assert len(tokens_a) >= 1 and len(tokens_b) >= 1 and len(tokens_a) + len(tokens_b) <= max_num_tokens
+    a, b = [where[t] for t in tokens_a], [where[t] for t in tokens_b]
+    assert len({d for d, _, _ in a + b}) == 1
+    for segment in (a, b):
+        assert [r for _, _, r in segment] == list(range(segment[0][2], segment[0][2] + len(segment)))
+    first, second = (a, b) if a[0][2] < b[0][2] else (b, a)
+    assert label == int(first is b)                       # the label is the order, and nothing else
+    assert first[-1][1] < second[0][1]                    # split between sentences, never inside one
+    if len(tokens_a) + len(tokens_b) < max_num_tokens:    # untruncated: whole sentences, no gap
+        d, s0, _ = first[0]
+        s1 = second[-1][1]
+        assert [t for s in documents[d][s0:s1 + 1] for t in s] == \
+               [t for t in (tokens_a + tokens_b if label == 0 else tokens_b + tokens_a)]
+    return first[0][0], first[0][2]
+
+
+def test_sentence_pairs_labels_and_tiling_from_the_source_sentences():
+    """create_sentence_pairs on unique-id documents at max_seq_length 12 (9 tokens): every pair checked
+    against its source sentences (check_pair); a document's pairs take consecutive chunks from its
+    start (nothing skipped or reused except the truncated ends and a lone last sentence); the label
+    rate is 1/2 (exact binomial, false failure 1e-6, over about 2,400 pairs)."""
+    rng = np.random.default_rng(11)
+    labels = []
+    for trial in range(60):
+        documents = unique_id_documents(rng, 20)
+        where = locate(documents)
+        for d, document in enumerate(documents):
+            pairs = create_sentence_pairs(document, 12, 0.1, rng)
+            if len(document) < 2:
+                assert pairs == []
+            previous_end = -1
+            for pair in pairs:
+                doc, _ = check_pair(pair.tokens_a, pair.tokens_b, pair.sop_label, where, documents, 9)
+                assert doc == d
+                sentences = sorted({where[t][1] for t in pair.tokens_a + pair.tokens_b})
+                assert sentences[0] > previous_end                # chunks in order, never overlapping
+                previous_end = sentences[-1]
+                labels.append(pair.sop_label)
+    assert 0 < sum(labels) < len(labels) and len(labels) > 2000
+    assert binomial_ok(sum(labels), len(labels), 0.5)
+
+
+def test_tokenize_documents_drops_empty_sentences_then_empty_documents():
+    tokenizer = SimpleNamespace(encode=lambda s: [ord(c) for c in s])
+    got = tokenize_documents([["ab", "", "c"], ["", ""], ["d"]], tokenizer)
+    assert got == [[[97, 98], [99]], [[100]]]
+
+
+# --- the stream: every example, every batch, several epochs -----------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(None, vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return unique_id_documents(np.random.default_rng(5), 40)
+
+
+SEQ = 16                        # max_seq_length of the stream tests: segments of at most 13 tokens
+
+
+def make_stream(cls, tokenizer, documents, **kwargs):
+    """A stream over ``documents`` (token ids), the corpus text replaced after tokenisation."""
+    settings = {**dict(tokenizer=tokenizer, max_seq_length=SEQ, batch_size=5, seed=3), **kwargs}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stream_module, "tokenize_documents", lambda text, tok: [list(d) for d in documents])
+        return cls(**settings)
+
+
+def segments(input_ids, mlm_labels):
+    """(A, B) of one row: the original tokens (labels where masked) between [CLS], [SEP] and [SEP]."""
+    original = np.where(mlm_labels != IGNORE, mlm_labels, input_ids).tolist()
+    assert original[0] == CLS_ID
+    first_sep = original.index(SEP_ID)
+    second_sep = original.index(SEP_ID, first_sep + 1)
+    return original[1:first_sep], original[first_sep + 1:second_sep], second_sep + 1
+
+
+def test_every_example_sop_label_matches_its_construction(tokenizer, documents):
+    """Four epochs of the ALBERT dataset (about 280 examples): each example's segments traced to their
+    sentences (check_pair: label == order), the layout and token types, masking within the budget and
+    never on a special; both labels present, label rate 1/2 (exact binomial, false failure 1e-6)."""
+    dataset = make_stream(PretrainingDataset, tokenizer, documents)
+    where = locate(documents)
+    labels = []
+    for epoch in range(4):
+        batch = dataset.epoch_examples(epoch)
+        for row in range(len(batch["sop_labels"])):
+            ids, labels_row = batch["input_ids"][row], batch["mlm_labels"][row]
+            a, b, n = segments(ids, labels_row)
+            check_pair(a, b, int(batch["sop_labels"][row]), where, documents, SEQ - 3)
+            assert (batch["attention_mask"][row] == (np.arange(SEQ) < n)).all()
+            assert (batch["token_type_ids"][row] == ((np.arange(SEQ) >= len(a) + 2) & (np.arange(SEQ) < n))).all()
+            assert (ids[n:] == PAD_ID).all() and (labels_row[n:] == IGNORE).all()
+            chosen = np.flatnonzero(labels_row != IGNORE)
+            assert 1 <= len(chosen) <= spec_budget(n, 0.15, 20)
+            assert not np.isin(chosen, [0, len(a) + 1, n - 1]).any()
+            labels.append(int(batch["sop_labels"][row]))
+    assert set(labels) == {0, 1} and len(labels) > 200
+    assert binomial_ok(sum(labels), len(labels), 0.5)
+
+
+def test_dataset_passes_its_masking_settings_on(tokenizer, documents):
+    """masked_lm_prob 1, max_predictions_per_seq 3, max_ngram 1: budget min(3, round(n)) = 3; with
+    unigrams of whole words, c chosen positions leave only words longer than 3 - c unchosen (each
+    was visited with at least that much budget left)."""
+    dataset = make_stream(PretrainingDataset, tokenizer, documents, masked_lm_prob=1.0,
+                          max_predictions_per_seq=3, max_ngram=1)
+    batch = dataset.epoch_examples(0)
+    counts = (batch["mlm_labels"] != IGNORE).sum(axis=1)
+    original = np.where(batch["mlm_labels"] != IGNORE, batch["mlm_labels"], batch["input_ids"])
+    for row, count in enumerate(counts):
+        n = int(batch["attention_mask"][row].sum())
+        words = spec_words(original[row, :n].tolist(), tokenizer.word_start_table)
+        chosen = set(np.flatnonzero(batch["mlm_labels"][row] != IGNORE).tolist())
+        assert 1 <= count <= 3
+        for word in words:
+            assert set(word) <= chosen or (not set(word) & chosen and len(word) > 3 - count)
+    assert (counts == 3).mean() > 0.8
+
+
+def test_batches_carry_each_examples_sop_label(tokenizer, documents):
+    """The stream's batches are the epoch's examples in order, every key row for row (a batch that
+    drops or flips the sop label differs from its examples), across the first epoch boundary."""
+    dataset = make_stream(PretrainingDataset, tokenizer, documents)
+    epochs = [dataset.epoch_examples(e) for e in (0, 1)]
+    stream = {k: np.concatenate([e[k] for e in epochs]) for k in epochs[0]}
+    got = [dataset.next_batch() for _ in range(len(epochs[0]["sop_labels"]) // 5 + 2)]
+    for k in stream:
+        joined = np.concatenate([g[k] for g in got])
+        np.testing.assert_array_equal(joined, stream[k][:len(joined)], err_msg=k)
+    assert set(np.concatenate([g["sop_labels"] for g in got]).tolist()) == {0, 1}
+
+
+def tiny_model(type_vocab_size=2):
+    return SimpleNamespace(backend=backends.get("numpy"), config=Config.preset("tiny", type_vocab_size=type_vocab_size))
+
+
+def test_step_batch_builder_keeps_albert_examples_and_their_counts(tokenizer, documents):
+    """next_step_batch, ALBERT: the micro-batches (those in ``indices`` only) are the stream's next
+    grad_accum batches unchanged, sop labels included (each checked against its sentences); mlm_counts
+    are each micro-batch's labelled positions, sizes its rows, tokens the non-pad tokens of all of them."""
+    cfg = PretrainConfig(objective="albert", batch_size=5, grad_accum=3, seq_len=SEQ, seed=0)
+    stream, twin = (make_stream(PretrainingDataset, tokenizer, documents) for _ in range(2))
+    where = locate(documents)
+    for step in range(4):           # about 60 examples, past the first epoch boundary
+        expected = [twin.next_batch() for _ in range(3)]
+        indices = [[0, 1, 2], [2], [0, 2], None][step]
+        got = batches_module.next_step_batch(stream, cfg, tiny_model(), step, indices)
+        assert got.indices == (indices or [0, 1, 2])
+        assert got.mlm_counts == [int((e["mlm_labels"] != IGNORE).sum()) for e in expected]
+        assert got.sizes == [5, 5, 5]
+        assert got.tokens == sum(int((e["input_ids"] != PAD_ID).sum()) for e in expected)
+        assert len(got.micro_batches) == len(got.indices)
+        for micro, i in zip(got.micro_batches, got.indices):
+            assert set(micro) == set(batches_module.MODEL_INPUTS)
+            for key in micro:
+                np.testing.assert_array_equal(micro[key], expected[i][key], err_msg=key)
+            for row in range(5):
+                a, b, _ = segments(micro["input_ids"][row], micro["mlm_labels"][row])
+                check_pair(a, b, int(micro["sop_labels"][row]), where, documents, SEQ - 3)
+    assert stream.state_dict() == twin.state_dict()
+
+
+@pytest.mark.parametrize("type_vocab_size", [2, 6])
+def test_step_batch_builder_unilm_labels_and_order(tokenizer, documents, type_vocab_size):
+    """next_step_batch, UniLM: each pair is given in document order, and only bidirectional rows get a
+    sentence-order label, which says whether the first segment follows the second in the document;
+    every other row keeps document order and -100. Token types are UniLM's six when the config has
+    them. The micro-batch i of step s is unilm_host_batch of the same pairs with seed (seed, s, i), so a
+    resumed run rebuilds it; tokens counts [CLS] A [SEP] B [SEP] of every pair."""
+    cfg = PretrainConfig(objective="unilm", batch_size=6, grad_accum=2, seq_len=SEQ, seed=4)
+    model = tiny_model(type_vocab_size)
+    stream, twin = (make_stream(SentencePairStream, tokenizer, documents, batch_size=6) for _ in range(2))
+    where = locate(documents)
+    sop, kinds_seen = [], set()
+    for step in range(5):
+        pairs = [twin.next_batch() for _ in range(2)]
+        got = batches_module.next_step_batch(stream, cfg, model, step)
+        assert got.sizes == [6, 6] and got.indices == [0, 1]
+        assert got.tokens == sum(len(p.tokens_a) + len(p.tokens_b) + 3 for ps in pairs for p in ps)
+        assert got.tokens == sum(int((m["input_ids"] != PAD_ID).sum()) for m in got.micro_batches)
+        assert got.mlm_counts == [int((m["mlm_labels"] != IGNORE).sum()) for m in got.micro_batches]
+        for i, micro in enumerate(got.micro_batches):
+            rebuilt = batches_module.unilm_host_batch(pairs[i], SEQ, model.config, seed=(4, step, i))
+            for key in micro:
+                np.testing.assert_array_equal(micro[key], rebuilt[key], err_msg=key)
+            for row in range(6):
+                a, b, n = segments(micro["input_ids"][row], micro["mlm_labels"][row])
+                label = int(micro["sop_labels"][row])
+                types = micro["token_type_ids"][row]
+                if label == IGNORE:
+                    check_pair(a, b, 0, where, documents, SEQ - 3)       # document order
+                else:
+                    check_pair(a, b, label, where, documents, SEQ - 3)
+                    sop.append(label)
+                if type_vocab_size == 6:
+                    first, second = int(types[0]), int(types[n - 1])
+                    kinds_seen.add((first, second))
+                    assert (first, second) in {(0, 1), (2, 2), (3, 3), (4, 5)}
+                    assert (label != IGNORE) == ((first, second) == (0, 1))
+                else:
+                    assert (types[:len(a) + 2] == 0).all() and (types[len(a) + 2:n] == 1).all()
+    assert set(sop) == {0, 1}
+    if type_vocab_size == 6:
+        assert kinds_seen == {(0, 1), (2, 2), (3, 3), (4, 5)}
+
+
+def test_data_seed_and_make_stream():
+    """The stream's seed is SeedSequence([seed, 0xDA7A]) (a stored run's data order depends on it),
+    distinct from the run seed; make_stream picks the objective's stream with the run's settings."""
+    assert batches_module.data_seed(0) == int(np.random.SeedSequence([0, 0xDA7A]).generate_state(1)[0])
+    assert batches_module.data_seed(7) == int(np.random.SeedSequence([7, 0xDA7A]).generate_state(1)[0])
+    assert len({batches_module.data_seed(s) for s in range(50)} | set(range(50))) == 100
+
+
+def test_make_stream_objectives(tokenizer):
+    config = Config.preset("tiny")
+    albert = batches_module.make_stream("albert", None, tokenizer, 3, 24, 5, config)
+    unilm = batches_module.make_stream("unilm", None, tokenizer, 3, 24, 5, config)
+    assert type(albert) is PretrainingDataset and type(unilm) is SentencePairStream
+    for stream in (albert, unilm):
+        assert (stream.batch_size, stream.max_seq_length, stream.seed) == (3, 24, batches_module.data_seed(5))
+    with pytest.raises(ValueError, match="max_seq_length=200 is invalid"):
+        batches_module.make_stream("albert", None, tokenizer, 3, 200, 5, config)
+
+
+# --- the stream over several epoch boundaries --------------------------------------------------------
+EPOCHS = 6
+
+
+def test_each_epoch_is_a_new_pass_over_the_whole_corpus(tokenizer, documents):
+    """Epochs 0..5: each uses every document that has two sentences, each document's chunks in order and
+    disjoint (no example repeated within an epoch), examples shuffled across documents; no two epochs
+    alike (not the same epoch repeated: different order, different splits)."""
+    stream = make_stream(SentencePairStream, tokenizer, documents)
+    where = locate(documents)
+    seen = []
+    pairable = {d for d, document in enumerate(documents) if len(document) >= 2}
+    for epoch in range(EPOCHS):
+        pairs = stream.epoch_examples(epoch)
+        located = [check_pair(p.tokens_a, p.tokens_b, p.sop_label, where, documents, SEQ - 3) for p in pairs]
+        assert {d for d, _ in located} == pairable
+        per_document = {}
+        for pair, (d, _) in zip(pairs, located):
+            per_document.setdefault(d, []).append(sorted(where[t][1] for t in pair.tokens_a + pair.tokens_b))
+        for d, ranges in per_document.items():
+            ranges.sort()
+            assert all(r0[-1] < r1[0] for r0, r1 in zip(ranges, ranges[1:]))   # disjoint chunks
+        same_document_neighbours = sum(d0 == d1 for (d0, _), (d1, _) in zip(located, located[1:]))
+        assert same_document_neighbours < 0.5 * (len(pairs) - len(pairable))   # shuffled, not by document
+        seen.append([(p.tokens_a, p.tokens_b, p.sop_label) for p in pairs])
+    for e0, e1 in itertools.combinations(range(EPOCHS), 2):
+        assert seen[e0] != seen[e1] and [x[0] for x in seen[e0]] != [x[0] for x in seen[e1]]
+        assert sorted(seen[e0]) != sorted(seen[e1])                       # new splits/swaps, not only order
+
+
+@pytest.mark.parametrize("batch_size", [7, 130])
+def test_stream_crosses_several_epoch_boundaries_without_gap_or_repeat(tokenizer, documents, batch_size):
+    """The stream is epoch 0, 1, 2, ... concatenated, whatever the batch size (7: many batches straddle
+    boundaries; 130: more than two epochs in one batch); epoch and position after every batch are
+    the count of examples consumed, split at the epoch sizes."""
+    stream = make_stream(SentencePairStream, tokenizer, documents, batch_size=batch_size)
+    reference = make_stream(SentencePairStream, tokenizer, documents)
+    sizes = [len(reference.epoch_examples(e)) for e in range(EPOCHS + 6)]
+    flat = [p for e in range(EPOCHS + 6) for p in reference.epoch_examples(e)]
+    consumed = 0
+    while stream.epoch < EPOCHS:
+        batch = stream.next_batch()
+        assert batch == flat[consumed:consumed + batch_size]
+        consumed += batch_size
+        epoch, position = 0, consumed
+        while position >= sizes[epoch]:
+            position -= sizes[epoch]
+            epoch += 1
+        assert (stream.epoch, stream.position) == (epoch, position)
+    assert len(stream._cache) <= 2          # a batch needs at most two epochs held (documented bound)
+
+
+def test_resume_at_every_batch_across_several_boundaries(tokenizer, documents):
+    """A state saved after any batch (JSON round trip), including exactly at an epoch boundary, loaded
+    into a fresh ALBERT dataset, gives the same next batches as the uninterrupted stream, past the
+    following boundaries."""
+    original = make_stream(PretrainingDataset, tokenizer, documents, batch_size=9)
+    states, outputs = [], []
+    for _ in range(40):              # about 5 epochs
+        states.append(json.loads(json.dumps(original.state_dict())))
+        outputs.append(original.next_batch())
+    assert states[-1]["epoch"] >= 4
+    first_in_epoch = [next(k for k, s in enumerate(states) if s["epoch"] == e) for e in range(1, 5)]
+    for k in sorted(set(range(0, 40, 5)) | set(first_in_epoch)):
+        resumed = make_stream(PretrainingDataset, tokenizer, documents, batch_size=9)
+        resumed.load_state_dict(states[k])
+        for expected in outputs[k:k + 12]:
+            got = resumed.next_batch()
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    for epoch in range(1, 5):               # exactly at a boundary: position 0 of a later epoch
+        resumed = make_stream(PretrainingDataset, tokenizer, documents, batch_size=9)
+        resumed.load_state_dict({**states[0], "epoch": epoch, "position": 0})
+        np.testing.assert_array_equal(resumed.next_batch()["input_ids"],
+                                      original.epoch_examples(epoch)["input_ids"][:9])
+
+
+def test_a_batch_at_the_end_of_an_epoch_and_exact_multiples(tokenizer, documents):
+    """batch_size equal to the epoch size: every batch is exactly one epoch, and position stays 0."""
+    probe = make_stream(SentencePairStream, tokenizer, documents)
+    size = len(probe.epoch_examples(0))
+    stream = make_stream(SentencePairStream, tokenizer, documents, batch_size=size)
+    assert stream.next_batch() == probe.epoch_examples(0)
+    assert (stream.epoch, stream.position) == (1, 0)
+    following = probe.epoch_examples(1) + probe.epoch_examples(2)
+    assert stream.next_batch() == following[:size]
+    size1 = len(probe.epoch_examples(1))
+    assert (stream.epoch, stream.position) == ((1, size) if size < size1 else (2, size - size1))
+
+
+def test_load_state_dict_checks_every_field(tokenizer, documents):
+    stream = make_stream(SentencePairStream, tokenizer, documents)
+    state = stream.state_dict()
+    assert state == {"seed": 3, "epoch": 0, "position": 0, "fingerprint": stream.fingerprint}
+    last = len(stream.epoch_examples(2)) - 1
+    stream.load_state_dict({**state, "epoch": 2, "position": last})          # the last example of epoch 2
+    assert (stream.epoch, stream.position) == (2, last)
+    assert stream.next_batch()[0] == stream.epoch_examples(2)[last]
+    assert (stream.epoch, stream.position) == (3, 4)
+    with pytest.raises(ValueError, match=rf"position'\]={last + 1} is invalid: expected less than {last + 1}, "
+                                         r"the examples in epoch 2"):
+        stream.load_state_dict({**state, "epoch": 2, "position": last + 1})
+    with pytest.raises(ValueError, match=r"epoch'\]=-1 is invalid: expected a non-negative integer"):
+        stream.load_state_dict({**state, "epoch": -1})
+    with pytest.raises(ValueError, match=r"position'\]=-1 is invalid: expected a non-negative integer"):
+        stream.load_state_dict({**state, "position": -1})
+    with pytest.raises(ValueError, match=r"epoch'\]=1.0 is invalid"):
+        stream.load_state_dict({**state, "epoch": 1.0})
+    with pytest.raises(ValueError, match=r"keys \['epoch', 'fingerprint', 'position', 'seed', 'x'\], expected "
+                                         r"\['epoch', 'fingerprint', 'position', 'seed'\]"):
+        stream.load_state_dict({**state, "x": 1})
+    with pytest.raises(ValueError, match=r"dataset state has keys list"):
+        stream.load_state_dict([])
+    with pytest.raises(ValueError, match=r"fingerprint='0'"):
+        stream.load_state_dict({**state, "fingerprint": "0"})
+    assert (stream.epoch, stream.position) == (3, 4)                          # failed loads change nothing
+
+
+@pytest.mark.parametrize("change", [dict(masked_lm_prob=0.2), dict(max_predictions_per_seq=19), dict(max_ngram=2),
+                                    dict(short_seq_prob=0.2), dict(max_seq_length=SEQ + 1)])
+def test_fingerprint_depends_on_every_example_setting(tokenizer, documents, change):
+    """A state from a dataset with other masking or length settings is refused (its examples differ)."""
+    base = make_stream(PretrainingDataset, tokenizer, documents)
+    other = make_stream(PretrainingDataset, tokenizer, documents, **change)
+    assert other.fingerprint != base.fingerprint
+    with pytest.raises(ValueError, match="fingerprint"):
+        other.load_state_dict(base.state_dict())
+    pairs = make_stream(SentencePairStream, tokenizer, documents)
+    assert pairs.fingerprint != base.fingerprint
+    assert make_stream(PretrainingDataset, tokenizer, documents, seed=9).fingerprint == base.fingerprint
