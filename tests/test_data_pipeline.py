@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import math
 from fractions import Fraction
 from types import SimpleNamespace
@@ -607,15 +608,21 @@ def test_data_seed_and_make_stream():
     assert len({batches_module.data_seed(s) for s in range(50)} | set(range(50))) == 100
 
 
-def test_make_stream_objectives(tokenizer):
+def test_make_stream_objectives(tokenizer, tmp_path):
+    """make_stream: the objective's stream class on the given corpus, tokenizer and config, with the run's
+    batch size, length and derived data seed."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The cat sat.\nIt purred.\n\nRain fell all day.\nThe river rose.\nBoats were tied up.\n")
     config = Config.preset("tiny")
-    albert = batches_module.make_stream("albert", None, tokenizer, 3, 24, 5, config)
-    unilm = batches_module.make_stream("unilm", None, tokenizer, 3, 24, 5, config)
+    albert = batches_module.make_stream("albert", str(corpus), tokenizer, 3, 24, 5, config)
+    unilm = batches_module.make_stream("unilm", str(corpus), tokenizer, 3, 24, 5, config)
     assert type(albert) is PretrainingDataset and type(unilm) is SentencePairStream
     for stream in (albert, unilm):
         assert (stream.batch_size, stream.max_seq_length, stream.seed) == (3, 24, batches_module.data_seed(5))
-    with pytest.raises(ValueError, match="max_seq_length=200 is invalid"):
-        batches_module.make_stream("albert", None, tokenizer, 3, 200, 5, config)
+        assert stream.corpus_path == str(corpus) and stream.tokenizer is tokenizer
+        assert [len(d) for d in stream.documents] == [2, 3]
+    with pytest.raises(ValueError, match="max_seq_length=200 is invalid"):    # checked against the config
+        batches_module.make_stream("albert", str(corpus), tokenizer, 3, 200, 5, config)
 
 
 # --- the stream over several epoch boundaries --------------------------------------------------------
@@ -748,3 +755,90 @@ def test_fingerprint_depends_on_every_example_setting(tokenizer, documents, chan
     pairs = make_stream(SentencePairStream, tokenizer, documents)
     assert pairs.fingerprint != base.fingerprint
     assert make_stream(PretrainingDataset, tokenizer, documents, seed=9).fingerprint == base.fingerprint
+
+
+# --- settings: defaults, validation ------------------------------------------------------------------
+def test_defaults_are_albert_flags(tokenizer, documents):
+    """ALBERT's create_pretraining_data.py flags (docs/reference.md §6): masked_lm_prob 0.15,
+    max_predictions_per_seq 20, ngram 3, short_seq_prob 0.1; the stream's own: batch 8, T 128, seed 0.
+    The masking function's defaults, replayed on a 200-token sequence: budget min(20, round(30)) = 20
+    and n drawn from 1..3 only."""
+    for cls in (PretrainingDataset, SentencePairStream):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stream_module, "tokenize_documents", lambda text, tok: [list(d) for d in documents])
+            dataset = cls(tokenizer=tokenizer)
+        assert (dataset.batch_size, dataset.max_seq_length, dataset.seed, dataset.short_seq_prob) == (8, 128, 0, 0.1)
+        assert (dataset.epoch, dataset.position) == (0, 0)
+        first = dataset.next_batch()
+        assert len(first["sop_labels"] if cls is PretrainingDataset else first) == 8
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stream_module, "tokenize_documents", lambda text, tok: [list(d) for d in documents])
+        dataset = PretrainingDataset(tokenizer=tokenizer)
+    assert (dataset.masked_lm_prob, dataset.max_predictions_per_seq, dataset.max_ngram) == (0.15, 20, 3)
+    rng = np.random.default_rng(12)
+    tokens = np.array([CLS_ID, *rng.integers(5, 60, 99), SEP_ID, *rng.integers(5, 60, 98), SEP_ID])
+    seen = set()
+    for _ in range(30):
+        recorder = Recorder(rng)
+        out = create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), recorder)
+        [(_, _, _, order)] = recorder.calls("permutation")
+        ns = [int(result) + 1 for _, _, _, result in recorder.calls("choice")]
+        chosen, draws = spec_albert_selection(spec_words(tokens.tolist(), IS_START), 20, order.tolist(), ns)
+        assert np.flatnonzero(out.mlm_labels != IGNORE).tolist() == sorted(chosen) and out.ngram_draws == draws
+        seen |= set(ns)
+    assert seen == {1, 2, 3}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size=0 is invalid: expected a positive integer"),
+    (dict(batch_size=2.0), "batch_size=2.0 is invalid: expected a positive integer"),
+    (dict(max_seq_length=4), "max_seq_length=4 is invalid: expected an integer >= 5 (room for [CLS] a [SEP] b [SEP])"),
+    (dict(max_seq_length=16.0), "max_seq_length=16.0 is invalid: expected an integer >= 5 (room for [CLS] a [SEP] b "
+                                "[SEP])"),
+    (dict(seed=-1), "seed=-1 is invalid: expected a non-negative integer"),
+    (dict(seed=True), "seed=True is invalid: expected a non-negative integer"),
+    (dict(short_seq_prob=1.5), "short_seq_prob=1.5 is invalid: expected a probability in [0, 1]"),
+    (dict(short_seq_prob=-0.1), "short_seq_prob=-0.1 is invalid: expected a probability in [0, 1]"),
+    (dict(short_seq_prob="0.1"), "short_seq_prob='0.1' is invalid: expected a probability in [0, 1]"),
+    (dict(masked_lm_prob=-0.1), "masked_lm_prob=-0.1 is invalid: expected a probability in [0, 1]"),
+    (dict(masked_lm_prob=1.01), "masked_lm_prob=1.01 is invalid: expected a probability in [0, 1]"),
+    (dict(masked_lm_prob="0.1"), "masked_lm_prob='0.1' is invalid: expected a probability in [0, 1]"),
+    (dict(max_predictions_per_seq=0), "max_predictions_per_seq=0 is invalid: expected a positive integer"),
+    (dict(max_predictions_per_seq=2.0), "max_predictions_per_seq=2.0 is invalid: expected a positive integer"),
+    (dict(max_ngram=0), "max_ngram=0 is invalid: expected a positive integer"),
+    (dict(max_ngram=1.0), "max_ngram=1.0 is invalid: expected a positive integer"),
+    (dict(config=Config.preset("tiny", type_vocab_size=1)),
+     "config.type_vocab_size=1 is invalid: expected at least 2 (segments A and B)"),
+    (dict(config=Config.preset("tiny", pad_token_id=3)), "config.pad_token_id=3 is invalid: expected 0"),
+    (dict(config=Config.preset("tiny"), max_seq_length=129),
+     "max_seq_length=129 is invalid: expected at most config.max_position_embeddings=128"),
+    (dict(config=Config.preset("tiny", vocab_size=999)),
+     "tokenizer vocab_size=1000 does not match config.vocab_size=999; expected equal sizes (train the tokenizer "
+     "with vocab_size=999 or change the config)"),
+])
+def test_settings_are_validated_with_exact_messages(tokenizer, documents, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        make_stream(PretrainingDataset, tokenizer, documents, **kwargs)
+
+
+def test_boundary_settings_are_accepted(tokenizer, documents):
+    """The inclusive ends of every range: batch 1, T 5 and T = max_position_embeddings, seed 0,
+    probabilities 0 and 1, max_predictions_per_seq 1, max_ngram 1, a config with exactly two token
+    types; numpy integers count as integers."""
+    low = make_stream(PretrainingDataset, tokenizer, documents, batch_size=1, max_seq_length=5, seed=0,
+                      short_seq_prob=0, masked_lm_prob=0, max_predictions_per_seq=1, max_ngram=1)
+    batch = low.next_batch()
+    assert batch["input_ids"].shape == (1, 5) and (batch["mlm_labels"] == IGNORE).all()   # nothing masked at 0
+    high = make_stream(PretrainingDataset, tokenizer, documents, batch_size=np.int64(2), max_seq_length=128,
+                       short_seq_prob=1, masked_lm_prob=1, max_predictions_per_seq=np.int32(1),
+                       config=Config.preset("tiny", type_vocab_size=2))
+    batch = high.next_batch()
+    assert batch["input_ids"].shape == (2, 128) and ((batch["mlm_labels"] != IGNORE).sum(axis=1) == 1).all()
+    for key, value in batch.items():
+        assert value.dtype == np.int64, key
+
+
+def test_fingerprint_is_16_hex_digits(tokenizer, documents):
+    stream = make_stream(SentencePairStream, tokenizer, documents)
+    assert re.fullmatch("[0-9a-f]{16}", stream.fingerprint)
+    assert stream.state_dict()["fingerprint"] == stream.fingerprint
