@@ -38,6 +38,8 @@ from ref_bert.data import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, PretrainingDataset, 
 from ref_bert.data import stream as stream_module
 from ref_bert.pretrain import batches as batches_module
 from ref_bert.pretrain.settings import PretrainConfig
+from ref_bert.unilm import (OBJECTIVE_SHARES, REPLACE_PROBS, choose_spans, objective_kinds, pretraining_batch,
+                            replace_tokens, seq2seq_finetune_batch)
 
 IGNORE = -100
 ALPHA = 1e-6  # false-failure probability of each statistical check
@@ -842,3 +844,258 @@ def test_fingerprint_is_16_hex_digits(tokenizer, documents):
     stream = make_stream(SentencePairStream, tokenizer, documents)
     assert re.fullmatch("[0-9a-f]{16}", stream.fingerprint)
     assert stream.state_dict()["fingerprint"] == stream.fingerprint
+
+
+# --- UniLM's batches (docs/reference.md §3.2, ref_bert/unilm.py's docstring) ---------------------------
+def spec_unilm_spans(candidates, budget, start_order, ns_drawn):
+    """UniLM's span rule as documented: starts visited in the drawn order until the budget is used; each
+    takes the longest length m <= n drawn whose positions start..start+m-1 are all uncovered candidates
+    within the remaining budget (none fitting: skipped). Returns (sorted spans, draws used)."""
+    candidates, covered, spans, ns = set(candidates), set(), [], iter(ns_drawn)
+    used = 0
+    for start in start_order:
+        if len(covered) >= budget:
+            break
+        n, used = next(ns), used + 1
+        fitting = [m for m in range(1, n + 1) if len(covered) + m <= budget
+                   and all(p in candidates and p not in covered for p in range(start, start + m))]
+        if fitting:
+            covered |= set(range(start, start + max(fitting)))
+            spans.append((start, max(fitting)))
+    return sorted(spans), used
+
+
+@pytest.mark.parametrize("ngram_probs", [None, {3: 1.0}, {1: 0.2, 2: 0.3, 3: 0.5}, {2: 0.5, 4: 0.5}])
+def test_unilm_spans_replay_the_documented_rule(ngram_probs):
+    """Exact: 200 random candidate sets (gaps where specials sit) and budgets 1..12; the spans equal the
+    documented rule applied to the code's own random decisions (start order, n drawn), and no n is
+    drawn once the budget is used."""
+    rng = np.random.default_rng(31)
+    kwargs = {} if ngram_probs is None else {"ngram_probs": ngram_probs}
+    for _ in range(200):
+        candidates = sorted(set(rng.integers(1, 40, size=int(rng.integers(1, 30))).tolist()))
+        budget = int(rng.integers(1, 13))
+        recorder = Recorder(rng)
+        spans = choose_spans(candidates, budget, recorder, **kwargs)
+        [(_, (order_in,), _, order)] = recorder.calls("permutation")
+        assert order_in.tolist() == candidates
+        ns = [int(result) for _, _, _, result in recorder.calls("choice")]
+        expected, used = spec_unilm_spans(candidates, budget, order.tolist(), ns)
+        assert spans == expected and len(ns) == used
+        positions = [p for s, m in spans for p in range(s, s + m)]
+        assert len(positions) == min(budget, len(candidates))      # the fallback to n = 1 always fills
+
+
+def largest_remainder(batch_size, shares):
+    """Counts by the largest-remainder method with exact fractions: (sure counts, tied kinds, seats left
+    for the tied kinds)."""
+    exact = {k: Fraction(s).limit_denominator(1000) * batch_size for k, s in shares.items()}
+    counts = {k: int(math.floor(v)) for k, v in exact.items()}
+    left = batch_size - sum(counts.values())
+    order = sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)
+    if left == 0:
+        return counts, [], 0
+    cutoff = exact[order[left - 1]] - counts[order[left - 1]]
+    for k in order:
+        if exact[k] - counts[k] > cutoff:
+            counts[k] += 1
+            left -= 1
+    tied = [k for k in order if exact[k] - counts[k] == cutoff]
+    if len(tied) == left:                      # every tied kind gets a seat: no choice to make
+        for k in tied:
+            counts[k] += 1
+        return counts, [], 0
+    return counts, tied, left
+
+
+def test_unilm_objective_counts_are_largest_remainder_with_random_ties():
+    """For every batch size 1..13 and 40 seeds: the kinds' counts are the largest-remainder allocation of
+    1/3, 1/3, 1/6, 1/6 (exact fractions), the seats left for tied remainders going to a random choice of
+    the tied kinds (each tied kind wins in some seed and loses in another); the order is shuffled."""
+    for B in range(1, 14):
+        sure, tied, left = largest_remainder(B, OBJECTIVE_SHARES)
+        winners = {k: 0 for k in tied}
+        for seed in range(40):
+            kinds = objective_kinds(B, np.random.default_rng([B, seed]))
+            counts = {k: kinds.count(k) for k in OBJECTIVE_SHARES}
+            assert len(kinds) == B
+            extra = {k: counts[k] - sure[k] for k in OBJECTIVE_SHARES}
+            assert all(extra[k] == 0 for k in OBJECTIVE_SHARES if k not in tied), (B, counts, sure)
+            assert sum(extra[k] for k in tied) == left and all(extra[k] in (0, 1) for k in tied)
+            for k in tied:
+                winners[k] += extra[k]
+        assert all(0 < w < 40 for w in winners.values()), (B, winners)
+    orders = {tuple(objective_kinds(6, np.random.default_rng(seed))) for seed in range(30)}
+    assert len(orders) > 10                                            # shuffled, not in a fixed order
+
+
+def test_unilm_replacement_is_80_10_10_with_uniform_non_special_tokens():
+    """replace_tokens on 30,000 positions holding id 500 with vocab_size 8: [MASK] 0.8, a uniform token
+    of 5..7 (never a special) 0.1, unchanged 0.1; chi-square (df 2) at false failure 1e-6 for the split
+    and for the uniformity of the random tokens (about 3,000). Other positions untouched, labels the
+    original ids there and -100 elsewhere. A custom split (0.5, 0.3, 0.2) = ([MASK], random, unchanged) is followed too."""
+    for probs in (REPLACE_PROBS, (0.5, 0.3, 0.2)):
+        rng = np.random.default_rng(17)
+        split, random_ids = np.zeros(3), np.zeros(3)
+        for _ in range(300):
+            ids = np.full(120, 500)
+            positions = np.sort(rng.choice(120, size=100, replace=False))
+            kwargs = {} if probs is REPLACE_PROBS else {"replace_probs": probs}
+            labels = replace_tokens(ids, positions, 8, rng, **kwargs)
+            assert (labels[positions] == 500).all() and (np.delete(labels, positions) == IGNORE).all()
+            assert (np.delete(ids, positions) == 500).all()
+            new = ids[positions]
+            split += [(new == MASK_ID).sum(), np.isin(new, [5, 6, 7]).sum(), (new == 500).sum()]
+            random_ids += [(new == r).sum() for r in (5, 6, 7)]
+        assert split.sum() == 30_000
+        assert chi_square_ok(split, probs)[0], (probs, split)
+        assert chi_square_ok(random_ids, [1 / 3] * 3)[0], random_ids
+
+
+@pytest.mark.parametrize("mask_prob, max_predictions", [(0.15, 20), (0.3, 20), (0.5, 3), (0.9, 1000), (0.05, 1)])
+def test_unilm_masking_budget_is_albert_count(mask_prob, max_predictions):
+    """Every example masks exactly min(max_predictions, max(1, round(mask_prob * real)), candidates)
+    positions (real counting [CLS] and both [SEP]s; the candidates are the sentence tokens), never a
+    special, labels the original ids."""
+    rng = np.random.default_rng(8)
+    pairs = [(rng.integers(5, 90, int(rng.integers(1, 30))).tolist(), rng.integers(5, 90, int(rng.integers(1, 30))).tolist())
+             for _ in range(60)]
+    batch = pretraining_batch(pairs, 64, 100, seed=5, mask_prob=mask_prob, max_predictions=max_predictions)
+    for b in range(60):
+        real, source = batch.num_real[b], batch.source_lens[b]
+        labelled = np.flatnonzero(batch.mlm_labels[b] != IGNORE)
+        assert len(labelled) == min(max_predictions, max(1, int(round(mask_prob * real))), real - 3)
+        assert not np.isin(labelled, [0, source - 1, real - 1]).any() and labelled.max() < real
+        original = np.where(batch.mlm_labels[b] != IGNORE, batch.mlm_labels[b], batch.input_ids[b])
+        a, b_tokens = original[1:source - 1].tolist(), original[source:real - 1].tolist()
+        assert sorted([a, b_tokens]) == sorted([list(pairs[b][0]), list(pairs[b][1])])
+
+
+def test_unilm_defaults_and_truncation():
+    """Defaults (docs/reference.md §3.2): 15% masking capped at 20 predictions (a 160-token example
+    masks 20, a 100-token one round(15.0) = 15), sentence-order pairs, UniLM's six segment ids; pairs
+    longer than seq_len - 3 are truncated from the ends of the longer side, not refused."""
+    long_pair = (list(range(5, 85)), list(range(85, 162)))              # 80 + 77 + 3 = 160 tokens
+    short_pair = (list(range(5, 52)), list(range(52, 102)))             # 47 + 50 + 3 = 100 tokens
+    batch = pretraining_batch([long_pair, short_pair] * 3, 160, 200, shares={"seq2seq": 1.0})
+    counts = (batch.mlm_labels != IGNORE).sum(axis=1).tolist()
+    assert counts == [20, 15] * 3
+    assert (batch.token_type_ids[0, :82] == 4).all() and (batch.token_type_ids[0, 82:160] == 5).all()
+    again = pretraining_batch([long_pair, short_pair] * 3, 160, 200, seed=0, shares={"seq2seq": 1.0})
+    np.testing.assert_array_equal(batch.input_ids, again.input_ids)     # seed 0 is the default
+    bidirectional = pretraining_batch([short_pair] * 40, 104, 200, shares={"bidirectional": 1.0})
+    assert set(bidirectional.sop_labels.tolist()) == {0, 1}             # SOP: labels 0/1 on every row
+    for b, label in enumerate(bidirectional.sop_labels):
+        original = np.where(bidirectional.mlm_labels[b] != IGNORE, bidirectional.mlm_labels[b], bidirectional.input_ids[b])
+        assert label == int(original[1] == 52)                           # B (52, 53, ...) first: swapped
+    truncated = pretraining_batch([long_pair], 40, 200, shares={"left_to_right": 1.0})
+    original = np.where(truncated.mlm_labels[0] != IGNORE, truncated.mlm_labels[0], truncated.input_ids[0])
+    assert truncated.num_real == [40]
+    a, b = original[1:truncated.source_lens[0] - 1], original[truncated.source_lens[0]:39]
+    assert len(a) + len(b) == 37 and abs(len(a) - len(b)) <= 1
+    assert (np.diff(a) == 1).all() and (np.diff(b) == 1).all()          # runs: trimmed only at the ends
+
+
+def test_unilm_next_sentence_takes_a_uniform_other_pair():
+    """pair_task='nsp': a swapped bidirectional example takes B from one of the other B - 1 pairs,
+    uniformly (chi-square over the offsets, false failure 1e-6), never its own; a batch of one pair
+    cannot, so its label is 0."""
+    pairs = [([10 + k] * 2, [60 + k] * 3) for k in range(4)]
+    offsets = np.zeros(4)
+    for seed in range(600):
+        batch = pretraining_batch(pairs, 10, 100, seed=seed, shares={"bidirectional": 1.0}, pair_task="nsp",
+                                  mask_prob=0.01)
+        for row in range(4):
+            original = np.where(batch.mlm_labels[row] != IGNORE, batch.mlm_labels[row], batch.input_ids[row])
+            a_pair, b_pair = original[1] - 10, original[batch.source_lens[row]] - 60
+            assert a_pair == row
+            assert batch.sop_labels[row] == int(b_pair != row)
+            offsets[(b_pair - row) % 4] += 1
+    assert offsets[0] > 0 and chi_square_ok(offsets[1:], [1 / 3] * 3)[0], offsets
+    assert binomial_ok(offsets[1:].sum(), offsets.sum(), 0.5)
+    single = pretraining_batch(pairs[:1], 10, 100, seed=1, shares={"bidirectional": 1.0}, pair_task="nsp")
+    assert single.sop_labels.tolist() == [0]
+
+
+def test_unilm_finetune_counts_candidates_and_replacement():
+    """seq2seq fine-tuning: max(1, round(mask_prob * (|target| + 1))) positions, capped by
+    max_predictions, all in the target or on the final [SEP], drawn without repeats; replace_probs is
+    followed ((1, 0, 0): all [MASK]; (0, 0, 1): all unchanged); an empty target still predicts the
+    final [SEP]; the default rate is UniLM's 0.7 and mask_prob 1 is allowed."""
+    rng = np.random.default_rng(4)
+    pairs = [(rng.integers(5, 50, int(rng.integers(1, 6))).tolist(), rng.integers(5, 50, int(rng.integers(0, 9))).tolist())
+             for _ in range(40)]
+    for mask_prob, cap in ((0.7, None), (0.3, None), (1.0, None), (1.0, 2)):
+        kwargs = {} if mask_prob == 0.7 else {"mask_prob": mask_prob}
+        batch = seq2seq_finetune_batch(pairs, 16, 50, seed=2, max_predictions=cap, **kwargs)
+        for b, (source, target) in enumerate(pairs):
+            labelled = np.flatnonzero(batch.mlm_labels[b] != IGNORE)
+            count = max(1, int(round(mask_prob * (len(target) + 1))))
+            assert len(labelled) == (count if cap is None else min(count, cap))
+            assert labelled.min() >= len(source) + 2 and labelled.max() <= len(source) + len(target) + 2
+            assert batch.mlm_labels[b, len(source) + len(target) + 2] in (IGNORE, SEP_ID)
+        assert batch.kinds == ["seq2seq"] * 40 and batch.sop_labels is None
+    all_mask = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(1.0, 0.0, 0.0))
+    labelled = all_mask.mlm_labels != IGNORE
+    assert (all_mask.input_ids[labelled] == MASK_ID).all()
+    unchanged = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(0.0, 0.0, 1.0))
+    labelled = unchanged.mlm_labels != IGNORE
+    assert (unchanged.input_ids[labelled] == unchanged.mlm_labels[labelled]).all()
+    empty = seq2seq_finetune_batch([([7, 8], [])], 5, 50)
+    assert np.flatnonzero(empty.mlm_labels[0] != IGNORE).tolist() == [4] and empty.mlm_labels[0, 4] == SEP_ID
+    exact_fit = seq2seq_finetune_batch([([7, 8], [9, 10])], 7, 50)          # 7 positions in 7: fits
+    assert exact_fit.num_real == [7] and (exact_fit.token_type_ids[0] == [4, 4, 4, 4, 5, 5, 5]).all()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: pretraining_batch([([5], [6])], 3, 100), "seq_len=3 is invalid: expected an integer >= 4 ([CLS] A [SEP] B [SEP])"),
+    (lambda: pretraining_batch([([5], [6])], 4.0, 100), "seq_len=4.0 is invalid: expected an integer >= 4 ([CLS] A [SEP] B [SEP])"),
+    (lambda: pretraining_batch([([5], [6])], 8, 5), "vocab_size=5 is invalid: expected an integer > 5"),
+    (lambda: pretraining_batch([([5], [6])], 8, 6.0), "vocab_size=6.0 is invalid: expected an integer > 5"),
+    (lambda: pretraining_batch([], 8, 100), "the batch needs at least one (A, B) pair, got none"),
+    (lambda: pretraining_batch([([5], [6])], 8, 100, pair_task="SOP"), "pair_task='SOP' is invalid: expected 'sop' or 'nsp'"),
+    (lambda: pretraining_batch([([5], [6])], 8, 100, mask_prob=0.0), "mask_prob=0.0 is invalid: expected a probability in (0, 1)"),
+    (lambda: pretraining_batch([([5], [6])], 8, 100, mask_prob=1.0), "mask_prob=1.0 is invalid: expected a probability in (0, 1)"),
+    (lambda: pretraining_batch([([5], [6])], 8, 100, shares={"bidirectional": 0.5}),
+     "shares={'bidirectional': 0.5} is invalid: expected mask kinds ('bidirectional', 'left_to_right', 'right_to_left', "
+     "'seq2seq') with shares summing to 1"),
+    (lambda: pretraining_batch([([5], [6])], 8, 100, shares={"sideways": 1.0}),
+     "shares={'sideways': 1.0} is invalid: expected mask kinds ('bidirectional', 'left_to_right', 'right_to_left', "
+     "'seq2seq') with shares summing to 1"),
+    (lambda: pretraining_batch([([5], [6]), ([], [6])], 8, 100), "pairs[1][0] is empty: expected at least one token id"),
+    (lambda: pretraining_batch([([5], [])], 8, 100), "pairs[0][1] is empty: expected at least one token id"),
+    (lambda: pretraining_batch([([5], [100])], 8, 100), "pairs[0][1] contains token id 100, expected ids in [0, 100) other "
+                                                        "than the structural specials PAD=0, CLS=2, SEP=3, MASK=4"),
+    (lambda: pretraining_batch([([5, 6, -1, 3], [7])], 8, 100), "pairs[0][0] contains token id -1, expected ids in [0, 100) "
+                                                               "other than the structural specials PAD=0, CLS=2, SEP=3, MASK=4"),
+    (lambda: pretraining_batch([([5, 0], [7])], 8, 100), "pairs[0][0] contains token id 0, expected ids"),
+    (lambda: pretraining_batch([([5, 4], [7])], 8, 100), "pairs[0][0] contains token id 4, expected ids"),
+    (lambda: pretraining_batch([([5], [True])], 8, 100), "pairs[0][1] must be a list of integer token ids, got [True]"),
+    (lambda: pretraining_batch([([5], "ab")], 8, 100), "pairs[0][1] must be a list of integer token ids, got 'ab'"),
+    (lambda: pretraining_batch([([5], [6.0])], 8, 100), "pairs[0][1] must be a list of integer token ids, got [6.0]"),
+    (lambda: seq2seq_finetune_batch([([5, 6], [7, 8])], 6, 100),
+     "pairs[0] needs 7 positions ([CLS] source [SEP] target [SEP]), more than seq_len=6"),
+    (lambda: seq2seq_finetune_batch([([5, 6], [7, 8])], 7, 100, mask_prob=0.0), "mask_prob=0.0 is invalid: expected a "
+                                                                                  "probability in (0, 1]"),
+    (lambda: seq2seq_finetune_batch([([], [7, 8])], 7, 100), "pairs[0] source is empty: expected at least one token id"),
+    (lambda: seq2seq_finetune_batch([([5], [7, 3])], 7, 100), "pairs[0] target contains token id 3, expected ids"),
+    (lambda: seq2seq_finetune_batch([], 7, 100), "the batch needs at least one (A, B) pair, got none"),
+])
+def test_unilm_arguments_are_validated_with_exact_messages(call, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        call()
+
+
+def test_unilm_accepts_unk_numpy_ids_and_the_smallest_sizes():
+    """[UNK] (1) is ordinary text; numpy arrays and integers are token ids; seq_len 4 and vocab_size 6
+    are the smallest allowed; model_inputs moves the five model arrays (no sop_labels in fine-tuning)."""
+    batch = pretraining_batch([(np.array([1]), [np.int64(5)])], 5, 6, seed=0)
+    assert batch.input_ids[0].tolist()[:3] in ([CLS_ID, 1, SEP_ID], [CLS_ID, 5, SEP_ID], [CLS_ID, MASK_ID, SEP_ID])
+    tiny = seq2seq_finetune_batch([([5], [])], 4, 6)
+    assert tiny.num_real == [4]
+    numpy = backends.get("numpy")
+    inputs = batch.model_inputs(numpy)
+    assert list(inputs) == ["input_ids", "token_type_ids", "attention_mask", "mlm_labels", "sop_labels"]
+    for name, value in inputs.items():
+        np.testing.assert_array_equal(value, getattr(batch, name))
+    assert list(tiny.model_inputs(numpy)) == ["input_ids", "token_type_ids", "attention_mask", "mlm_labels"]
