@@ -33,9 +33,10 @@ from scipy import stats
 import backends
 from ref_bert import Config
 from ref_bert.data import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, PretrainingDataset, SentencePairStream, Tokenizer,
-                           create_masked_lm_predictions, create_sentence_pairs, masking_budget, ngram_probabilities,
+                           assemble_pair, create_masked_lm_predictions, create_sentence_pairs, masking_budget, ngram_probabilities,
                            tokenize_documents, whole_words)
 from ref_bert.data import stream as stream_module
+from ref_bert.examples import BATCH_NAMES, make_batch, task_batch, task_labels, text_batch
 from ref_bert.pretrain import batches as batches_module
 from ref_bert.pretrain.settings import PretrainConfig
 from ref_bert.unilm import (OBJECTIVE_SHARES, REPLACE_PROBS, choose_spans, objective_kinds, pretraining_batch,
@@ -177,21 +178,34 @@ def test_whole_words_against_the_rule():
 
 
 @pytest.mark.parametrize("prob, cap, max_ngram", [(0.15, 20, 3), (0.3, 4, 3), (0.5, 3, 4), (1.0, 20, 2),
-                                                  (0.4, 1, 3), (0.25, 6, 1)])
+                                                  (0.4, 1, 3), (0.25, 6, 1), (0.15, 20, [0.2, 0.3, 0.5]),
+                                                  (0.3, 5, [0.0, 1.0]), (None, None, None)])
 def test_selection_replays_the_published_rule(prob, cap, max_ngram):
     """Exact: for 150 random sequences each, the positions chosen and the (n drawn, n used) record equal
     what the published rule makes of the code's own random decisions (start-word order, n drawn). The
-    parameters cover a budget of 1, budgets capped by max_predictions, and every position allowed."""
-    rng = np.random.default_rng([1, int(prob * 100), cap, max_ngram])
+    parameters cover a budget of 1, budgets capped by max_predictions, every position allowed, custom
+    n-gram probabilities (a list: ``ngram_probs``) and the defaults (None: 0.15, 20, 3)."""
+    rng = np.random.default_rng([1, int((prob or 0) * 100), cap or 0, max_ngram if isinstance(max_ngram, int) else 9])
     ordinary = np.arange(5, 40)
+    defaults = prob is None
+    if defaults:
+        prob, cap, max_ngram = 0.15, 20, 3
     for _ in range(150):
         tokens = random_sequence(rng)
         recorder = Recorder(rng)
-        out = create_masked_lm_predictions(tokens, IS_START, ordinary, recorder, prob, cap, max_ngram)
+        if defaults:
+            out = create_masked_lm_predictions(tokens, IS_START, ordinary, recorder)
+        elif isinstance(max_ngram, list):
+            out = create_masked_lm_predictions(tokens, IS_START, ordinary, recorder, prob, cap, ngram_probs=max_ngram)
+        else:
+            out = create_masked_lm_predictions(tokens, IS_START, ordinary, recorder, prob, cap, max_ngram)
         words = spec_words(tokens.tolist(), IS_START)
         [(_, (num_words,), _, order)] = recorder.calls("permutation")
         assert num_words == len(words)
         ns = [int(result) + 1 for _, _, _, result in recorder.calls("choice")]
+        for _, args, kwargs, _ in recorder.calls("choice"):
+            p = ngram_probabilities(max_ngram) if isinstance(max_ngram, int) else max_ngram
+            assert args == (len(p),) and np.allclose(kwargs["p"], p, rtol=1e-15, atol=0)
         budget = spec_budget(len(tokens), prob, cap)
         chosen, draws = spec_albert_selection(words, budget, order.tolist(), ns)
         assert np.flatnonzero(out.mlm_labels != IGNORE).tolist() == sorted(chosen)
@@ -203,6 +217,31 @@ def test_selection_replays_the_published_rule(prob, cap, max_ngram):
         np.testing.assert_array_equal(out.input_ids[unchosen], tokens[unchosen])
         changed = out.input_ids[sorted(chosen)]
         assert np.isin(changed, np.concatenate([[MASK_ID], ordinary, tokens[sorted(chosen)]])).all()
+
+
+@pytest.mark.parametrize("ngram_probs, message", [
+    ([0.5, 0.4], "ngram_probs=[0.5, 0.4] is invalid: expected probabilities of n = 1, 2, ... summing to 1"),
+    ([], "ngram_probs=[] is invalid"), ([[0.5, 0.5]], "ngram_probs=[[0.5, 0.5]] is invalid"),
+    ([1.5, -0.5], "ngram_probs=[1.5, -0.5] is invalid"), ([0.5, 0.5, 0.5], "ngram_probs=[0.5, 0.5, 0.5] is invalid"),
+])
+def test_ngram_probs_are_checked(ngram_probs, message):
+    tokens = np.array([CLS_ID, 10, 11, SEP_ID, 12, SEP_ID])
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), np.random.default_rng(0),
+                                     ngram_probs=ngram_probs)
+    for valid in ([1.0], [0.0, 1.0], (0.25, 0.75)):          # one length, a zero entry, a tuple: accepted
+        out = create_masked_lm_predictions(tokens, IS_START, np.arange(5, 40), np.random.default_rng(0),
+                                           ngram_probs=valid)
+        assert (out.mlm_labels != IGNORE).sum() == 1
+
+
+def test_assemble_pair_is_the_published_layout():
+    """[CLS] A [SEP] B [SEP], token type 0 up to and including the first [SEP] and 1 after, int64."""
+    for a, b in (([7], [8]), ([7, 8, 9], [10]), ([7], [8, 9, 10, 11])):
+        tokens, types = assemble_pair(a, b)
+        assert tokens.dtype == np.int64 and types.dtype == np.int64
+        assert tokens.tolist() == [CLS_ID, *a, SEP_ID, *b, SEP_ID]
+        assert types.tolist() == [0] * (len(a) + 2) + [1] * (len(b) + 1)
 
 
 def test_zero_probability_draws_nothing_and_full_probability_fills_the_budget():
@@ -1099,3 +1138,304 @@ def test_unilm_accepts_unk_numpy_ids_and_the_smallest_sizes():
     for name, value in inputs.items():
         np.testing.assert_array_equal(value, getattr(batch, name))
     assert list(tiny.model_inputs(numpy)) == ["input_ids", "token_type_ids", "attention_mask", "mlm_labels"]
+
+
+# --- ref_bert.examples: the synthetic batches, against their documented recipes ------------------------
+def small_config(**overrides):
+    return Config.preset("tiny", **{"vocab_size": 7, "pad_token_id": 3, "type_vocab_size": 3,
+                                    "max_position_embeddings": 40, **overrides})
+
+
+def test_rows_recipe_lengths_ids_types_labels():
+    """"rows": row 0 full and the others uniform in [max(2, T // 2), T - 1]; real ids uniform over the
+    vocabulary without the pad id; token type 0 on the first n // 2 real tokens and 1 after (0 on pads);
+    labels only on real positions, each chosen with probability label_rate plus one forced per row
+    (so a row of n has 1 + Binomial(n - 1, rate) labels, the forced one uniform over the n positions),
+    label ids uniform over the whole vocabulary; SOP labels uniform 0/1. Exact binomial / chi-square
+    at false failure 1e-6."""
+    config = small_config()
+    lengths_seen, id_counts, label_ids = [], np.zeros(7), np.zeros(7)
+    for seed in range(300):
+        x = make_batch(config, 4, 16, seed)
+        assert tuple(x) == BATCH_NAMES and all(v.dtype == np.int64 for v in x.values())
+        n = x["attention_mask"].sum(axis=1)
+        assert n[0] == 16 and ((x["attention_mask"] == (np.arange(16) < n[:, None])).all())
+        lengths_seen += n[1:].tolist()
+        real = x["attention_mask"] == 1
+        assert (x["input_ids"][~real] == 3).all()
+        id_counts += np.bincount(x["input_ids"][real], minlength=7)
+        for b in range(4):
+            assert (x["token_type_ids"][b] == ((np.arange(16) >= n[b] // 2) & (np.arange(16) < n[b]))).all()
+        labelled = x["mlm_labels"] != IGNORE
+        assert not labelled[~real].any() and (labelled.sum(axis=1) >= 1).all()
+        label_ids += np.bincount(x["mlm_labels"][labelled], minlength=7)
+        assert (x["position_ids"] == np.arange(16)).all()
+    assert set(lengths_seen) == set(range(8, 16))
+    assert chi_square_ok(np.bincount(lengths_seen, minlength=16)[8:], [1 / 8] * 8)[0]
+    assert id_counts[3] == 0 and chi_square_ok(np.delete(id_counts, 3), [1 / 6] * 6)[0], id_counts
+    assert chi_square_ok(label_ids, [1 / 7] * 7)[0], label_ids
+    # label counts and the forced position, at fixed lengths
+    rate, n = 0.1, 5
+    extra, forced_at, sop = 0, np.zeros(n), 0
+    for seed in range(2000):
+        x = make_batch(config, 3, 8, seed, lengths=[n] * 3, label_rate=rate)
+        labelled = x["mlm_labels"][:, :n] != IGNORE
+        extra += int(labelled.sum()) - 3
+        sop += int(x["sop_labels"].sum())
+        forced_at += labelled[labelled.sum(axis=1) == 1].sum(axis=0)   # rows with only the forced label
+    assert binomial_ok(extra, 2000 * 3 * (n - 1), rate), extra / (6000 * (n - 1))
+    assert chi_square_ok(forced_at, [1 / n] * n)[0], forced_at        # the forced one: any position
+    assert binomial_ok(sop, 6000, 0.5)
+    # the shortest rows: T = 2 and 3 give rows of exactly 2; one token type gives all zeros
+    assert (make_batch(config, 5, 2, 1)["attention_mask"].sum(axis=1) == 2).all()
+    assert (make_batch(config, 5, 3, 1)["attention_mask"].sum(axis=1)[1:] == 2).all()
+    assert (make_batch(small_config(type_vocab_size=1), 3, 9, 0)["token_type_ids"] == 0).all()
+    assert (make_batch(small_config(type_vocab_size=2), 1, 9, 0)["token_type_ids"][0] == [0] * 4 + [1] * 5).all()
+
+
+def test_matrix_recipe_draws_whole_arrays():
+    """"matrix": ids uniform over the whole vocabulary (pad included, pads keep random ids), token types
+    uniform in [0, type_vocab_size), padding only where ``lengths`` says, labels on real positions
+    with probability label_rate exactly (no forced label), label ids uniform; SOP labels uniform."""
+    config = small_config()
+    ids, types, label_ids = np.zeros(7), np.zeros(3), np.zeros(7)
+    labelled_total = real_total = sop = 0
+    for seed in range(200):
+        x = make_batch(config, 4, 10, seed, recipe="matrix", lengths=[10, 7, 3, 1], label_rate=0.2)
+        assert (x["attention_mask"].sum(axis=1) == [10, 7, 3, 1]).all()
+        real = x["attention_mask"] == 1
+        ids += np.bincount(x["input_ids"].ravel(), minlength=7)
+        types += np.bincount(x["token_type_ids"].ravel(), minlength=3)
+        labelled = x["mlm_labels"] != IGNORE
+        assert not labelled[~real].any()
+        labelled_total += int(labelled.sum())
+        real_total += int(real.sum())
+        label_ids += np.bincount(x["mlm_labels"][labelled], minlength=7)
+        sop += int(x["sop_labels"].sum())
+    assert chi_square_ok(ids, [1 / 7] * 7)[0] and chi_square_ok(types, [1 / 3] * 3)[0], (ids, types)
+    assert chi_square_ok(label_ids, [1 / 7] * 7)[0] and binomial_ok(labelled_total, real_total, 0.2)
+    assert binomial_ok(sop, 800, 0.5)
+    unpadded = make_batch(config, 2, 6, 0, recipe="matrix")
+    assert unpadded["attention_mask"].all() and unpadded["input_ids"].shape == (2, 6)
+    assert make_batch(config, 1, 1, 0, recipe="matrix")["input_ids"].shape == (1, 1)   # T = 1 allowed
+
+
+def test_counted_recipe_labels_an_exact_number():
+    """"counted": exactly min(T - 1, max(1, round(label_rate * T))) labelled positions a row (1 at T = 1),
+    never position 0 when T > 1, all distinct; ids and label ids uniform in [5, V); token type 1 from
+    T // 2 on (all 0 with one type); no padding; SOP labels uniform."""
+    config = small_config(vocab_size=9)
+    for T in range(1, 41):
+        for rate in (0.0, 0.1, 0.15, 0.5, 0.97):
+            x = make_batch(config, 2, T, T, recipe="counted", label_rate=rate)
+            count = 1 if T == 1 else min(T - 1, max(1, int(round(rate * T))))
+            labelled = x["mlm_labels"] != IGNORE
+            assert (labelled.sum(axis=1) == count).all(), (T, rate)
+            assert T == 1 or not labelled[:, 0].any()
+            assert x["attention_mask"].all() and (x["token_type_ids"] == (np.arange(T) >= T // 2)).all()
+    ids, label_ids, sop = np.zeros(9), np.zeros(9), 0
+    for seed in range(200):
+        x = make_batch(config, 3, 20, seed, recipe="counted", label_rate=0.3)
+        ids += np.bincount(x["input_ids"].ravel(), minlength=9)
+        label_ids += np.bincount(x["mlm_labels"][x["mlm_labels"] != IGNORE], minlength=9)
+        sop += int(x["sop_labels"].sum())
+    assert ids[:5].sum() == 0 and chi_square_ok(ids[5:], [1 / 4] * 4)[0], ids
+    assert label_ids[:5].sum() == 0 and chi_square_ok(label_ids[5:], [1 / 4] * 4)[0], label_ids
+    assert binomial_ok(sop, 600, 0.5)
+    assert (make_batch(small_config(type_vocab_size=1), 2, 8, 0, recipe="counted")["token_type_ids"] == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(recipe="nope"), "recipe='nope' is invalid: expected one of rows, matrix, counted"),
+    (dict(batch_size=0), "need batch >= 1 and seq_len >= 2, got batch=0, seq_len=8"),
+    (dict(seq_len=1), "need batch >= 1 and seq_len >= 2, got batch=2, seq_len=1"),
+    (dict(seq_len=0, recipe="matrix"), "need batch >= 1 and seq_len >= 1, got batch=2, seq_len=0"),
+    (dict(seq_len=41), "seq_len=41 exceeds max_position_embeddings=40"),
+    (dict(lengths=[4]), "lengths=[4] is invalid: expected 2 lengths in [1, 8]"),
+    (dict(lengths=[4, 0]), "lengths=[4, 0] is invalid: expected 2 lengths in [1, 8]"),
+    (dict(lengths=[9, 4]), "lengths=[9, 4] is invalid: expected 2 lengths in [1, 8]"),
+    (dict(recipe="counted", lengths=[4, 4]), "the 'counted' recipe does not pad: lengths must be None"),
+])
+def test_make_batch_errors_in_full(kwargs, message):
+    args = {"batch_size": 2, "seq_len": 8, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        make_batch(small_config(), **args)
+
+
+def test_make_batch_accepts_its_boundaries():
+    config = small_config()
+    assert make_batch(config, 1, 40, 0)["input_ids"].shape == (1, 40)            # T = max_position_embeddings
+    x = make_batch(config, 2, 8, 0, lengths=[8, 1])                                # lengths 1 and T
+    assert (x["attention_mask"].sum(axis=1) == [8, 1]).all()
+    with pytest.raises(ValueError, match="^vocab_size=1 leaves no id besides the pad id$"):
+        make_batch(small_config(vocab_size=1, pad_token_id=0), 1, 4, 0)
+    two = make_batch(small_config(vocab_size=2, pad_token_id=0), 2, 4, 0)
+    assert (two["input_ids"][two["attention_mask"] == 1] == 1).all()
+
+
+@pytest.mark.parametrize("head, extra", [
+    ("masked_lm", {}), ("causal_lm", {"model_type": "bert"}), ("next_sentence", {"model_type": "bert"}),
+    ("multiple_choice", {}), ("token_classification", {"num_labels": 4}), ("question_answering", {}),
+    ("sequence_classification", {"num_labels": 3}), ("sequence_classification", {"num_labels": 1}),
+    ("sequence_classification", {"num_labels": 3, "problem_type": "multi_label_classification"}),
+    ("sequence_classification", {"num_labels": 2, "problem_type": "regression"}),
+    ("pretraining", {}), ("base", {}),
+])
+def test_task_batch_labels_follow_each_head(head, extra):
+    """task_batch: the "rows" batch of the same seed (B * C rows viewed (B, C, T) for multiple choice),
+    the head's labels drawn from default_rng([*seed, 3]) as task_labels documents; pretraining keeps
+    mlm/sop labels and equals make_batch, other heads drop them."""
+    config = Config.preset("tiny", head=head, **extra)
+    B, T, C = 3, 9, 2
+    lengths = [9, 6, 4] if head != "multiple_choice" else [9, 6, 4, 5, 9, 2]
+    x = task_batch(config, B, T, seed=4, lengths=lengths, num_choices=C)
+    rows = make_batch(config, B * C if head == "multiple_choice" else B, T, [4], lengths=lengths)
+    if head == "multiple_choice":
+        assert x["input_ids"].shape == (B, C, T)
+        np.testing.assert_array_equal(x["input_ids"].reshape(B * C, T), rows["input_ids"])
+    else:
+        for name in ("input_ids", "token_type_ids", "attention_mask", "position_ids"):
+            np.testing.assert_array_equal(x[name], rows[name])
+    mask = x["attention_mask"]
+    L = config.num_labels
+    if head == "pretraining":
+        assert set(x) == set(BATCH_NAMES)
+        for name in BATCH_NAMES:
+            np.testing.assert_array_equal(x[name], rows[name])
+        return
+    assert "mlm_labels" not in x and "sop_labels" not in x
+    labels = {k: x[k] for k in ("labels", "start_positions", "end_positions") if k in x}
+    if head == "base":
+        assert labels == {}
+    elif head == "masked_lm":
+        np.testing.assert_array_equal(x["labels"], rows["mlm_labels"])
+    elif head == "causal_lm":
+        np.testing.assert_array_equal(x["labels"], np.where(mask == 1, x["input_ids"], IGNORE))
+    elif head == "next_sentence":
+        np.testing.assert_array_equal(x["labels"], rows["sop_labels"])
+    elif head == "multiple_choice":
+        assert x["labels"].shape == (B,) and ((0 <= x["labels"]) & (x["labels"] < C)).all()
+    elif head == "token_classification":
+        assert ((x["labels"] == IGNORE) == (mask == 0)).all() and x["labels"][mask == 1].max() < L
+    elif head == "question_answering":
+        n = mask.sum(axis=1)
+        assert (0 <= x["start_positions"]).all() and (x["start_positions"] <= x["end_positions"]).all()
+        assert (x["end_positions"] < n).all()
+    elif extra.get("problem_type") == "multi_label_classification":
+        assert x["labels"].shape == (B, L) and x["labels"].dtype == np.float64 and set(np.unique(x["labels"])) <= {0, 1}
+    elif extra.get("problem_type") == "regression" or L == 1:
+        assert x["labels"].shape == ((B,) if L == 1 else (B, L)) and x["labels"].dtype == np.float64
+    else:
+        assert x["labels"].shape == (B,) and ((0 <= x["labels"]) & (x["labels"] < L)).all()
+    if head != "base":
+        again = task_labels(config, {k: v for k, v in x.items() if k not in labels} |
+                            ({"mlm_labels": rows["mlm_labels"], "sop_labels": rows["sop_labels"]}
+                             if head in ("masked_lm", "next_sentence") else {}),
+                            np.random.default_rng([4, 3]))
+        for k in labels:
+            np.testing.assert_array_equal(again[k], labels[k])
+
+
+def test_task_labels_distributions():
+    """task_labels' draws over many rows: class ids uniform over num_labels (multiple choice over C),
+    question-answering start uniform over the real tokens and end uniform over [start, n), multi-label
+    targets Bernoulli(1/2), regression targets N(0, 1) in the requested dtype (chi-square / binomial
+    at false failure 1e-6; the normal's mean within 5.3 standard errors, its variance within 5.3 of
+    its standard errors)."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((4000, 6), np.int64)
+    mask[:, 4:] = 0                                                    # 4 real tokens
+    inputs = {"attention_mask": mask, "input_ids": np.ones((4000, 6), np.int64)}
+    qa = task_labels(Config.preset("tiny", head="question_answering"), inputs, rng)
+    assert chi_square_ok(np.bincount(qa["start_positions"], minlength=4), [1 / 4] * 4)[0]
+    pairs = np.bincount(qa["start_positions"] * 4 + qa["end_positions"], minlength=16)
+    probs = [(1 / 4) / (4 - s) if e >= s else 0.0 for s in range(4) for e in range(4)]
+    assert chi_square_ok(pairs, probs)[0], pairs
+    cls = task_labels(Config.preset("tiny", head="sequence_classification", num_labels=5), inputs, rng)["labels"]
+    assert chi_square_ok(np.bincount(cls, minlength=5), [1 / 5] * 5)[0]
+    tok = task_labels(Config.preset("tiny", head="token_classification", num_labels=3), inputs, rng)["labels"]
+    assert (tok[:, 4:] == IGNORE).all() and chi_square_ok(np.bincount(tok[:, :4].ravel(), minlength=3), [1 / 3] * 3)[0]
+    mc = task_labels(Config.preset("tiny", head="multiple_choice"), {"attention_mask": np.ones((4000, 3, 5))}, rng)
+    assert chi_square_ok(np.bincount(mc["labels"], minlength=3), [1 / 3] * 3)[0]
+    multi = task_labels(Config.preset("tiny", head="sequence_classification", num_labels=3,
+                                      problem_type="multi_label_classification"), inputs, rng, dtype="float32")
+    assert multi["labels"].dtype == np.float32 and binomial_ok(int(multi["labels"].sum()), 12000, 0.5)
+    reg = task_labels(Config.preset("tiny", head="sequence_classification", num_labels=1), inputs, rng,
+                      dtype="float32")["labels"].astype(np.float64)
+    assert reg.shape == (4000,) and abs(reg.mean()) < 5.3 / math.sqrt(4000)
+    assert abs(reg.var() - 1) < 5.3 * math.sqrt(2 / 4000)
+
+
+class FakeTextTokenizer:
+    """Stands for a checkpoint tokenizer: ``batch`` lays each text out as [CLS] one id per character
+    [SEP] (and the pair after it), padded on the right with 0."""
+
+    def __init__(self, vocab_size=50):
+        self.vocab_size = vocab_size
+        self.calls = []
+
+    def batch(self, texts, pairs=None, *, max_length=None, truncation=False):
+        self.calls.append((list(texts), pairs, max_length, truncation))
+        rows = []
+        for k, text in enumerate(texts):
+            ids = [2] + [10 + (ord(c) % 30) for c in text] + [3]
+            types = [0] * len(ids)
+            if pairs is not None:
+                more = [10 + (ord(c) % 30) for c in pairs[k]] + [3]
+                ids, types = ids + more, types + [1] * len(more)
+            if len(ids) > max_length:
+                if not truncation:
+                    raise ValueError(f"text {k} has {len(ids)} tokens, more than max_length={max_length}")
+                ids, types = ids[:max_length], types[:max_length]
+            rows.append((ids, types))
+        T = max(len(i) for i, _ in rows)
+        out = {"input_ids": np.zeros((len(rows), T), np.int64), "token_type_ids": np.zeros((len(rows), T), np.int64),
+               "attention_mask": np.zeros((len(rows), T), np.int64)}
+        for b, (ids, types) in enumerate(rows):
+            out["input_ids"][b, :len(ids)] = ids
+            out["token_type_ids"][b, :len(ids)] = types
+            out["attention_mask"][b, :len(ids)] = 1
+        return out
+
+
+def test_text_batch_labels_real_positions_after_cls():
+    """text_batch: the tokenizer's layout unchanged (no [MASK] put in), max_length the position table;
+    labels the token id already there, on about label_rate of each row's real positions after [CLS],
+    at least one, drawn from default_rng([seed, 3]) (a list seed used as is); SOP labels 0; position ids."""
+    config = Config.preset("tiny", vocab_size=50, max_position_embeddings=24)
+    tokenizer = FakeTextTokenizer()
+    texts = ["hello there", "a", "the river rose fast"]
+    x = text_batch(tokenizer, config, texts, seed=5, label_rate=0.3)
+    assert tokenizer.calls[-1] == (texts, None, 24, False)
+    plain = tokenizer.batch(texts, max_length=24)
+    assert tuple(x) == BATCH_NAMES
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        np.testing.assert_array_equal(x[name], plain[name])
+    assert (x["sop_labels"] == 0).all() and x["sop_labels"].shape == (3,)
+    assert (x["position_ids"] == np.arange(x["input_ids"].shape[1])).all()
+    labelled = x["mlm_labels"] != IGNORE
+    assert not labelled[:, 0].any() and not labelled[x["attention_mask"] == 0].any()
+    assert (labelled.sum(axis=1) >= 1).all()
+    np.testing.assert_array_equal(x["mlm_labels"][labelled], x["input_ids"][labelled])
+    np.testing.assert_array_equal(text_batch(tokenizer, config, texts, seed=[5, 3], label_rate=0.3)["mlm_labels"],
+                                  x["mlm_labels"])
+    # label counts: 1 + Binomial(n - 2, rate) per row of n real tokens (one forced among the n - 1 after [CLS])
+    long_text = ["abcdefghijklmnopqrstuv"]                                 # 24 tokens with [CLS], [SEP]
+    extra = sum(int((text_batch(tokenizer, config, long_text, seed=s, label_rate=0.25)["mlm_labels"] != IGNORE).sum()) - 1
+                for s in range(400))
+    assert binomial_ok(extra, 400 * 22, 0.25)
+    pairs = text_batch(tokenizer, config, ["ab", "c"], pairs=["de", "fgh"], seed=1)
+    assert (pairs["token_type_ids"][1, :6] == [0, 0, 0, 1, 1, 1]).all()
+    with pytest.raises(ValueError, match=re.escape("(max_length is the model's position table, config "
+                                                   "max_position_embeddings=24)")):
+        text_batch(tokenizer, config, ["x" * 30])
+    cut = text_batch(tokenizer, config, ["x" * 30], truncation=True)
+    assert cut["input_ids"].shape == (1, 24) and tokenizer.calls[-1][3] is True
+    with pytest.raises(ValueError, match="^inputs from text need the checkpoint's tokenizer, and there is none$"):
+        text_batch(None, config, texts)
+    with pytest.raises(ValueError, match=re.escape("the tokenizer has 51 tokens but the model's word embeddings "
+                                                   "have 50 rows; expected the same number")):
+        text_batch(FakeTextTokenizer(51), config, texts)
+    with pytest.raises(ValueError, match=re.escape("text pairs need token type 1, but the model has "
+                                                   "type_vocab_size=1")):
+        text_batch(tokenizer, Config.preset("tiny", vocab_size=50, type_vocab_size=1), ["a"], pairs=["b"])
