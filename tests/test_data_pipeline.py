@@ -34,7 +34,7 @@ import backends
 from ref_bert import Config
 from ref_bert.data import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, PretrainingDataset, SentencePairStream, Tokenizer,
                            assemble_pair, create_masked_lm_predictions, create_sentence_pairs, masking_budget, ngram_probabilities,
-                           tokenize_documents, whole_words)
+                           tokenize_documents, truncate_seq_pair, whole_words)
 from ref_bert.data import stream as stream_module
 from ref_bert.examples import BATCH_NAMES, make_batch, task_batch, task_labels, text_batch
 from ref_bert.pretrain import batches as batches_module
@@ -1439,3 +1439,57 @@ def test_text_batch_labels_real_positions_after_cls():
     with pytest.raises(ValueError, match=re.escape("text pairs need token type 1, but the model has "
                                                    "type_vocab_size=1")):
         text_batch(tokenizer, Config.preset("tiny", vocab_size=50, type_vocab_size=1), ["a"], pairs=["b"])
+
+
+def test_dataset_masks_each_pair_with_its_own_settings(tokenizer, documents):
+    """Each example is its pair laid out by assemble_pair and masked by create_masked_lm_predictions with
+    the dataset's masked_lm_prob, max_predictions_per_seq and max_ngram, the tokenizer's word-start table
+    and ordinary ids, and the epoch's generator (observed by wrapping the function)."""
+    from ref_bert.data import pretraining as pretraining_module
+    seen = []
+    real = pretraining_module.create_masked_lm_predictions
+
+    def spy(tokens, table, ordinary, rng, *args, **kwargs):
+        seen.append((tokens.copy(), table, ordinary, args, kwargs))
+        return real(tokens, table, ordinary, rng, *args, **kwargs)
+    dataset = make_stream(PretrainingDataset, tokenizer, documents, masked_lm_prob=0.25,
+                          max_predictions_per_seq=7, max_ngram=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretraining_module, "create_masked_lm_predictions", spy)
+        batch = dataset.epoch_examples(0)
+    assert len(seen) == len(batch["sop_labels"]) > 20
+    originals = {tuple(np.where(l != IGNORE, l, i)[:int(m.sum())].tolist())
+                 for i, l, m in zip(batch["input_ids"], batch["mlm_labels"], batch["attention_mask"])}
+    for tokens, table, ordinary, args, kwargs in seen:
+        assert table is tokenizer.word_start_table and ordinary is tokenizer.ordinary_ids
+        assert tuple(args) + tuple(kwargs.values()) == (0.25, 7, 2)
+        assert tuple(tokens.tolist()) in originals
+
+
+def test_truncate_seq_pair_rule():
+    """ALBERT's truncate_seq_pair: while the pair is longer than the limit, one token leaves the longer
+    segment (B on a tie), from the front or the back with probability 1/2 each (exact binomial over 2,000
+    removals, false failure 1e-6); nothing happens to a pair within the limit."""
+    front = removals = 0
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        a, b = list(range(100, 108)), list(range(200, 203))
+        truncate_seq_pair(a, b, 6, rng)                      # 11 tokens -> 6
+        assert len(a) + len(b) == 6
+        la, lb = 8, 3                                        # the lengths the rule gives
+        while la + lb > 6:
+            if la > lb:
+                la -= 1
+            else:
+                lb -= 1
+        assert (len(a), len(b)) == (la, lb)
+        assert a == list(range(a[0], a[0] + len(a))) and b == list(range(b[0], b[0] + len(b)))
+        front += (a[0] - 100) + (b[0] - 200)
+        removals += 5
+    assert binomial_ok(front, removals, 0.5), front / removals
+    a, b = [1, 2], [3, 4]
+    truncate_seq_pair(a, b, 4, np.random.default_rng(0))
+    assert (a, b) == ([1, 2], [3, 4])
+    a, b = [1, 2], [3, 4]
+    truncate_seq_pair(a, b, 3, np.random.default_rng(0))
+    assert a == [1, 2] and len(b) == 1                     # a tie: B is trimmed
