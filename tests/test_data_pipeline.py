@@ -39,8 +39,8 @@ from ref_bert.data import stream as stream_module
 from ref_bert.examples import BATCH_NAMES, make_batch, task_batch, task_labels, text_batch
 from ref_bert.pretrain import batches as batches_module
 from ref_bert.pretrain.settings import PretrainConfig
-from ref_bert.unilm import (OBJECTIVE_SHARES, REPLACE_PROBS, choose_spans, objective_kinds, pretraining_batch,
-                            replace_tokens, seq2seq_finetune_batch)
+from ref_bert.unilm import (OBJECTIVE_SHARES, REPLACE_PROBS, choose_spans, layout, objective_kinds,
+                            pretraining_batch, replace_tokens, seq2seq_finetune_batch)
 
 IGNORE = -100
 ALPHA = 1e-6  # false-failure probability of each statistical check
@@ -991,15 +991,23 @@ def test_unilm_replacement_is_80_10_10_with_uniform_non_special_tokens():
         assert chi_square_ok(random_ids, [1 / 3] * 3)[0], random_ids
 
 
-@pytest.mark.parametrize("mask_prob, max_predictions", [(0.15, 20), (0.3, 20), (0.5, 3), (0.9, 1000), (0.05, 1)])
+@pytest.mark.parametrize("mask_prob, max_predictions", [(0.15, 20), (0.3, 20), (0.5, 3), (0.9, 1000), (0.05, 1),
+                                                      (0.05, 20)])
 def test_unilm_masking_budget_is_albert_count(mask_prob, max_predictions):
     """Every example masks exactly min(max_predictions, max(1, round(mask_prob * real)), candidates)
     positions (real counting [CLS] and both [SEP]s; the candidates are the sentence tokens), never a
-    special, labels the original ids."""
+    special, labels the original ids; random replacements are non-special ids below vocab_size; every
+    array int64, kinds one per example."""
     rng = np.random.default_rng(8)
     pairs = [(rng.integers(5, 90, int(rng.integers(1, 30))).tolist(), rng.integers(5, 90, int(rng.integers(1, 30))).tolist())
              for _ in range(60)]
     batch = pretraining_batch(pairs, 64, 100, seed=5, mask_prob=mask_prob, max_predictions=max_predictions)
+    for name in ("input_ids", "token_type_ids", "mlm_labels", "sop_labels"):
+        assert getattr(batch, name).dtype == np.int64, name
+    assert len(batch.kinds) == 60 and set(batch.kinds) == set(OBJECTIVE_SHARES)
+    labelled = batch.mlm_labels != IGNORE
+    replaced = labelled & (batch.input_ids != MASK_ID) & (batch.input_ids != batch.mlm_labels)
+    assert ((batch.input_ids[replaced] >= 5) & (batch.input_ids[replaced] < 100)).all()
     for b in range(60):
         real, source = batch.num_real[b], batch.source_lens[b]
         labelled = np.flatnonzero(batch.mlm_labels[b] != IGNORE)
@@ -1052,8 +1060,18 @@ def test_unilm_next_sentence_takes_a_uniform_other_pair():
             offsets[(b_pair - row) % 4] += 1
     assert offsets[0] > 0 and chi_square_ok(offsets[1:], [1 / 3] * 3)[0], offsets
     assert binomial_ok(offsets[1:].sum(), offsets.sum(), 0.5)
-    single = pretraining_batch(pairs[:1], 10, 100, seed=1, shares={"bidirectional": 1.0}, pair_task="nsp")
-    assert single.sop_labels.tolist() == [0]
+    for seed in range(8):                                        # a swap drawn or not: label 0, own B
+        single = pretraining_batch(pairs[:1], 10, 100, seed=seed, shares={"bidirectional": 1.0}, pair_task="nsp")
+        assert single.sop_labels.tolist() == [0] and 60 in single.input_ids[0].tolist() + single.mlm_labels[0].tolist()
+    labels = []
+    for seed in range(8):                                        # two pairs: the other one's B when swapped
+        two = pretraining_batch(pairs[:2], 10, 100, seed=seed, shares={"bidirectional": 1.0}, pair_task="nsp",
+                                mask_prob=0.01)
+        for row in range(2):
+            original = np.where(two.mlm_labels[row] != IGNORE, two.mlm_labels[row], two.input_ids[row])
+            assert two.sop_labels[row] == int(original[two.source_lens[row]] - 60 != row)
+            labels.append(int(two.sop_labels[row]))
+    assert set(labels) == {0, 1}
 
 
 def test_unilm_finetune_counts_candidates_and_replacement():
@@ -1080,6 +1098,14 @@ def test_unilm_finetune_counts_candidates_and_replacement():
     unchanged = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(0.0, 0.0, 1.0))
     labelled = unchanged.mlm_labels != IGNORE
     assert (unchanged.input_ids[labelled] == unchanged.mlm_labels[labelled]).all()
+    default, zero, again = (seq2seq_finetune_batch(pairs, 16, 50, **kw) for kw in ({}, {"seed": 0}, {"seed": 0}))
+    for name in ("input_ids", "token_type_ids", "mlm_labels"):
+        np.testing.assert_array_equal(getattr(default, name), getattr(zero, name))      # default seed 0
+        np.testing.assert_array_equal(getattr(again, name), getattr(zero, name))        # deterministic
+        assert getattr(default, name).dtype == np.int64, name
+    assert not np.array_equal(seq2seq_finetune_batch(pairs, 16, 50, seed=1).mlm_labels, zero.mlm_labels)
+    with pytest.raises(ValueError, match=r"^mask_prob=1\.5 is invalid: expected a probability in \(0, 1\]$"):
+        seq2seq_finetune_batch(pairs, 16, 50, mask_prob=1.5)
     empty = seq2seq_finetune_batch([([7, 8], [])], 5, 50)
     assert np.flatnonzero(empty.mlm_labels[0] != IGNORE).tolist() == [4] and empty.mlm_labels[0, 4] == SEP_ID
     exact_fit = seq2seq_finetune_batch([([7, 8], [9, 10])], 7, 50)          # 7 positions in 7: fits
@@ -1493,3 +1519,26 @@ def test_truncate_seq_pair_rule():
     a, b = [1, 2], [3, 4]
     truncate_seq_pair(a, b, 3, np.random.default_rng(0))
     assert a == [1, 2] and len(b) == 1                     # a tie: B is trimmed
+
+
+def test_unilm_layout_replace_and_span_draws():
+    """layout: [CLS] a [SEP] b [SEP] padded, int64 ids and types, source length |a| + 2; replace_tokens
+    with no positions changes nothing; the span length drawn by choose_spans is 1, 2, 3 with 0.8, 0.1,
+    0.1 (UniLM's "20% bigram or trigram"), chi-square over about 6,000 draws at false failure 1e-6."""
+    ids, types, real, source = layout([7, 8], [9], "seq2seq", 8, True)
+    assert ids.dtype == np.int64 and types.dtype == np.int64
+    assert ids.tolist() == [CLS_ID, 7, 8, SEP_ID, 9, SEP_ID, PAD_ID, PAD_ID] and (real, source) == (6, 4)
+    assert types.tolist() == [4, 4, 4, 4, 5, 5, 0, 0]
+    assert layout([7], [9], "left_to_right", 6, False)[1].tolist() == [0, 0, 0, 1, 1, 0]
+    unchanged = np.array([CLS_ID, 7, 8, SEP_ID])
+    labels = replace_tokens(unchanged, [], 50, np.random.default_rng(0))
+    assert labels.tolist() == [IGNORE] * 4 and unchanged.tolist() == [CLS_ID, 7, 8, SEP_ID]
+    rng = np.random.default_rng(3)
+    drawn = np.zeros(4)
+    for _ in range(300):
+        recorder = Recorder(rng)
+        choose_spans(list(range(60)), 20, recorder)
+        for _, args, kwargs, result in recorder.calls("choice"):
+            drawn[int(result)] += 1
+    assert drawn[0] == 0 and drawn.sum() > 5000
+    assert chi_square_ok(drawn[1:], [0.8, 0.1, 0.1])[0], drawn
