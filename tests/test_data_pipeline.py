@@ -34,7 +34,7 @@ import backends
 from ref_bert import Config
 from ref_bert.data import (CLS_ID, MASK_ID, PAD_ID, SEP_ID, PretrainingDataset, SentencePairStream, Tokenizer,
                            assemble_pair, create_masked_lm_predictions, create_sentence_pairs, masking_budget, ngram_probabilities,
-                           tokenize_documents, truncate_seq_pair, whole_words)
+                           default_corpus_path, read_corpus, tokenize_documents, truncate_seq_pair, whole_words)
 from ref_bert.data import stream as stream_module
 from ref_bert.examples import BATCH_NAMES, make_batch, task_batch, task_labels, text_batch
 from ref_bert.pretrain import batches as batches_module
@@ -1095,6 +1095,12 @@ def test_unilm_finetune_counts_candidates_and_replacement():
     all_mask = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(1.0, 0.0, 0.0))
     labelled = all_mask.mlm_labels != IGNORE
     assert (all_mask.input_ids[labelled] == MASK_ID).all()
+    assert all_mask.source_lens == [len(a) + 2 for a, _ in pairs]
+    assert all_mask.num_real == [len(a) + len(b) + 3 for a, b in pairs]
+    randomised = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(0.0, 1.0, 0.0))
+    labelled = randomised.mlm_labels != IGNORE
+    assert ((randomised.input_ids[labelled] >= 5) & (randomised.input_ids[labelled] < 50)).all()
+    assert len(np.unique(randomised.input_ids[labelled])) > 20                    # uniform draws, not a constant
     unchanged = seq2seq_finetune_batch(pairs, 16, 50, seed=2, replace_probs=(0.0, 0.0, 1.0))
     labelled = unchanged.mlm_labels != IGNORE
     assert (unchanged.input_ids[labelled] == unchanged.mlm_labels[labelled]).all()
@@ -1542,3 +1548,45 @@ def test_unilm_layout_replace_and_span_draws():
             drawn[int(result)] += 1
     assert drawn[0] == 0 and drawn.sum() > 5000
     assert chi_square_ok(drawn[1:], [0.8, 0.1, 0.1])[0], drawn
+
+
+def test_stream_trains_or_loads_its_tokenizer(tmp_path):
+    """Without a tokenizer the stream trains one on its own corpus with vocab_size pieces (else the
+    config's vocab_size, else 1000); a path is loaded as a SentencePiece model; a corpus without a
+    two-sentence document is refused, naming the file."""
+    flat = [s for doc in read_corpus(default_corpus_path()) for s in doc][:400]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(flat[i:i + 4]) for i in range(0, 400, 4)) + "\n")
+    own = SentencePairStream(corpus, None, vocab_size=300, max_seq_length=32)
+    assert own.tokenizer.vocab_size == 300
+    assert own.tokenizer.model_proto == Tokenizer.train(str(corpus), vocab_size=300).model_proto  # this corpus
+    from_config = SentencePairStream(corpus, None, max_seq_length=32, config=Config.preset("tiny", vocab_size=320))
+    assert from_config.tokenizer.vocab_size == 320
+    default = SentencePairStream(None, None, max_seq_length=32)
+    assert default.tokenizer.vocab_size == 1000
+    own.tokenizer.save_to(tmp_path / "tok")
+    loaded = SentencePairStream(corpus, tmp_path / "tok" / "spiece.model", max_seq_length=32)
+    assert loaded.tokenizer.model_proto == own.tokenizer.model_proto and loaded.fingerprint == own.fingerprint
+    lonely = tmp_path / "lonely.txt"
+    lonely.write_text("One sentence here.\n\nAnother document, alone.\n")
+    with pytest.raises(ValueError, match=re.escape(f"corpus {str(lonely)!r} has no document with at least two "
+                                                   "sentences")):
+        SentencePairStream(lonely, own.tokenizer)
+
+
+def test_fingerprint_depends_on_the_documents_and_its_format_is_pinned(tokenizer, documents):
+    """A stream over other documents has another fingerprint (its saved state is refused). The
+    fingerprint is stored in every checkpoint's data state, so its value for given inputs is part of the
+    checkpoint format (a run saved before must resume after): pinned here for a fixed model proto,
+    settings and documents, for both streams."""
+    changed = [list(map(list, d)) for d in documents]
+    changed[3][0][0] = 4_000
+    assert make_stream(SentencePairStream, tokenizer, changed).fingerprint != \
+        make_stream(SentencePairStream, tokenizer, documents).fingerprint
+    fake = SimpleNamespace(tokenizer=SimpleNamespace(model_proto=b"spm-model", lower_case=False), max_seq_length=16,
+                           short_seq_prob=0.1, documents=[[[5, 6], [7]], [[8, 9, 10], [11]]], masked_lm_prob=0.15,
+                           max_predictions_per_seq=20, max_ngram=3)
+    fake._fingerprint_settings = lambda: SentencePairStream._fingerprint_settings(fake)
+    assert SentencePairStream._fingerprint(fake) == "1e3701318ab55388"
+    fake._fingerprint_settings = lambda: PretrainingDataset._fingerprint_settings(fake)
+    assert SentencePairStream._fingerprint(fake) == "be7ca11b3983d0a4"
