@@ -779,8 +779,11 @@ def test_load_state_dict_checks_every_field(tokenizer, documents):
         stream.load_state_dict({**state, "x": 1})
     with pytest.raises(ValueError, match=r"dataset state has keys list"):
         stream.load_state_dict([])
-    with pytest.raises(ValueError, match=r"fingerprint='0'"):
+    with pytest.raises(ValueError, match=r"^dataset state has fingerprint='0', expected '[0-9a-f]{16}': it was saved "
+                                         r"with another corpus, tokenizer or masking/length settings$"):
         stream.load_state_dict({**state, "fingerprint": "0"})
+    with pytest.raises(ValueError, match=r"^dataset state has seed=1, expected this dataset's seed=3$"):
+        stream.load_state_dict({**state, "seed": 1})
     assert (stream.epoch, stream.position) == (3, 4)                          # failed loads change nothing
 
 
