@@ -595,6 +595,12 @@ def test_step_batch_builder_keeps_albert_examples_and_their_counts(tokenizer, do
                 a, b, _ = segments(micro["input_ids"][row], micro["mlm_labels"][row])
                 check_pair(a, b, int(micro["sop_labels"][row]), where, documents, SEQ - 3)
     assert stream.state_dict() == twin.state_dict()
+    single = batches_module.next_step_batch(stream, PretrainConfig(objective="albert", batch_size=5, grad_accum=1,
+                                                                   seq_len=SEQ, seed=0), tiny_model(), 4)
+    expected = twin.next_batch()
+    assert single.indices == [0] and single.sizes == [5] and len(single.micro_batches) == 1
+    for key in expected:
+        np.testing.assert_array_equal(single.micro_batches[0][key], expected[key])
 
 
 @pytest.mark.parametrize("type_vocab_size", [2, 6])
@@ -639,6 +645,14 @@ def test_step_batch_builder_unilm_labels_and_order(tokenizer, documents, type_vo
     assert set(sop) == {0, 1}
     if type_vocab_size == 6:
         assert kinds_seen == {(0, 1), (2, 2), (3, 3), (4, 5)}
+    # the draw is a function of (run seed, step, micro-batch): the same triple rebuilds it, any other differs
+    draws = {seed: batches_module.unilm_host_batch(pairs[0], SEQ, model.config, seed=seed)
+             for seed in ((4, 0, 0), (4, 0, 1), (4, 1, 0), (5, 0, 0))}
+    for a, b in itertools.combinations(draws.values(), 2):
+        assert not np.array_equal(a["mlm_labels"], b["mlm_labels"])
+    again = batches_module.unilm_host_batch(pairs[0], SEQ, model.config, seed=(4, 0, 1))
+    for key in again:
+        np.testing.assert_array_equal(again[key], draws[(4, 0, 1)][key])
 
 
 def test_data_seed_and_make_stream():
