@@ -1581,6 +1581,8 @@ def test_stream_trains_or_loads_its_tokenizer(tmp_path):
     assert from_config.tokenizer.vocab_size == 320
     default = SentencePairStream(None, None, max_seq_length=32)
     assert default.tokenizer.vocab_size == 1000
+    albert = PretrainingDataset(corpus, None, vocab_size=300, max_seq_length=32)    # passes vocab_size on
+    assert albert.tokenizer.model_proto == own.tokenizer.model_proto
     own.tokenizer.save_to(tmp_path / "tok")
     loaded = SentencePairStream(corpus, tmp_path / "tok" / "spiece.model", max_seq_length=32)
     assert loaded.tokenizer.model_proto == own.tokenizer.model_proto and loaded.fingerprint == own.fingerprint
