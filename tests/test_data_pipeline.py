@@ -1219,6 +1219,11 @@ def test_rows_recipe_lengths_ids_types_labels():
         assert not labelled[~real].any() and (labelled.sum(axis=1) >= 1).all()
         label_ids += np.bincount(x["mlm_labels"][labelled], minlength=7)
         assert (x["position_ids"] == np.arange(16)).all()
+    rows_all_equal = sum(len(set(x["mlm_labels"][b][x["mlm_labels"][b] != IGNORE].tolist())) == 1
+                         for seed in range(100) for x in [make_batch(config, 4, 16, seed, label_rate=0.5)] for b in range(4))
+    assert rows_all_equal < 100                    # label ids drawn per position (all equal in a row: 400 of 400)
+    odd = [int(n) for seed in range(100) for n in make_batch(config, 4, 15, seed)["attention_mask"].sum(axis=1)[1:]]
+    assert set(odd) == set(range(7, 15))           # T = 15: [max(2, 15 // 2), 14] = [7, 14]
     assert set(lengths_seen) == set(range(8, 16))
     assert chi_square_ok(np.bincount(lengths_seen, minlength=16)[8:], [1 / 8] * 8)[0]
     assert id_counts[3] == 0 and chi_square_ok(np.delete(id_counts, 3), [1 / 6] * 6)[0], id_counts
@@ -1264,6 +1269,16 @@ def test_matrix_recipe_draws_whole_arrays():
     assert chi_square_ok(ids, [1 / 7] * 7)[0] and chi_square_ok(types, [1 / 3] * 3)[0], (ids, types)
     assert chi_square_ok(label_ids, [1 / 7] * 7)[0] and binomial_ok(labelled_total, real_total, 0.2)
     assert binomial_ok(sop, 800, 0.5)
+    for recipe in ("rows", "matrix", "counted"):
+        x = make_batch(config, 2, 6, 0, recipe=recipe)
+        assert all(v.dtype == np.int64 for v in x.values()), recipe
+    x = make_batch(config, 4, 10, 0, recipe="matrix", label_rate=0.5)
+    assert len(set(x["mlm_labels"][x["mlm_labels"] != IGNORE].tolist())) > 1       # label ids drawn per position
+    default = make_batch(config)
+    explicit = make_batch(config, 2, 16, 0, recipe="rows", label_rate=0.15)
+    assert default["input_ids"].shape == (2, 16)
+    for name in BATCH_NAMES:
+        np.testing.assert_array_equal(default[name], explicit[name])
     unpadded = make_batch(config, 2, 6, 0, recipe="matrix")
     assert unpadded["attention_mask"].all() and unpadded["input_ids"].shape == (2, 6)
     assert make_batch(config, 1, 1, 0, recipe="matrix")["input_ids"].shape == (1, 1)   # T = 1 allowed
