@@ -1272,6 +1272,7 @@ def test_matrix_recipe_draws_whole_arrays():
     for recipe in ("rows", "matrix", "counted"):
         x = make_batch(config, 2, 6, 0, recipe=recipe)
         assert all(v.dtype == np.int64 for v in x.values()), recipe
+        assert {k: v.shape for k, v in x.items()} == {k: (2,) if k == "sop_labels" else (2, 6) for k in BATCH_NAMES}
     x = make_batch(config, 4, 10, 0, recipe="matrix", label_rate=0.5)
     assert len(set(x["mlm_labels"][x["mlm_labels"] != IGNORE].tolist())) > 1       # label ids drawn per position
     default = make_batch(config)
