@@ -1308,6 +1308,11 @@ def test_counted_recipe_labels_an_exact_number():
     assert label_ids[:5].sum() == 0 and chi_square_ok(label_ids[5:], [1 / 4] * 4)[0], label_ids
     assert binomial_ok(sop, 600, 0.5)
     assert (make_batch(small_config(type_vocab_size=1), 2, 8, 0, recipe="counted")["token_type_ids"] == 0).all()
+    two_types = make_batch(small_config(type_vocab_size=2), 2, 8, 0, recipe="counted")["token_type_ids"]
+    assert (two_types == (np.arange(8) >= 4)).all()
+    same = sum(len(set(row[row != IGNORE].tolist())) == 1
+               for seed in range(50) for row in make_batch(config, 4, 20, seed, recipe="counted", label_rate=0.3)["mlm_labels"])
+    assert same < 50                              # label ids drawn per position (6 labels of 4 ids: rarely all equal)
 
 
 @pytest.mark.parametrize("kwargs, message", [
