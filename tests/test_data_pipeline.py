@@ -1406,6 +1406,22 @@ def test_task_batch_labels_follow_each_head(head, extra):
             np.testing.assert_array_equal(again[k], labels[k])
 
 
+def test_task_batch_defaults_and_settings():
+    """task_batch's defaults (2 examples of 16 tokens, seed 0, 2 choices, label rate 0.15, float64) and
+    its label_rate and dtype passed on."""
+    mc = Config.preset("tiny", head="multiple_choice")
+    default, explicit = task_batch(mc), task_batch(mc, 2, 16, 0, num_choices=2, label_rate=0.15, dtype="float64")
+    assert default["input_ids"].shape == (2, 2, 16)
+    for name in default:
+        np.testing.assert_array_equal(default[name], explicit[name])
+    pre = Config.preset("tiny")
+    dense = task_batch(pre, 4, 16, seed=1, label_rate=0.9)
+    np.testing.assert_array_equal(dense["mlm_labels"], make_batch(pre, 4, 16, [1], label_rate=0.9)["mlm_labels"])
+    reg = Config.preset("tiny", head="sequence_classification", num_labels=1)
+    assert task_batch(reg, 3, 8, seed=2, dtype="float32")["labels"].dtype == np.float32
+    assert task_batch(reg, 3, 8, seed=2)["labels"].dtype == np.float64
+
+
 def test_task_labels_distributions():
     """task_labels' draws over many rows: class ids uniform over num_labels (multiple choice over C),
     question-answering start uniform over the real tokens and end uniform over [start, n), multi-label
@@ -1431,7 +1447,9 @@ def test_task_labels_distributions():
                                       problem_type="multi_label_classification"), inputs, rng, dtype="float32")
     assert multi["labels"].dtype == np.float32 and binomial_ok(int(multi["labels"].sum()), 12000, 0.5)
     reg = task_labels(Config.preset("tiny", head="sequence_classification", num_labels=1), inputs, rng,
-                      dtype="float32")["labels"].astype(np.float64)
+                      dtype="float32")["labels"]
+    assert reg.dtype == np.float32
+    reg = reg.astype(np.float64)
     assert reg.shape == (4000,) and abs(reg.mean()) < 5.3 / math.sqrt(4000)
     assert abs(reg.var() - 1) < 5.3 * math.sqrt(2 / 4000)
 
@@ -1494,6 +1512,17 @@ def test_text_batch_labels_real_positions_after_cls():
     extra = sum(int((text_batch(tokenizer, config, long_text, seed=s, label_rate=0.25)["mlm_labels"] != IGNORE).sum()) - 1
                 for s in range(400))
     assert binomial_ok(extra, 400 * 22, 0.25)
+    assert all(v.dtype == np.int64 for v in x.values())
+    default, explicit = text_batch(tokenizer, config, texts), text_batch(tokenizer, config, texts, seed=0, label_rate=0.15)
+    for name in BATCH_NAMES:
+        np.testing.assert_array_equal(default[name], explicit[name])
+    # with label_rate 0 only the forced label is left: uniform over the n - 1 positions after [CLS], the
+    # final [SEP] included (chi-square, false failure 1e-6)
+    forced = np.zeros(8)
+    for seed in range(700):
+        row = text_batch(tokenizer, config, ["abcdef"], seed=seed, label_rate=0.0)["mlm_labels"][0]
+        forced[np.flatnonzero(row != IGNORE)] += 1
+    assert forced[0] == 0 and forced.sum() == 700 and chi_square_ok(forced[1:], [1 / 7] * 7)[0], forced
     pairs = text_batch(tokenizer, config, ["ab", "c"], pairs=["de", "fgh"], seed=1)
     assert (pairs["token_type_ids"][1, :6] == [0, 0, 0, 1, 1, 1]).all()
     with pytest.raises(ValueError, match=re.escape("(max_length is the model's position table, config "
