@@ -375,17 +375,36 @@ def test_masks_are_applied_exactly_at_the_embeddings_and_the_classifier():
 
 
 # --- reference and fast tables ------------------------------------------------------------------
-def test_masks_are_the_same_with_the_reference_ops_and_the_fast_table():
-    """The NumPy backend's fast table (in-place masked softmax) and the reference ops (tables emptied)
-    draw and apply identical masks for the same seed, and their outputs agree to rounding (float64,
-    1e-12 relative to the largest entry: the fast variants reorder a few sums)."""
+def test_masks_are_the_same_with_the_reference_ops_and_the_fast_tables():
+    """The NumPy backend's fast table (in-place masked softmax), the CuPy table run on NumPy through the
+    kernel interpreter (tests/test_fused_kernels.py: the fused softmax-and-dropout kernel's own source)
+    and the reference ops (tables emptied) draw and apply identical masks for the same seed, and their
+    outputs agree to rounding (float64, 1e-12 relative to the largest entry: the fast variants reorder
+    a few sums)."""
+    from backends.cupy_fast import fast_table
+    from backends.cupy_kernels import CupyKernels
+
+    from .test_fused_kernels import NumpyKernelInterpreter
+
     model = Model(config(), dtype="float64", seed=0)
     ids, types = inputs(4, 6)
-    fast = model.forward(ids, types, training=True, dropout_seed=6, keep_cache=True)
+
+    def run():
+        return model.forward(ids, types, training=True, dropout_seed=6, keep_cache=True)
+
+    numpy_backend = backends.get("numpy")
+    assert numpy_backend.fast, "the NumPy backend has a fast table outside reference_ops()"
+    fast = run()
+    saved = numpy_backend.fast
+    numpy_backend.fast = fast_table(CupyKernels(NumpyKernelInterpreter), numpy_backend)
+    try:
+        interpreted = run()
+    finally:
+        numpy_backend.fast = saved
     with backends.reference_ops():
-        reference = model.forward(ids, types, training=True, dropout_seed=6, keep_cache=True)
-    assert backends.get("numpy").fast, "the NumPy backend has a fast table outside reference_ops()"
-    for (site, a), (_, b) in zip(drawn_masks(fast), drawn_masks(reference)):
-        np.testing.assert_array_equal(a, b, err_msg=site)
-    for a, b in zip(fast.hidden_states, reference.hidden_states):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max())
+        reference = run()
+    for other in (fast, interpreted):
+        for (site, a), (_, b) in zip(drawn_masks(other), drawn_masks(reference)):
+            np.testing.assert_array_equal(a, b, err_msg=site)
+        for a, b in zip(other.hidden_states, reference.hidden_states):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max())
