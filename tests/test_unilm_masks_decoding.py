@@ -9,11 +9,13 @@ forward against the full forward (Model.forward) under the same seq2seq mask, ch
 """
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
 import pytest
 
+import backends
 from ref_bert import Config, Model
 from ref_bert.decoding import KVCache, incremental_forward
 from ref_bert.masks import (MASK_KINDS, additive_mask, batch_masks, draw_masks_png, format_mask, normalize_kind,
@@ -264,15 +266,25 @@ def test_kv_cache_bookkeeping():
 
 
 # --- incremental forward against the full forward ----------------------------------------------------
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_incremental_forward_equals_the_full_forward_chunk_by_chunk(dtype):
+@pytest.mark.parametrize("dtype, ops, overrides", [
+    ("float64", "fast", {}), ("float32", "fast", {}), ("float32", "reference", {}),
+    ("float64", "fast", {"embedding_size": 16, "sharing": "none", "num_hidden_groups": 1, "model_type": "bert"})],
+    ids=["float64", "float32", "float32-reference-ops", "bert-like-no-projection"])
+def test_incremental_forward_equals_the_full_forward_chunk_by_chunk(dtype, ops, overrides):
     """Two rows, 9 positions with segment ids and shifted position ids, under a seq2seq mask with source
     length 4 (and row 1 with pad keys hidden): fed in chunks of 4 (all committed), 3 (2 committed), 3
     (the uncommitted one again, then 2 more; 1 committed), the new positions' last hidden states equal
     the full forward's (Model.forward with the (B, T, T) mask, dropout off) at those positions: 1e-12
     relative in float64, 2e-5 in float32 (six blocks, sums in another order). Dropout is configured on
-    and must not be applied. The cache holds what each block's keys were at committed positions."""
-    model = Model(small_config(), dtype=dtype, seed=1)
+    and must not be applied. The cache holds what each block's keys were at committed positions. Also
+    with the reference ops (no fast table: a float64 additive mask would promote a float32 model's
+    activations there) and with E == H (no projection)."""
+    with backends.reference_ops() if ops == "reference" else contextlib.nullcontext():
+        run_incremental_against_full(dtype, overrides)
+
+
+def run_incremental_against_full(dtype, overrides):
+    model = Model(small_config(**overrides), dtype=dtype, seed=1)
     rng = np.random.default_rng(3)
     B, T, s = 2, 9, 4
     ids = rng.integers(0, 30, (B, T))
