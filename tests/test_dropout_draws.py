@@ -327,30 +327,53 @@ def test_masks_follow_the_seeded_draw_order(zero_site):
         same(masks_of(), want)
 
 
-def test_loss_and_grads_applies_the_masks_forward_draws():
+def traced_run(fn, **kwargs):
+    traced = {}
+    fn(trace=lambda name, x: traced.setdefault(name, np.array(x)), **kwargs)
+    return traced
+
+
+@pytest.mark.parametrize("head", ["token_classification", "pretraining"])
+def test_loss_and_grads_applies_the_masks_forward_draws(head):
     """loss_and_grads(training=True, dropout_seed=s) runs with the masks forward(..., dropout_seed=s)
-    draws: every traced activation (each of them downstream of a dropout site) is bit-identical, and the
-    loss equals the cross-entropy of forward's logits (float64, 1e-12 relative: the same numbers summed
-    in the same order, the reference summing them with math.fsum)."""
+    draws (the pretraining loss and the fine-tuning heads' loss are two paths): every traced activation
+    (each downstream of a dropout site) is bit-identical, and the loss equals the cross-entropy of
+    forward's logits (float64, 1e-12 relative: the same numbers, the reference summing with math.fsum).
+    Without training the loss is another number (no masks)."""
     import math
 
-    model = Model(config("token_classification"), dtype="float64", seed=0)
+    model = Model(config(head), dtype="float64", seed=0)
     ids, types = inputs(2, 6)
-    labels = np.random.default_rng(1).integers(0, 2, (2, 6))
-    traced = {}
-    forward = model.forward(ids, types, training=True, dropout_seed=9,
-                            trace=lambda name, x: traced.setdefault(("f", name), np.array(x)))
-    model.loss_and_grads(ids, types, labels=labels, training=True, dropout_seed=9,
-                         trace=lambda name, x: traced.setdefault(("l", name), np.array(x)))
-    names = {name for kind, name in traced if kind == "f"}
-    assert "encoder.layer.2.block.1.ffn_output" in names and "head.logits" in names
+    rng = np.random.default_rng(1)
+    if head == "pretraining":
+        mlm = np.where(rng.random((2, 6)) < 0.5, rng.integers(0, 50, (2, 6)), -100)
+        mlm[0, 0] = 7
+        labels = dict(mlm_labels=mlm, sop_labels=np.array([1, 0]))
+    else:
+        labels = dict(labels=rng.integers(0, 2, (2, 6)))
+    forward = traced_run(model.forward, input_ids=ids, token_type_ids=types, training=True, dropout_seed=9)
+    loss_path = traced_run(model.loss_and_grads, input_ids=ids, token_type_ids=types, training=True, dropout_seed=9,
+                           **labels)
+    names = {n for n in set(forward) & set(loss_path) if not n.startswith("mlm")}   # MLM: labelled rows only
+    assert "encoder.layer.2.block.1.ffn_output" in names and "embeddings.output" in names
+    assert ("sop_logits" if head == "pretraining" else "head.logits") in names
     for name in names:
-        np.testing.assert_array_equal(traced[("l", name)], traced[("f", name)], err_msg=name)
-    result = model.loss_and_grads(ids, types, labels=labels, training=True, dropout_seed=9)
-    logits = forward.logits.reshape(-1, 2)
-    nll = [math.log(math.fsum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits.tolist(), labels.ravel())]
-    assert float(result.loss) == pytest.approx(math.fsum(nll) / len(nll), rel=1e-12)
-    evaluation = model.loss_and_grads(ids, types, labels=labels)
+        np.testing.assert_array_equal(loss_path[name], forward[name], err_msg=name)
+
+    def mean_nll(logits, targets):
+        keep = targets != -100
+        nll = [math.log(math.fsum(math.exp(v) for v in row)) - row[y]
+               for row, y in zip(logits.reshape(-1, logits.shape[-1])[keep.ravel()].tolist(), targets[keep])]
+        return math.fsum(nll) / len(nll)
+
+    out = model.forward(ids, types, training=True, dropout_seed=9)
+    if head == "pretraining":
+        want = mean_nll(out.mlm_logits, labels["mlm_labels"]) + mean_nll(out.sop_logits, labels["sop_labels"])
+    else:
+        want = mean_nll(out.logits, labels["labels"])
+    result = model.loss_and_grads(ids, types, training=True, dropout_seed=9, **labels)
+    assert float(result.loss) == pytest.approx(want, rel=1e-12)
+    evaluation = model.loss_and_grads(ids, types, **labels)
     assert float(evaluation.loss) != pytest.approx(float(result.loss), rel=1e-6)
 
 
