@@ -1332,8 +1332,9 @@ def test_load_state_dict_reports_every_problem_at_once():
     state32 = opt32.state_dict()
     opt32.load_state_dict({**state32, "tensors": {k: np.full(2, 0.25, np.float32) for k in state32["tensors"]}})
     assert opt32.exp_avg["a.weight"].dtype == np.float32 and opt32.exp_avg["a.weight"][0] == 0.25
+    wrong = {**state32, "tensors": {**state32["tensors"], "exp_avg/a.weight": np.ones(2)}}
     _raises_exactly("optimiser state does not match: exp_avg/a.weight has dtype float64, expected float32",
-                    opt32.load_state_dict, {**state32, "tensors": {**state32["tensors"], "exp_avg/a.weight": np.ones(2)}})
+                    opt32.load_state_dict, wrong)
 
 
 def test_constructor_defaults():
