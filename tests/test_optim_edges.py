@@ -787,6 +787,17 @@ def test_adamw_update_defaults_by_hand():
     np.testing.assert_allclose(w, expected, rtol=1e-14)
 
 
+def test_adamw_step_uses_its_own_betas():
+    """AdamW.step passes the optimiser's betas (not adamw_update's defaults): without bias correction
+    one step is w - lr (1 - b1) g / (sqrt(1 - b2) |g| + eps), here b = (0.5, 0.75) (rtol 1e-15)."""
+    params = {"a.weight": np.array([1.0, -1.0])}
+    opt = AdamW(params, lr=0.1, betas=(0.5, 0.75), eps=1e-8, weight_decay=0.0, bias_correction=False)
+    opt.step({"a.weight": np.array([2.0, 2.0])})
+    r = 0.5 * 2.0 / (math.sqrt(0.25 * 4.0) + 1e-8)
+    np.testing.assert_allclose(params["a.weight"], [1.0 - 0.1 * r, -1.0 - 0.1 * r], rtol=1e-15)
+    np.testing.assert_allclose(opt.exp_avg_sq["a.weight"], [1.0, 1.0], rtol=1e-15)
+
+
 def test_adamw_update_uses_the_arrays_backend(monkeypatch):
     asked = []
 
