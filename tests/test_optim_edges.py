@@ -671,6 +671,13 @@ def test_lamb_update_decay_modes_by_hand():
     assert ratio == pytest.approx(5.0 / math.sqrt(float(u @ u)), rel=1e-15)
     np.testing.assert_allclose(w, [3.0 - 0.1 * ratio * u[0] - 0.01 * 3.0, 4.0 - 0.1 * ratio * u[1] - 0.01 * 4.0],
                                rtol=1e-15)
+    # Lamb.step with the decay outside the ratio: a zero gradient with zero moments gives u = 0, ratio 1,
+    # and w <- w - lr wd w; an excluded name keeps w.
+    params = {"x.weight": np.array([3.0, 4.0]), "x.bias": np.array([1.0, 2.0])}
+    Lamb(params, lr=0.1, weight_decay=0.1, weight_decay_mode="outside_ratio",
+         exclude_from_weight_decay=["bias"]).step({"x.weight": np.zeros(2), "x.bias": np.zeros(2)})
+    np.testing.assert_allclose(params["x.weight"], [3.0 * 0.99, 4.0 * 0.99], rtol=1e-15)
+    assert np.array_equal(params["x.bias"], [1.0, 2.0])
     # The clip factor scales g before the moments: m = (1 - b1) * c * g.
     w, m, v = np.array([3.0, 4.0]), np.zeros(2), np.zeros(2)
     lamb_module.lamb_update(w, np.array([1.0, -2.0]), m, v, lr=0.1, t=1, clip=np.float64(0.5))
@@ -778,6 +785,17 @@ def test_adamw_update_defaults_by_hand():
         wi -= 0.1 * (mi / (1 - 0.9 ** 2)) / (math.sqrt(vi / (1 - 0.999 ** 2)) + 1e-8)
         expected.append(wi)
     np.testing.assert_allclose(w, expected, rtol=1e-14)
+
+
+def test_adamw_step_uses_its_own_betas():
+    """AdamW.step passes the optimiser's betas (not adamw_update's defaults): without bias correction
+    one step is w - lr (1 - b1) g / (sqrt(1 - b2) |g| + eps), here b = (0.5, 0.75) (rtol 1e-15)."""
+    params = {"a.weight": np.array([1.0, -1.0])}
+    opt = AdamW(params, lr=0.1, betas=(0.5, 0.75), eps=1e-8, weight_decay=0.0, bias_correction=False)
+    opt.step({"a.weight": np.array([2.0, 2.0])})
+    r = 0.5 * 2.0 / (math.sqrt(0.25 * 4.0) + 1e-8)
+    np.testing.assert_allclose(params["a.weight"], [1.0 - 0.1 * r, -1.0 - 0.1 * r], rtol=1e-15)
+    np.testing.assert_allclose(opt.exp_avg_sq["a.weight"], [1.0, 1.0], rtol=1e-15)
 
 
 def test_adamw_update_uses_the_arrays_backend(monkeypatch):
@@ -1320,6 +1338,14 @@ def test_load_state_dict_reports_every_problem_at_once():
     assert opt.step_count == 0 and np.array_equal(opt.exp_avg["b.weight"], np.full(3, 0.5))
     opt.step({n: np.ones_like(w) for n, w in p.items()})
     assert opt.state_dict()["step"] == 1
+    # float32 state loads into a float32 optimiser, float64 does not.
+    opt32 = AdamW({"a.weight": np.ones(2, np.float32)})
+    state32 = opt32.state_dict()
+    opt32.load_state_dict({**state32, "tensors": {k: np.full(2, 0.25, np.float32) for k in state32["tensors"]}})
+    assert opt32.exp_avg["a.weight"].dtype == np.float32 and opt32.exp_avg["a.weight"][0] == 0.25
+    wrong = {**state32, "tensors": {**state32["tensors"], "exp_avg/a.weight": np.ones(2)}}
+    _raises_exactly("optimiser state does not match: exp_avg/a.weight has dtype float64, expected float32",
+                    opt32.load_state_dict, wrong)
 
 
 def test_constructor_defaults():
