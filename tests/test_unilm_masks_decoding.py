@@ -87,6 +87,7 @@ def test_kind_names_are_case_space_and_hyphen_insensitive():
     (lambda: format_mask(np.ones((3, 3)), ["a", "b"]),
      r"^mask shape \(3, 3\) and 2 labels do not match \(expected \(T, T\), T labels\)$"),
     (lambda: format_mask(np.ones((3, 2)), ["a", "b", "c"]), r"^mask shape \(3, 2\) and 3 labels do not match"),
+    (lambda: format_mask(np.ones(3), ["a", "b", "c"]), r"^mask shape \(3,\) and 3 labels do not match"),
 ])
 def test_bad_arguments_are_value_errors_that_say_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
@@ -161,43 +162,57 @@ def test_format_mask_prints_the_grid_written_out_by_hand():
     # one-character labels: columns of width 1; other symbols; a 0/1 integer mask reads as booleans
     assert format_mask(np.array([[1, 0], [1, 1]]), ["x", "y"], allowed="#", blocked="-") == \
         "\n".join(["  | x y", "-------", "x | # -   sees 1", "y | # #   sees 2"])
+    # any non-zero entry allows (the mask is read as booleans): "sees" counts keys, not weights
+    assert format_mask(np.array([[2.0, 0.0], [0.5, 3.0]]), ["x", "y"]) == \
+        "\n".join(["  | x y", "-------", "x | 1 .   sees 1", "y | 1 1   sees 2"])
 
 
 def test_the_picture_shows_every_kind_with_its_labels_and_colours(tmp_path, monkeypatch):
-    """draw_masks_png: one panel per kind (titles with hyphens), each showing that kind's teaching mask
-    (allowed entries grey, blocked ones white), keys on x and queries on y labelled with the layout's
-    tokens (x labels vertical), the suptitle; a PNG of 4 x 4.2 in by 5 in at 120 dpi (2016 x 600 pixels)
-    written to the path whatever its extension."""
+    """draw_masks_png: four panels side by side, one per kind (titles with hyphens), each showing that
+    kind's teaching mask (allowed entries one mid grey, blocked ones white, also when a panel has no
+    blocked entry), keys on x and queries on y labelled with the layout's tokens (x labels vertical,
+    7 pt), the suptitle; a PNG of 4 x 4.2 in by 5 in at 120 dpi (2016 x 600 pixels) written to the path
+    whatever its extension and whatever the user's matplotlib defaults (here savefig.format = "svg",
+    savefig.dpi = 72). Drawn twice: with pad 1, and with the default pad (0: the bidirectional mask then
+    has no blocked entry)."""
     matplotlib = pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
     figures = []
     real_savefig = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real_savefig(self, *a, **k))[1])
-    path = tmp_path / "masks.image"
-    draw_masks_png(str(path), 2, 1, 1)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    image = matplotlib.image.imread(io.BytesIO(data), format="png")
-    assert image.shape[:2] == (600, 2016)
-    (fig,) = figures
-    assert fig._suptitle.get_text() == "UniLM self-attention masks (shaded: query may attend key)"
-    axes = fig.axes
-    assert [ax.get_title() for ax in axes] == ["bidirectional", "left-to-right", "right-to-left", "seq2seq"]
-    for ax, kind in zip(axes, MASK_KINDS):
-        mask, labels = teaching_mask(kind, 2, 1, 1)
-        (im,) = ax.get_images()
-        np.testing.assert_array_equal(np.asarray(im.get_array()), mask)
-        rgba = im.to_rgba(np.asarray(mask, dtype=float))
-        blocked, grey = rgba[~mask], rgba[mask]
-        np.testing.assert_allclose(blocked[:, :3], 1.0)                      # white
-        level = grey[:, :3]
-        assert np.ptp(level) == 0 and 0.35 < level[0, 0] < 0.6               # one mid grey (Greys at 1/1.6)
-        assert ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
-        assert list(ax.get_xticks()) == list(range(len(labels))) == list(ax.get_yticks())
-        assert [t.get_text() for t in ax.get_xticklabels()] == labels == [t.get_text() for t in ax.get_yticklabels()]
-        assert all(t.get_rotation() == 90 and t.get_fontsize() == 7 for t in ax.get_xticklabels())
-        assert all(t.get_rotation() == 0 and t.get_fontsize() == 7 for t in ax.get_yticklabels())
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "svg")
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.dpi", 72)
+    for call, (N, M, pad) in (((2, 1, 1), (2, 1, 1)), ((1, 2), (1, 2, 0))):
+        path = tmp_path / f"masks-{pad}.image"
+        draw_masks_png(str(path), *call)
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(io.BytesIO(data), format="png")
+        assert image.shape[:2] == (600, 2016)
+        fig = figures.pop()
+        assert fig._suptitle.get_text() == "UniLM self-attention masks (shaded: query may attend key)"
+        axes = fig.axes
+        assert [ax.get_title() for ax in axes] == ["bidirectional", "left-to-right", "right-to-left", "seq2seq"]
+        boxes = [ax.get_position() for ax in axes]                     # one row, left to right
+        assert all(a.x1 <= b.x0 and abs(a.y0 - b.y0) < 1e-9 and abs(a.y1 - b.y1) < 1e-9 for a, b in zip(boxes, boxes[1:]))
+        for ax, kind in zip(axes, MASK_KINDS):
+            mask, labels = teaching_mask(kind, N, M, pad)
+            assert len(labels) == N + M + 3 + pad
+            (im,) = ax.get_images()
+            np.testing.assert_array_equal(np.asarray(im.get_array()), mask)
+            rgba = im.to_rgba(np.asarray(mask, dtype=float))
+            blocked, grey = rgba[~mask], rgba[mask]
+            np.testing.assert_allclose(blocked[:, :3], 1.0)                      # white
+            level = grey[:, :3]
+            assert np.ptp(level) == 0 and 0.35 < level[0, 0] < 0.6               # one mid grey (Greys at 1/1.6)
+            assert ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
+            assert list(ax.get_xticks()) == list(range(len(labels))) == list(ax.get_yticks())
+            assert [t.get_text() for t in ax.get_xticklabels()] == labels == [t.get_text() for t in ax.get_yticklabels()]
+            assert all(t.get_rotation() == 90 and t.get_fontsize() == 7 for t in ax.get_xticklabels())
+            assert all(t.get_rotation() == 0 and t.get_fontsize() == 7 for t in ax.get_yticklabels())
+        if pad == 0:   # no blocked entry in this panel: its grey must not come from scaling to the data
+            assert teaching_mask("bidirectional", N, M)[0].all()
 
 
 def test_the_picture_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
