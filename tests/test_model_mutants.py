@@ -10,6 +10,8 @@ from scratch with the same seed, and messages are the documented ones.
 """
 from __future__ import annotations
 
+import os
+import sys
 import json
 import warnings
 
@@ -20,6 +22,12 @@ from ref_bert import Config, Model, Tokenizer
 from tests._models import perturbed_model
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# Where a warning must point (its stacklevel): the caller, this file. Under the mutation run, mutmut
+# calls every mutated function through its trampoline, one frame deeper, so the caller's frame is the
+# trampoline's (docs/testing.md); that frame is accepted there and only there.
+CALLER = {__file__} | ({os.path.join(os.path.dirname(sys.modules["mutmut"].__file__), "mutation", "trampoline.py")}
+                       if "mutmut" in sys.modules else set())
 
 
 def _config(**changes):
@@ -117,7 +125,7 @@ def test_a_head_put_on_an_encoder_checkpoint_is_fresh_from_the_seed_and_named(tm
     encoder.save_hf(tmp_path)
     with pytest.warns(UserWarning) as record:
         model = Model.from_hf(tmp_path, dtype="float64", seed=4, head="sequence_classification", num_labels=3)
-    assert len(record) == 1 and record[0].filename == __file__          # stacklevel: the caller's line
+    assert len(record) == 1 and record[0].filename in CALLER          # stacklevel: the caller's line
     assert str(record[0].message) == (
         f"{tmp_path}: the AlbertModel checkpoint has no classifier weights for AlbertForSequenceClassification; "
         f"they are freshly initialised (seed 4) and must be trained (model.fresh_parameters)")
@@ -136,7 +144,7 @@ def test_a_head_put_on_an_encoder_checkpoint_is_fresh_from_the_seed_and_named(tm
     assert not (tmp_path / "refused").exists()
     with pytest.warns(UserWarning) as record:
         model.save_hf(tmp_path / "forced", allow_fresh=True)
-    assert len(record) == 1 and record[0].filename == __file__
+    assert len(record) == 1 and record[0].filename in CALLER
     assert str(record[0].message) == ("save_hf: writing freshly initialised (untrained) parameters: "
                                       "classifier.weight, classifier.bias")
     forced = Model.from_hf(tmp_path / "forced", dtype="float64")
@@ -173,7 +181,7 @@ def test_many_fresh_parameters_are_named_six_then_dots_and_unused_heads_are_name
     Model(_config(), seed=0).save_hf(tmp_path / "pre")
     with pytest.warns(UserWarning) as record:
         Model.from_hf(tmp_path / "pre", head="token_classification", num_labels=4, seed=2)
-    assert len(record) == 1 and record[0].filename == __file__
+    assert len(record) == 1 and record[0].filename in CALLER
     assert str(record[0].message) == (
         f"{tmp_path / 'pre'}: the AlbertForPreTraining checkpoint has no classifier weights for "
         f"AlbertForTokenClassification; they are freshly initialised (seed 2) and must be trained "
