@@ -1201,9 +1201,14 @@ def test_refused_step_and_state_messages():
     hyper = dict(saved["hyper"])
     del hyper["eps"]
     hyper["extra"] = 1
-    _raises_exactly("optimiser state does not match: hyper['eps'] is '<absent>', expected 1e-06; "
-                    "hyper['extra'] is 1, expected '<absent>'", Lamb(p).load_state_dict,
+    _raises_exactly("optimiser state does not match: hyper['eps'] is absent, expected 1e-06; "
+                    "hyper['extra'] is 1, expected absent", Lamb(p).load_state_dict,
                     {"step": 1, "tensors": saved["tensors"], "hyper": hyper})
+    # A hyperparameter only one side has is a mismatch whatever its value, even the string the message
+    # prints for a missing one (a "<absent>" default in the comparison accepted it).
+    odd = dict(saved["hyper"], extra="<absent>")
+    _raises_exactly("optimiser state does not match: hyper['extra'] is '<absent>', expected absent",
+                    Lamb(p).load_state_dict, {"step": 1, "tensors": saved["tensors"], "hyper": odd})
     # check_hyper=False skips the hyperparameters (and a state without "hyper" is not compared).
     opt = Lamb(p)
     opt.load_state_dict({"step": 1, "tensors": saved["tensors"], "hyper": hyper}, check_hyper=False)
@@ -1327,7 +1332,7 @@ def test_load_state_dict_reports_every_problem_at_once():
                     "['exp_avg/z']; exp_avg_sq/a.weight has shape (3,), expected (2,); exp_avg/b.weight has dtype "
                     "float32, expected float64; exp_avg_sq/b.weight is a list, expected an array; exp_avg/c.weight "
                     "is a _ShapeOnly, expected an array; hyper['eps'] is 1e-08, expected 1e-06; hyper['extra'] is "
-                    "None, expected '<absent>'; hyper['weight_norm_clamp'] is '<absent>', expected None",
+                    "None, expected absent; hyper['weight_norm_clamp'] is absent, expected None",
                     opt.load_state_dict, {"step": 3, "tensors": tensors, "hyper": hyper})
     _raises_exactly("state must be a dict with keys 'step', 'tensors' (and 'hyper'), got ['tensors']",
                     opt.load_state_dict, {"tensors": state["tensors"]})

@@ -168,14 +168,18 @@ class _AdamFamily:
         if check_hyper and "hyper" in state:
             theirs, mine = _jsonable(dict(state["hyper"])), _jsonable(ours["hyper"])
             for k in sorted(set(theirs) | set(mine)):
-                if k != "lr" and theirs.get(k, "<absent>") != mine.get(k, "<absent>"):
-                    problems.append(f"hyper[{k!r}] is {theirs.get(k, '<absent>')!r}, expected "
-                                    f"{mine.get(k, '<absent>')!r}")
+                if k != "lr" and (k not in theirs or k not in mine or theirs[k] != mine[k]):
+                    problems.append(f"hyper[{k!r}] is {_shown(theirs, k)}, expected {_shown(mine, k)}")
         if problems:
             raise ValueError("optimiser state does not match: " + "; ".join(problems))
         for key, dst in ours["tensors"].items():
             dst[...] = self.xp.asarray(tensors[key])
         self.step_count = int(step)
+
+
+def _shown(hyper: dict, key: str) -> str:
+    """A hyperparameter as an error message shows it: its repr, or ``absent``."""
+    return repr(hyper[key]) if key in hyper else "absent"
 
 
 class _Direction(NamedTuple):
