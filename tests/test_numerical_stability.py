@@ -616,7 +616,8 @@ def mp_layer_norm(x, w, b, eps, dout):
     g = G * W
     dx = rstd * (g - g.sum(axis=-1, keepdims=True) / C - xhat * (g * xhat).sum(axis=-1, keepdims=True) / C)
     f = lambda a: np.asarray(a, dtype=np.float64)   # noqa: E731
-    return f(xhat * W + Bb), f(dx), f((G * xhat).sum(axis=0)), f(G.sum(axis=0)), f(rstd)
+    rows = lambda a: a.reshape(-1, C)               # noqa: E731
+    return f(xhat * W + Bb), f(dx), f(rows(G * xhat).sum(axis=0)), f(rows(G).sum(axis=0)), f(rstd)
 
 
 def layer_norm_rows(dtype, C=12, seed=9):
@@ -627,20 +628,22 @@ def layer_norm_rows(dtype, C=12, seed=9):
                      np.r_[1e4, -1e4, rng.standard_normal(C - 2)],
                      np.r_[huge, np.zeros(C - 1)],                 # one outlier
                      np.zeros(C),                                  # var = 0: rstd = 1 / sqrt(eps)
-                     rng.standard_normal(C)]).astype(dtype)
+                     rng.standard_normal(C)]).astype(dtype).reshape(2, 3, C)     # (B, T, H), as the model's
 
 
 @pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm_at_large_and_zero_rows(dtype, table):
-    """layer_norm_forward / _backward (eps 1e-12) against mp_layer_norm. The rounding that matters is
+    """layer_norm_forward / _backward (eps 1e-12) over the last axis of (2, 3, 12) rows, against
+    mp_layer_norm. The rounding that matters is
     the mean's (C eps / 2 of max|x|), which the centring passes on and rstd multiplies: per row
     kappa = max|x| rstd + 1, and the bounds are C kappa for xhat, |w| C kappa + |out| for the output,
     2 C kappa rstd max|g| + |dx| for dx (g = dout w), sum over rows of |dout| C kappa for dw and
     N |dout| for db. A zero row gives out = b and dx = 1e6 (g - mean(g)) exactly (the epsilon is inside
     the square root). Rows of |x| above sqrt(max) (1.8e19 in float32) overflow (x - mean)^2: not tested."""
     x = layer_norm_rows(dtype)
-    N, C = x.shape
+    C = x.shape[-1]
+    N = x.size // C
     rng = np.random.default_rng(10)
     w = (1 + rng.standard_normal(C) / 4).astype(dtype)
     b = rng.standard_normal(C).astype(dtype)
@@ -655,9 +658,10 @@ def test_layer_norm_at_large_and_zero_rows(dtype, table):
     g = np.abs(dout.astype(np.float64) * w)
     check(out, out_ref, np.abs(w) * C * kappa + np.abs(out_ref), dtype, "layer norm out")
     check(dx, dx_ref, 2 * C * kappa * rstd * g.max(axis=-1, keepdims=True) + np.abs(dx_ref), dtype, "layer norm dx")
-    check(dw - dw0, dw_ref, (np.abs(dout) * C * kappa).sum(axis=0) + 2 * np.abs(dw0), dtype, "layer norm dw")
-    check(db - db0, db_ref, N * np.abs(dout).sum(axis=0) + 2 * np.abs(db0), dtype, "layer norm db")
-    np.testing.assert_array_equal(out[4], b)
+    check(dw - dw0, dw_ref, (np.abs(dout) * C * kappa).reshape(-1, C).sum(axis=0) + 2 * np.abs(dw0), dtype,
+          "layer norm dw")
+    check(db - db0, db_ref, N * np.abs(dout).reshape(-1, C).sum(axis=0) + 2 * np.abs(db0), dtype, "layer norm db")
+    np.testing.assert_array_equal(out[1, 1], b)                  # the zero row
 
 
 # --- pooling and L2 normalisation ---------------------------------------------------------------------------
