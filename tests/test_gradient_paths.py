@@ -389,3 +389,11 @@ def test_sequence_problem_type_and_the_loss_functions_defaults():
     assert float(end) == pytest.approx(_torch_ce(logits.T[::-1], np.array([2, 2, 4]), ignore_index=4),
                                        rel=LOSS_RTOL, abs=0)
     assert float(both) == pytest.approx((float(start) + float(end)) / 2, rel=LOSS_RTOL, abs=0)
+    (column, _, _), _ = tasks.span_loss_forward(logits.T, logits.T[::-1].copy(), np.array([[1], [3], [0]]),
+                                                np.array([[2], [2], [9]]))        # (B, 1) positions: the same
+    assert float(column) == float(both)
+    # transformers' ForCausalLMLoss: pad(labels, (0, 1), value=-100)[..., 1:], in the labels' integer dtype
+    for dtype in (np.int64, np.int32):
+        shifted = tasks.shift_labels(np.array([[5, 6, -100, 7], [1, 2, 3, 4]], dtype=dtype))
+        assert shifted.dtype == dtype
+        assert shifted.tolist() == [[6, -100, 7, -100], [2, 3, 4, -100]]
