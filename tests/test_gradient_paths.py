@@ -184,7 +184,7 @@ LOSS_FD = dict(rtol=1e-6, max_elements=0, samples=4, directions=2)
 
 
 def _t(a):
-    return torch.from_numpy(np.asarray(a))
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _torch_ce(logits, labels, label_smoothing=0.0, ignore_index=-100, tf_albert=False):
@@ -261,7 +261,7 @@ def test_pretraining_returned_loss_is_its_weighted_parts_and_its_gradients_loss(
     _check_returned_loss_gradient(model, call, result.grads, seed=2)
 
 
-def _head_case(head, seed, **config_changes):
+def _head_case(head, seed, column=False, **config_changes):
     """A one-layer model with ``head``, its inputs and labels (keyword arguments of loss_and_grads), and
     the loss transformers computes from ``out.logits`` (torch.nn.functional, float64): (loss, parts)."""
     bert = head in ("causal_lm", "next_sentence")
@@ -295,6 +295,8 @@ def _head_case(head, seed, **config_changes):
             labels = dict(labels=rng.random((B, L)))
         else:
             labels = dict(labels=np.array([L - 1, 0]))
+    if column:      # transformers also takes (B, 1) labels for one label or one class id per row
+        labels["labels"] = labels["labels"].reshape(B, 1)
     return model, inputs, labels
 
 
@@ -327,6 +329,8 @@ def _reference_loss(model, out, labels, smoothing):
 
 @pytest.mark.parametrize("head, changes, smoothing", [
     ("sequence_classification", dict(num_labels=1), 0.0),
+    ("sequence_classification", dict(num_labels=1, column=True), 0.0),
+    ("sequence_classification", dict(num_labels=3, column=True), 0.0),
     ("sequence_classification", dict(num_labels=3, problem_type="regression"), 0.0),
     ("sequence_classification", dict(num_labels=3), 0.1),
     ("sequence_classification", dict(num_labels=3, problem_type="multi_label_classification"), 0.0),
@@ -351,6 +355,8 @@ def test_task_head_returned_loss_is_the_scaled_transformers_loss_and_its_gradien
 
     result = call()
     out = model.forward(**inputs, training=True, dropout_seed=6)
+    if changes.get("column"):
+        labels = {"labels": labels["labels"].reshape(-1)}     # the reference takes (B,)
     loss, parts = _reference_loss(model, out, labels, smoothing)
     assert loss > 0
     assert float(result.loss) == pytest.approx(scale * loss, rel=LOSS_RTOL, abs=0)
@@ -359,3 +365,35 @@ def test_task_head_returned_loss_is_the_scaled_transformers_loss_and_its_gradien
         assert float(result.parts[k]) == pytest.approx(v, rel=LOSS_RTOL, abs=0), k
     assert float(model.loss(**kwargs)) == float(result.loss)
     _check_returned_loss_gradient(model, call, result.grads, seed=3)
+
+
+def test_sequence_problem_type_and_the_loss_functions_defaults():
+    """transformers' choice when problem_type is None: one label -> regression, integer labels ->
+    single-label, float labels with several -> multi-label; and tasks' loss functions called with their
+    defaults (no label smoothing) give torch's losses (1e-12 relative)."""
+    from ref_bert import tasks
+
+    model = Model(Config(**dict(TINY, head="sequence_classification"), num_hidden_layers=1, num_labels=3))
+    assert model.problem_type(np.array([0, 2])) == "single_label_classification"
+    assert model.problem_type(np.array([0, 2], dtype=np.uint8)) == "single_label_classification"
+    assert model.problem_type(np.zeros((2, 3))) == "multi_label_classification"
+    assert tasks.sequence_problem_type(None, 1, np.array([1, 0])) == "regression"
+    assert tasks.sequence_problem_type("regression", 3, np.array([1, 0])) == "regression"
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((4, 3)), np.array([2, 0, 1, 1])
+    loss, _ = tasks.sequence_loss_forward(logits, labels, "single_label_classification")
+    assert float(loss) == pytest.approx(_torch_ce(logits, labels), rel=LOSS_RTOL, abs=0)
+    (both, start, end), _ = tasks.span_loss_forward(logits.T, logits.T[::-1].copy(), np.array([1, 3, 0]),
+                                                    np.array([2, 2, 9]))
+    assert float(start) == pytest.approx(_torch_ce(logits.T, np.array([1, 3, 0])), rel=LOSS_RTOL, abs=0)
+    assert float(end) == pytest.approx(_torch_ce(logits.T[::-1], np.array([2, 2, 4]), ignore_index=4),
+                                       rel=LOSS_RTOL, abs=0)
+    assert float(both) == pytest.approx((float(start) + float(end)) / 2, rel=LOSS_RTOL, abs=0)
+    (column, _, _), _ = tasks.span_loss_forward(logits.T, logits.T[::-1].copy(), np.array([[1], [3], [0]]),
+                                                np.array([[2], [2], [9]]))        # (B, 1) positions: the same
+    assert float(column) == float(both)
+    # transformers' ForCausalLMLoss: pad(labels, (0, 1), value=-100)[..., 1:], in the labels' integer dtype
+    for dtype in (np.int64, np.int32):
+        shifted = tasks.shift_labels(np.array([[5, 6, -100, 7], [1, 2, 3, 4]], dtype=dtype))
+        assert shifted.dtype == dtype
+        assert shifted.tolist() == [[6, -100, 7, -100], [2, 3, 4, -100]]
