@@ -24,10 +24,10 @@ from tests._models import perturbed_model
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # Where a warning must point (its stacklevel): the caller, this file. Under the mutation run, mutmut
-# calls every mutated function through its trampoline, one frame deeper, so the caller's frame is the
-# trampoline's (docs/testing.md); that frame is accepted there and only there.
-CALLER = {__file__} | ({os.path.join(os.path.dirname(sys.modules["mutmut"].__file__), "mutation", "trampoline.py")}
-                       if "mutmut" in sys.modules else set())
+# calls every mutated function through its trampoline, one frame deeper, so there the caller's frame is
+# the trampoline's, and only that (docs/testing.md): a stacklevel one too deep then points here.
+CALLER = ({os.path.join(os.path.dirname(sys.modules["mutmut"].__file__), "mutation", "trampoline.py")}
+          if "mutmut" in sys.modules else {__file__})
 
 
 def _config(**changes):
