@@ -397,3 +397,30 @@ def test_sequence_problem_type_and_the_loss_functions_defaults():
         shifted = tasks.shift_labels(np.array([[5, 6, -100, 7], [1, 2, 3, 4]], dtype=dtype))
         assert shifted.dtype == dtype
         assert shifted.tolist() == [[6, -100, 7, -100], [2, 3, 4, -100]]
+
+
+def test_task_loss_defaults_and_span_logit_columns_against_torch():
+    """Mutation survivors of ref_bert/tasks.py (docs/testing.md): the losses' default label smoothing is
+    0 (transformers' CrossEntropyLoss()), and the QA head's start logits are column 0 of the span
+    projection, the end logits column 1 (transformers' ``logits.split(1, dim=-1)``). Against torch's
+    functional cross-entropy in float64, 1e-12 (one log-sum-exp per row apart)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ref_bert import tasks
+
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((5, 4))
+    labels = rng.integers(0, 4, 5)
+    loss, _ = tasks.sequence_loss_forward(logits, labels, "single_label_classification")
+    assert abs(float(loss) - F.cross_entropy(torch.tensor(logits), torch.tensor(labels)).item()) < 1e-12
+    start, end = rng.standard_normal((2, 3, 6))
+    sp, ep = np.array([1, 4, 0]), np.array([2, 5, 3])
+    (loss, _, _), _ = tasks.span_loss_forward(start, end, sp, ep)
+    want = (F.cross_entropy(torch.tensor(start), torch.tensor(sp)) + F.cross_entropy(torch.tensor(end), torch.tensor(ep))) / 2
+    assert abs(float(loss) - want.item()) < 1e-12
+    hidden, weight, bias = rng.standard_normal((2, 3, 4)), rng.standard_normal((4, 2)), rng.standard_normal(2)
+    (s, e), both, _ = tasks.span_logits_forward(hidden, weight, bias)
+    full = hidden @ weight + bias
+    np.testing.assert_allclose(s, full[..., 0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(e, full[..., 1], rtol=1e-12, atol=1e-12)
