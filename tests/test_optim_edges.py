@@ -7,7 +7,7 @@ every refusal message of ref_bert.optim in full, and the backend each function c
 recording stand-in for a second backend, through a patched ``backends.of``: what CuPy would be).
 
 The references are written here from the sources, not from ref_bert.optim (docs/reference.md §4 and §5,
-/work/shared/REFERENCE.md §1 and §4; the source files are named at each function):
+the sources themselves, named at each function):
 
 * each source's zero-norm rule as its own code writes it (``ratio_*``);
 * each source's step (``naive_lamb_step``, ``naive_adamw_step``): Python floats and ``math.sqrt`` over
@@ -68,7 +68,7 @@ LAMB_SOURCE_DEFAULTS = {
     #   (grads, _) = tf.clip_by_global_norm(grads, clip_norm=1.0)
     # lamb_optimizer.py: u = m / (sqrt(v) + eps), no bias correction; exclude_from_layer_adaptation
     # None -> the decay list. lr: run_pretraining.py's learning_rate default / the paper's recipe,
-    # 0.00176 (docs/reference.md §5, REFERENCE.md §1).
+    # 0.00176 (docs/reference.md §5).
     "albert": dict(lr=0.00176, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias="none",
                    decay_excluded=NO_DECAY, ratio_skipped="decay list", clamp=None, clip=1.0, zero_ratio=1.0),
     # tensorflow/addons tensorflow_addons/optimizers/lamb.py LAMB.__init__: learning_rate=0.001,
@@ -799,16 +799,11 @@ def test_adamw_step_uses_its_own_betas():
 
 
 def test_adamw_update_uses_the_arrays_backend(monkeypatch):
-    asked = []
+    xp = _RecordingXp()
+    asked = xp.asked
 
-    class RecordingXp:
-        def __getattr__(self, name):
-            asked.append(name)
-            return getattr(np, name)
-
-    other = type("OtherBackend", (), {"xp": RecordingXp(), "fast": {}})()
-    real_of = backends.of
-    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    other = type("OtherBackend", (), {"xp": xp, "fast": {}})()
+    _route_other_arrays(monkeypatch, other)
     w = np.array([1.0, 2.0]).view(_OtherDeviceArray)
     adamw_module.adamw_update(w, np.ones(2), np.zeros(2), np.zeros(2), lr=0.1, t=1)
     assert asked == ["sqrt"]
@@ -1234,10 +1229,26 @@ class _OtherDeviceArray(np.ndarray):
     would be): the backend checks can be tested without a GPU."""
 
 
+class _RecordingXp:
+    """NumPy as a stand-in backend's xp, noting the name of every function asked of it in ``asked``."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __getattr__(self, name):
+        self.asked.append(name)
+        return getattr(np, name)
+
+
+def _route_other_arrays(monkeypatch, backend):
+    """Patch ``backends.of`` so that every :class:`_OtherDeviceArray` belongs to ``backend``."""
+    real_of = backends.of
+    monkeypatch.setattr(backends, "of", lambda a: backend if isinstance(a, _OtherDeviceArray) else real_of(a))
+
+
 def test_refused_arrays_on_another_backend(monkeypatch):
     other = type("OtherBackend", (), {"__repr__": lambda self: "Backend('other')", "xp": np, "fast": {}})()
-    real_of = backends.of
-    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    _route_other_arrays(monkeypatch, other)
     foreign = np.ones(2).view(_OtherDeviceArray)
     _raises_exactly("parameter 'b' lives on Backend('other'), expected Backend('numpy') like the first parameter",
                     Lamb, {"a": np.ones(2), "b": foreign})
@@ -1254,15 +1265,11 @@ def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
     numpy_backend = backends.get("numpy")
     seen = []
 
-    asked = []
-
-    class RecordingXp:
-        def __getattr__(self, name):
-            asked.append(name)
-            return getattr(np, name)
+    xp_recording = _RecordingXp()
+    asked = xp_recording.asked
 
     class OtherBackend:
-        xp = RecordingXp()
+        xp = xp_recording
         fast = {}          # no fast variants: the reference ops
 
         def pieces(self, *arrays):
@@ -1273,8 +1280,7 @@ def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
             return [fn(x) for x in items]
 
     other = OtherBackend()
-    real_of = backends.of
-    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    _route_other_arrays(monkeypatch, other)
     grads = [np.array([3.0, 0.0]).view(_OtherDeviceArray), np.array([[4.0]]).view(_OtherDeviceArray)]
     assert float(global_grad_norm(grads)) == 5.0
     assert seen == [(2,), (1, 1)]
@@ -1284,16 +1290,11 @@ def test_global_grad_norm_uses_the_gradients_backend(monkeypatch):
 def test_trust_ratio_uses_the_arrays_backend(monkeypatch):
     """trust_ratio computes with the xp of its arrays' backend (on CuPy: no host round trip), here a
     stand-in backend whose xp records what it is asked for and delegates to NumPy."""
-    asked = []
+    xp = _RecordingXp()
+    asked = xp.asked
 
-    class RecordingXp:
-        def __getattr__(self, name):
-            asked.append(name)
-            return getattr(np, name)
-
-    other = type("OtherBackend", (), {"xp": RecordingXp(), "fast": {}})()
-    real_of = backends.of
-    monkeypatch.setattr(backends, "of", lambda a: other if isinstance(a, _OtherDeviceArray) else real_of(a))
+    other = type("OtherBackend", (), {"xp": xp, "fast": {}})()
+    _route_other_arrays(monkeypatch, other)
     w_sq, u_sq = np.array(4.0).view(_OtherDeviceArray), np.array(0.25).view(_OtherDeviceArray)
     assert float(lamb_module.trust_ratio(w_sq, u_sq)) == 4.0
     assert "sqrt" in asked and "where" in asked
