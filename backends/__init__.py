@@ -118,6 +118,32 @@ class Backend:
             return [fn(item) for item in items]
         return list(self._pool().map(fn, items))
 
+    def map_shards(self, fn, items, combine) -> None:
+        """``combine(fn(item))`` for every item, in the items' order: the shards of a batch.
+
+        ``fn`` computes one shard (a micro-batch's gradient, say) and ``combine`` folds its result into
+        a total on the calling thread. On NumPy every ``fn`` call runs with one-thread BLAS, and with more
+        than one thread the calls run side by side on the backend's threads (up to ``threads`` at once;
+        results wait for their turn to be combined). Each shard's arithmetic is therefore the same
+        whatever the thread count (OpenBLAS splits a product differently on 1 and 2 threads, and the
+        float32 sums then round differently), so anything combined in the items' order is identical
+        bit for bit with 1, 2 or more threads. Both cores work because two shards run at once, not
+        because one product is split. ``fn`` must share no mutable state with the other calls (each
+        shard its own dropout seed, not one generator drawn from in turn). On CuPy the calls run one
+        after another (each only queues kernels on the device)."""
+        items = list(items)
+        if self.name != "numpy":
+            for item in items:
+                combine(fn(item))
+            return
+        with _one_thread_blas():
+            if self.threads <= 1 or len(items) <= 1 or getattr(_pool_thread, "active", False):
+                for item in items:
+                    combine(fn(item))
+                return
+            for result in self._pool().map(fn, items):   # in the items' order, computed concurrently
+                combine(result)
+
     def pieces(self, *arrays) -> list[tuple]:
         """Split same-shaped arrays into matching pieces: a list of tuples of views, one tuple per piece,
         for elementwise work spread over the threads with :meth:`parallel_map`.
@@ -279,6 +305,21 @@ def _forget_thread_pools() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_thread_pools)
+
+
+_blas_controller = None   # threadpoolctl's view of the loaded BLAS libraries, made on first use
+
+
+def _one_thread_blas():
+    """A context in which the BLAS library NumPy loaded uses one thread (threadpoolctl calls its own
+    setter, process-wide; the previous count is restored on leaving). The controller, which scans the
+    loaded libraries once, is kept: that scan costs milliseconds, the limit itself microseconds."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _thread_count() -> int:

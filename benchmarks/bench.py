@@ -9,8 +9,11 @@
 
 One run measures, on the same machine, with the same config, weights and batch:
 
-* ref-bert: ``model.loss_and_grads(..., training=True)`` then ``Lamb.from_preset("albert").step``;
-  forward only: ``model.loss(...)`` (eval mode).
+* ref-bert: the pretraining loop's step: the batch in ``shards`` micro-batches (default 2) computed side
+  by side on the threads with one-thread BLAS each (``Backend.map_shards``), their gradients summed in
+  index order (``DataParallel.gradients``), then ``Lamb.from_preset("albert").step``; forward only:
+  ``effective_batch_loss`` over the same shards (eval mode). ``shards=1``: ``model.loss_and_grads(...,
+  training=True)`` and ``model.loss(...)`` over the whole batch, BLAS on every thread.
 * PyTorch eager: ``AlbertForPreTraining`` / ``BertForPreTraining`` with ``attn_implementation="eager"``
   holding the same weights, ``loss.backward()`` then :class:`TorchAlbertLamb`, the same ALBERT LAMB
   update (global clipping to 1.0, no bias correction, LayerNorm/bias excluded from decay and trust
@@ -269,12 +272,27 @@ def _measure(step, forward, warmup, steps, sync, memory) -> dict:
     return result
 
 
+def split_batch(host: dict, shards: int) -> tuple[list, list, list]:
+    """``host`` cut into ``shards`` consecutive runs of examples (sizes as ``numpy.array_split``):
+    ``(micro_batches, mlm_counts, sizes)``, the micro-batches still host arrays."""
+    import numpy as np
+
+    n = len(host["input_ids"])
+    if not 1 <= shards <= n:
+        raise ValueError(f"--shards {shards} must be between 1 and the batch size {n}")
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    micro = [{k: v[a:b] for k, v in host.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+    return micro, [int((m["mlm_labels"] != -100).sum()) for m in micro], [len(m["input_ids"]) for m in micro]
+
+
 def _worker_ref_bert(spec: dict) -> dict:
     import numpy as np
 
     import backends
     from ref_bert import Model
     from ref_bert.optim import Lamb
+    from ref_bert.pretrain.accumulation import effective_batch_loss
+    from ref_bert.pretrain.data_parallel import DataParallel
 
     bk = backends.get(spec["backend"])
     config = bench_config(spec["config"])
@@ -283,13 +301,31 @@ def _worker_ref_bert(spec: dict) -> dict:
     batch = {k: bk.from_host(v) for k, v in host.items()}
     eval_loss = float(model.loss(**batch))
     opt = Lamb.from_preset("albert", model.state_dict())
+    # The pretraining loop's step (ref_bert/pretrain/loop.py): the batch in ``shards`` micro-batches,
+    # each with its own dropout seed, computed side by side on the backend's threads with one-thread BLAS
+    # (Backend.map_shards) and summed in index order; then the optimiser. shards = 1 is one
+    # loss_and_grads over the whole batch, BLAS on every thread.
+    shards = spec.get("shards", 1)
+    micro_host, mlm_counts, sizes = split_batch(host, shards)
+    micro = [{k: bk.from_host(v) for k, v in m.items()} for m in micro_host]
+    parallel = DataParallel(backends.comm.SingleProcess(), model)
+    counter = [0]
+    sharded_eval_loss = float(effective_batch_loss(model, micro, mlm_counts)) if shards > 1 else None
 
     def step():
-        grads = model.loss_and_grads(**batch, training=True).grads
+        if shards == 1:
+            grads = model.loss_and_grads(**batch, training=True).grads
+        else:
+            grads, _ = parallel.gradients(model, micro, list(range(shards)), mlm_counts, sizes, 1.0,
+                                          spec["seed"], counter[0])
+        counter[0] += 1
         opt.step(grads)
 
     def forward():
-        model.loss(**batch)
+        if shards == 1:
+            model.loss(**batch)
+        else:
+            effective_batch_loss(model, micro, mlm_counts)
 
     memory = {"reset": bk.reset_peak_memory, "read": lambda: bk.peak_memory()}
     if spec.get("profile"):
@@ -305,7 +341,8 @@ def _worker_ref_bert(spec: dict) -> dict:
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     result = _measure(step, forward, spec["warmup"], spec["steps"], bk.synchronize, memory)
-    result.update(eval_loss=eval_loss, mlm_rows=int(np.sum(host["mlm_labels"] != -100)), device=bk.device_name(),
+    result.update(eval_loss=eval_loss, shards=shards, sharded_eval_loss=sharded_eval_loss,
+                  mlm_rows=int(np.sum(host["mlm_labels"] != -100)), device=bk.device_name(),
                   malloc_tuned=bk.malloc_tuned, fast_variants=len(bk.fast),
                   optimizer="ref_bert.optim.Lamb.from_preset('albert')")
     return result
@@ -456,7 +493,7 @@ def report_table(results: list[dict], peak: dict) -> str:
 
 
 def _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, rounds, systems, backend, threads,
-                 peak_spec, profile, seed, bar, step_flops) -> None:
+                 shards, peak_spec, profile, seed, bar, step_flops) -> None:
     """The measurements of :func:`run_benchmark`, into ``record`` ("results", "peak", "peak_measurements")."""
     def measured(kind, spec, what):
         bar.set_postfix_str(what, refresh=False)
@@ -476,7 +513,7 @@ def _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, ro
         for round_index in range(rounds):   # systems alternate, so that both see the same load
             for system in systems:
                 spec = dict(config=_portable(entry), batch=batch, seq=seq, masked_fraction=masked_fraction,
-                            warmup=warmup, steps=steps, backend=backend, threads=threads,
+                            warmup=warmup, steps=steps, backend=backend, threads=threads, shards=shards,
                             seed=seed, profile=profile if system == "ref-bert" and round_index == 0 else 0)
                 run_result = measured(system, spec, f"{name} {system} round {round_index + 1}/{rounds}")
                 runs[system].append(run_result)
@@ -506,7 +543,7 @@ def _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, ro
 
 def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, masked_fraction: float = 0.15,
                   warmup: int = 2, steps: int = 5, rounds: int = 1, systems=SYSTEMS, backend: str = "numpy",
-                  threads: int | None = None, peak_size: int | None = None, peak_repeats: int = 5,
+                  threads: int | None = None, shards: int = 2, peak_size: int | None = None, peak_repeats: int = 5,
                   decode=None, profile: int = 0, seed: int = 0, json_path=None, progress: bool = False) -> dict:
     """Measure every system on every config (each in fresh subprocesses), print the progress and the
     table, write ``json_path`` when given, and return the record (every number). ``configs``: preset
@@ -520,9 +557,10 @@ def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, maske
     threads = threads or os.cpu_count() or 1
     peak_n = peak_size or (8192 if backend == "cupy" else 2048)
     record = {"argv": list(sys.argv),
-              "machine": machine_info(), "backend": backend, "threads": threads, "loadavg_start": loadavg(),
+              "machine": machine_info(), "backend": backend, "threads": threads, "shards": shards,
+              "loadavg_start": loadavg(),
               "batch": batch, "seq": seq, "warmup": warmup, "steps": steps, "results": []}
-    print(f"# ref-bert bench: backend {backend}, {threads} threads, batch {batch}, seq {seq}, "
+    print(f"# ref-bert bench: backend {backend}, {threads} threads, {shards} shard(s), batch {batch}, seq {seq}, "
           f"{warmup} warm-up + {steps} timed steps; load average {record['loadavg_start']}", flush=True)
     peak_spec = {"n": peak_n, "repeats": peak_repeats, "backend": backend, "threads": threads,
                  "torch": "torch" in systems}
@@ -530,7 +568,7 @@ def run_benchmark(configs=DEFAULT_CONFIGS, batch: int = 8, seq: int = 128, maske
                file=sys.stderr, leave=False)
     try:
         _measure_all(record, configs, batch, seq, masked_fraction, warmup, steps, rounds, systems, backend, threads,
-                     peak_spec, profile, seed, bar, step_flops)
+                     shards, peak_spec, profile, seed, bar, step_flops)
     finally:
         bar.close()
     peak = record["peak"]

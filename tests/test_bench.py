@@ -109,6 +109,11 @@ def test_tiny_run_writes_json(tmp_path, capsys):
         assert len(r["train_times_s"]) == 1 and r["train_gflop"] > r["forward_gflop"] > 0
     screen = capsys.readouterr().out
     assert "| tiny | ref-bert |" in screen and "sgemm peak" in screen
+    # The default step is the loop's: two shards (one example each), whose weighted eval losses add up
+    # to the whole batch's (float32: 1e-5 relative, the agreement of two orders of float32 sums).
+    ours = record["results"][0]
+    assert record["shards"] == ours["shards"] == 2
+    assert ours["sharded_eval_loss"] == pytest.approx(ours["eval_loss"], rel=1e-5)
     if "torch" in systems:  # same weights and batch: the eval losses agree
         ours, theirs = record["results"]
         assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
@@ -130,7 +135,8 @@ def test_cupy_backend_fails_clearly_without_a_gpu(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"),
-                                           (["--masked-fraction", "1.5"], "--masked-fraction")])
+                                           (["--masked-fraction", "1.5"], "--masked-fraction"),
+                                           (["--shards", "9"], "--shards"), (["--shards", "0"], "--shards")])
 def test_bad_arguments_are_reported(argv, message, capsys):
     assert _main(*argv) == 2
     err = capsys.readouterr().err

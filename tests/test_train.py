@@ -101,9 +101,8 @@ def test_resume_is_bit_identical_to_a_straight_run(small, grad_accum):
 
 
 def test_resume_keeps_the_runs_thread_count(small):
-    """float32 matrix products from OpenBLAS differ in the last bits between 1 and 2 threads (README,
-    "Known limits"), so a resume without --threads takes the count the run recorded: 4 + 4 steps at
-    threads=2 equal 8 straight steps at threads=2."""
+    """A resume without --threads takes the count the run recorded (a job setting, like log_every): 4 + 4
+    steps at threads=2 equal 8 straight steps at threads=2."""
     straight = pretrain(small("straight", threads=2, steps=4, until=None))
     first = pretrain(small("resumed", threads=2, steps=4, until=2))
     assert json.loads((first.checkpoint / "state.json").read_text())["job"]["threads"] == 2
@@ -111,6 +110,19 @@ def test_resume_keeps_the_runs_thread_count(small):
     final = json.loads((second.checkpoint / "state.json").read_text())
     assert second.step == 4 and final["job"]["threads"] == 2
     _assert_same_run(straight.out_dir, second.out_dir, 4)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_pretraining_is_identical_with_one_and_two_threads(small, grad_accum):
+    """float32 products from OpenBLAS differ in the last bits between 1 and 2 threads, but the loop
+    computes its micro-batches as Backend.map_shards' shards (one-thread BLAS each, two side by side),
+    so parameters, moments and losses are bit-identical. Planting the bug (no one-thread BLAS limit in
+    map_shards) fails this test: the widened tiny model's products are large enough for OpenBLAS to split
+    them over two threads (the preset's own are not)."""
+    wide = dict(hidden_size=256, intermediate_size=1024, embedding_size=128)
+    runs = [pretrain(small(f"threads-{t}", threads=t, grad_accum=grad_accum, batch_size=8 // grad_accum, seq_len=64,
+                           steps=2, until=None, checkpoint_every=2, config_overrides=wide)) for t in (1, 2)]
+    _assert_same_run(runs[0].out_dir, runs[1].out_dir, 2)
 
 
 def test_unilm_objective_trains_on_mixed_masks_and_resumes_exactly(small):

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"float32 (the rule: {DTYPE_RULE})")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS and PyTorch (default: all cores, os.cpu_count())")
+    parser.add_argument("--shards", type=int, default=2,
+                        help="ref-bert's step as the pretraining loop runs it: the batch in this many micro-batches, "
+                             "side by side on the threads with one-thread BLAS each, summed in a fixed order (results "
+                             "independent of --threads); 1: one pass over the whole batch, BLAS on every thread")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="matrix size n of the n^3 sgemm peak (default 2048 on CPU, 8192 on GPU)")
     parser.add_argument("--peak-repeats", type=int, default=5, help="sgemm repetitions; the best counts")
@@ -54,6 +58,8 @@ def check_args(args) -> None:
         raise ValueError(f"--masked-fraction must be in (0, 1], got {args.masked_fraction}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not 1 <= args.shards <= args.batch_size:
+        raise ValueError(f"--shards must be between 1 and --batch-size ({args.batch_size}), got {args.shards}")
 
 
 def run(args) -> int:
@@ -73,7 +79,7 @@ def run(args) -> int:
     configs = [value if value in PRESETS else resolve_config(value)[0] for value in args.config]
     bench.run_benchmark(configs=configs, batch=args.batch_size, seq=args.seq_len, masked_fraction=args.masked_fraction,
                         warmup=args.warmup, steps=args.steps, rounds=args.rounds, systems=args.systems,
-                        backend=args.backend, threads=args.threads, peak_size=args.peak_size,
+                        backend=args.backend, threads=args.threads, shards=args.shards, peak_size=args.peak_size,
                         peak_repeats=args.peak_repeats, decode=args.decode, profile=args.profile, seed=args.seed,
                         json_path=args.json, progress=not args.no_progress)
     return 0

@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
         "from scratch. Ctrl-C writes a checkpoint of the last completed step (a second Ctrl-C stops at once). "
         "Threads: on a CPU the job uses one BLAS thread by default (--threads): the tiny config's matrices "
         "are too small for threads to pay, and threads sharing busy cores wait on each other. Larger "
-        "configs may gain from --threads N.")
+        "configs may gain from --threads N with --grad-accum >= N: each step's micro-batches run N at a time, "
+        "one BLAS thread each, so the results are the same bit for bit whatever N.")
     a = parser.add_argument
     a("--out", default=d.out, metavar="DIR", help=f"output directory (default {d.out})")
     a("--corpus", default=None, metavar="FILE",

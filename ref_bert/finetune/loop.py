@@ -519,7 +519,9 @@ def effective_batch_gradients(model: Model, task: str, host: list, training: boo
         return result.grads, xp.reshape(result.loss, (1,))
 
     own = parallel.own_micro_batches(len(host), len(host[0][0]["input_ids"]))
-    grads, (loss,) = parallel.sum_in_order(model, own, micro_batch)
+    # Micro-batches with their own dropout seeds (or none) may run side by side (Backend.map_shards);
+    # masks drawn in turn from the model's one stream may not.
+    grads, (loss,) = parallel.sum_in_order(model, own, micro_batch, independent=seed is not None or not training)
     return grads, loss
 
 

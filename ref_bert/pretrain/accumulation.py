@@ -60,6 +60,39 @@ def effective_batch_gradients(model: Model, micro_batches: list, mlm_counts: lis
     return dict(accumulated.items()), {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
 
 
+def effective_batch_loss(model: Model, micro_batches: list, mlm_counts: list, sop_weight: float = 1.0,
+                         training: bool = False, dropout_seeds=None):
+    """The loss of the effective batch made of ``micro_batches`` (a 0-d array): the forward half of
+    :func:`effective_batch_gradients`, ``sum_i model.loss(micro-batch i, loss_weights=(n_i / N,
+    w_sop b_i / B))`` added in index order (onto zero). Equal to ``model.loss`` of the whole batch up to
+    rounding. The micro-batches are ``Backend.map_shards``' shards: one-thread BLAS each, several side
+    by side on the backend's threads, so the value does not depend on the thread count. With
+    ``training``, micro-batch i's dropout masks come from ``dropout_seeds[i]`` (required: a shared
+    stream drawn from by concurrent shards would give masks in no fixed order)."""
+    k = len(micro_batches)
+    if k == 0:
+        raise ValueError("effective_batch_loss needs at least one micro-batch, got none")
+    if len(mlm_counts) != k:
+        raise ValueError(f"mlm_counts has {len(mlm_counts)} entries, expected one per micro-batch ({k})")
+    if training and (dropout_seeds is None or len(dropout_seeds) != k):
+        raise ValueError(f"dropout_seeds must give one seed per micro-batch ({k}) when training, got "
+                         f"{dropout_seeds!r}")
+    sizes = [int(mb["input_ids"].shape[0]) for mb in micro_batches]
+    weights = micro_batch_weights(mlm_counts, sizes)
+    total = [model.xp.zeros((), dtype=model.dtype)]
+
+    def shard_loss(i: int):
+        mlm_share, sop_share = weights[i]
+        return model.loss(**micro_batches[i], training=training, loss_weights=(mlm_share, sop_weight * sop_share),
+                          dropout_seed=dropout_seeds[i] if training else None)
+
+    def add(loss):
+        total[0] = total[0] + loss
+
+    model.backend.map_shards(shard_loss, range(k), add)
+    return total[0]
+
+
 def micro_batch_weights(mlm_counts: list, sizes: list) -> list:
     """``(n_i / N, b_i / B)`` for each micro-batch i: its share of the labelled MLM positions (0 for
     every micro-batch when there are none: the MLM loss is then 0) and of the examples (module

@@ -61,6 +61,12 @@ __all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_
 DROPOUT_KEY = 0xD209
 
 
+def _one_after_another(fn, items, combine) -> None:
+    """``Backend.map_shards`` without threads or a BLAS limit: for calls that share one generator."""
+    for item in items:
+        combine(fn(item))
+
+
 def dropout_seed(seed: int, step: int, index: int) -> list:
     """The dropout seed of micro-batch ``index`` of the step after ``step`` updates."""
     return [int(seed), DROPOUT_KEY, int(step), int(index)]
@@ -211,36 +217,56 @@ class DataParallel:
         grads, (mlm, sop) = self.sum_in_order(model, indices, micro_batch)
         return grads, {"loss": mlm + sop_weight * sop, "mlm": mlm, "sop": sop}
 
-    def sum_in_order(self, model: Model, indices: list, micro_batch):
+    def sum_in_order(self, model: Model, indices: list, micro_batch, independent: bool = True):
         """The sum over the global batch's micro-batches 0 .. k-1, in index order, of each one's gradient
         and loss terms, whatever the number of ranks: the exactness scheme of the module docstring for
         any objective (pretraining's :meth:`gradients`, ``ref-bert finetune``'s step).
 
         ``indices``: this rank's micro-batches (:meth:`own_micro_batches`); ``micro_batch(i)`` computes
-        micro-batch i on this rank: ``(grads, terms)``, its weighted gradient (name -> array) and a 1-D
-        array of its weighted loss terms. Returns ``(grads, terms)``: the summed gradient (every
-        parameter, or this rank's shard's tensors when sharded) and the summed terms, the same on
-        every rank.
+        micro-batch i on this rank: ``(grads, terms)``, its weighted gradient (name -> array, arrays of
+        its own: the first one's become the sum's) and a 1-D array of its weighted loss terms. Returns
+        ``(grads, terms)``: the summed gradient (every parameter, or this rank's shard's tensors when
+        sharded) and the summed terms, the same on every rank.
+
+        Threads: with ``independent`` (each micro-batch draws its own dropout masks, from its own seed)
+        the micro-batches are the shards of ``Backend.map_shards``: each computed with one-thread BLAS,
+        several side by side on the backend's threads, so the sum is the same bit for bit whatever the
+        thread count. Otherwise (masks drawn in turn from the model's one stream) they run one after
+        another, with BLAS as configured.
         """
         xp, dtype, comm, layout = model.xp, model.dtype, self.comm, self.layout
+        run = model.backend.map_shards if independent else _one_after_another
         if comm.size == 1 and not self.sharded:
             # One process: the same additions onto zeros in index order, without packing gradients into
-            # rows for collectives that would only copy them (two gradient-sized copies a step).
-            full, total = FlatBuffer(self.shapes, xp, dtype), None
-            for i in indices:
-                grads, terms = micro_batch(i)
-                for name, view in full.items():
+            # rows for collectives that would only copy them. The first micro-batch's arrays hold the
+            # sum: ``g += 0`` is ``0 + g`` to the bit (it turns -0.0 into +0.0, as adding onto zeros does),
+            # so no zero-filled buffer is needed beside the micro-batches' own.
+            total = {}
+
+            def add(result):
+                grads, terms = result
+                if not total:
+                    for view in grads.values():
+                        view += 0
+                    total["grads"], total["terms"] = grads, xp.zeros(terms.shape[0], dtype=dtype) + terms
+                    return
+                for name, view in total["grads"].items():
                     view += grads[name]
-                total = xp.zeros(terms.shape[0], dtype=dtype) + terms if total is None else total + terms
-            return dict(full.items()), total
+                total["terms"] = total["terms"] + terms
+
+            run(micro_batch, indices, add)
+            return total["grads"], total["terms"]
         shard = xp.zeros(layout.width, dtype=dtype)   # this rank's shard of the summed gradient
         own_terms = []
-        for i in indices:
-            grads, terms = micro_batch(i)
+
+        def exchange(result):   # on the calling thread, in index order: the collectives' order
+            grads, terms = result
             received = comm.alltoall(layout.pack(grads, xp, dtype))   # row j: micro-batch i - rank + j
             for row in received:
-                shard += row
+                shard[...] += row
             own_terms.append(terms)
+
+        run(micro_batch, indices, exchange)
         width = own_terms[0].shape[0]
         # (N, k/N, m) -> (k, m) in index order: micro-batch t N + j is rank j's t-th
         gathered = comm.allgather(xp.stack(own_terms).reshape(-1)).reshape(comm.size, len(indices), width)

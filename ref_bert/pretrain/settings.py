@@ -29,8 +29,8 @@ RUN_KEYS = ("objective", "steps", "batch_size", "grad_accum", "seq_len", "optimi
             "warmup", "seed", "dtype", "sop_weight")
 # Settings a checkpoint records besides RUN_KEYS; a resume takes them (and RUN_KEYS) from the
 # checkpoint unless they are given explicitly (see :func:`ref_bert.pretrain.pretrain`).
-# threads among them: float32 sums from OpenBLAS differ in the last bits between thread counts, so a
-# resume keeps the run's count (README, "Known limits").
+# threads among them: a job setting (results do not depend on it: the loop's micro-batches run with
+# one-thread BLAS each, Backend.map_shards), kept on resume like log_every.
 JOB_KEYS = ("corpus", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
 # The BLAS thread-count variables a user may set; any of them set means "leave BLAS alone" by default.
 THREAD_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -64,7 +64,8 @@ class PretrainConfig:
     threads:  BLAS threads for the duration of the run (and the NumPy backend's own loops), restored
               afterwards. None: 1 where the backend runs host BLAS (numpy) unless $OPENBLAS_NUM_THREADS
               or $OMP_NUM_THREADS is set, else leave alone; 0: leave alone; N: N threads.
-              Results do not depend on it.
+              Results do not depend on it: each step's micro-batches are Backend.map_shards' shards,
+              one-thread BLAS each, up to N side by side (so grad_accum >= N keeps N cores busy).
     """
 
     out: str = "runs/pretrain"
