@@ -244,3 +244,67 @@ def config_names(config):
     from ref_bert.params import parameter_shapes
 
     return parameter_shapes(config, heads=True)
+
+
+# --- the loss entry points: Model.loss and Model.loss_and_grads --------------------------------------
+def _log_softmax_nll(logits, labels):
+    """Mean negative log-likelihood of ``labels`` under ``logits`` (rows), in plain NumPy (float64)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+
+
+def _pretraining_inputs(config, seed=0):
+    from ref_bert.examples import make_batch
+
+    batch = make_batch(config, 3, 8, seed, recipe="counted")
+    batch["position_ids"] = np.broadcast_to(np.arange(7, -1, -1), (3, 8)).copy()   # reversed: not the default
+    return batch
+
+
+def test_position_ids_reach_the_pretraining_loss_of_both_entry_points():
+    """The loss of a batch with its own position ids is the cross-entropy of what ``forward`` computes
+    with them (plain NumPy on its logits; float64, 1e-12 relative: two orders of the same few dozen
+    additions), and differs from the loss with default positions."""
+    model = perturbed_model(_config(), dtype="float64", seed=0)
+    batch = _pretraining_inputs(model.config)
+    out = model.forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        position_ids=batch["position_ids"])
+    labelled = batch["mlm_labels"].reshape(-1) != -100
+    expected = (_log_softmax_nll(out.mlm_logits.reshape(-1, model.config.vocab_size)[labelled],
+                                 batch["mlm_labels"].reshape(-1)[labelled])
+                + _log_softmax_nll(out.sop_logits, batch["sop_labels"]))
+    assert float(model.loss(**batch)) == pytest.approx(expected, rel=1e-12)
+    assert float(model.loss_and_grads(**batch).loss) == pytest.approx(expected, rel=1e-12)
+    default_positions = {k: v for k, v in batch.items() if k != "position_ids"}
+    assert abs(float(model.loss(**default_positions)) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("given", ["mlm_labels", "sop_labels"])
+def test_a_float32_pretraining_loss_with_one_label_set_stays_float32(given):
+    """The absent loss is a 0-d zero of the model's dtype: a float64 zero would make the float32 loss
+    float64 (NumPy 2 promotes a float32 0-d array with a float64 one)."""
+    model = Model(_config(), dtype="float32", seed=0)
+    batch = _pretraining_inputs(model.config)
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", given)}
+    result = model.loss_and_grads(**inputs)
+    assert model.loss(**inputs).dtype == np.float32
+    assert result.loss.dtype == np.float32
+    assert {k: v.dtype for k, v in result.parts.items()} == {"mlm": np.float32, "sop": np.float32}
+    absent = "sop" if given == "mlm_labels" else "mlm"
+    assert float(result.parts[absent]) == 0.0
+
+
+def test_loss_is_the_eval_loss_by_default_and_traces_its_forward():
+    """``Model.loss`` without ``training`` runs no dropout: on a config with dropout 0.1 it equals the
+    ``training=False`` loss and the default ``loss_and_grads`` loss exactly, while a training pass
+    differs. Its ``trace`` sees the forward's tensors, the same names ``loss_and_grads`` reports."""
+    model = perturbed_model(_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1), dtype="float64")
+    batch = _pretraining_inputs(model.config)
+    eval_loss = float(model.loss(**batch, training=False))
+    assert float(model.loss(**batch)) == eval_loss == float(model.loss_and_grads(**batch).loss)
+    assert float(model.loss(**batch, training=True, dropout_seed=1)) != eval_loss
+    seen_loss, seen_grads = [], []
+    model.loss(**batch, trace=lambda name, x: seen_loss.append(name))
+    model.loss_and_grads(**batch, trace=lambda name, x: seen_grads.append(name))
+    assert seen_loss and [n for n in seen_grads if n in set(seen_loss)] == seen_loss
