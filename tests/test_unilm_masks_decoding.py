@@ -348,3 +348,32 @@ def test_incremental_forward_rejects_a_mask_of_the_wrong_shape_and_a_bad_commit(
     assert cache.length == 0 and not any(b.any() for b in cache.keys + cache.values)
     incremental_forward(model, cache, ids, types, pos, good, 3)            # commit n: all of them
     assert cache.length == 3 and all(b[:, :, :3].any() and not b[:, :, 3:].any() for b in cache.keys)
+
+
+def test_attention_sublayer_with_a_cache_asks_for_a_dropout_mask_over_cached_and_new_keys():
+    """With ``past`` (L cached keys) the attention-dropout mask covers the T new queries against all L + T
+    keys: the sublayer asks ``drop`` for (B, h, T, L + T), and a mask of ones of that shape gives exactly
+    the undropped output. L = 5, T = 3, head size 4, so a shape built from T alone, L - T or the head
+    size is wrong (mutants of encoder.attention_sublayer_forward, each applied by hand)."""
+    from ref_bert.encoder import attention_sublayer_forward
+    from ref_bert.ops import additive_mask_from
+
+    cfg = Config(vocab_size=24, embedding_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=12, max_position_embeddings=16, attention_probs_dropout_prob=0.5)
+    model = Model(cfg, dtype="float64", seed=0)
+    B, T, L, h, d = 2, 3, 5, 2, 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(B, T, 8))
+    past = (rng.normal(size=(B, h, L, d)), rng.normal(size=(B, h, L, d)))
+    mask = additive_mask_from(np.ones((B, T, L + T)), np.float64, cfg.attention_mask_value)
+    p = model.params.prefixed("encoder.attention.0.")
+    asked = []
+
+    def ones_for_attention(shape, prob):
+        asked.append((tuple(shape), prob))
+        return np.ones(shape) if len(shape) == 4 else None
+
+    plain, _ = attention_sublayer_forward(x, p, mask, cfg, lambda shape, prob: None, past=past)
+    ones, _ = attention_sublayer_forward(x, p, mask, cfg, ones_for_attention, past=past)
+    assert asked[0] == ((B, h, T, L + T), 0.5)
+    np.testing.assert_array_equal(ones, plain)
