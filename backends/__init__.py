@@ -176,6 +176,9 @@ class Backend:
         if self._thread_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
+            if self.malloc_tuned:
+                _one_malloc_arena()
+
             self._thread_pool = ThreadPoolExecutor(self.threads, thread_name_prefix=_POOL_PREFIX,
                                                    initializer=_mark_pool_thread)
         return self._thread_pool
@@ -354,9 +357,7 @@ def _tune_malloc() -> bool:
     of a fresh ``mmap`` each; ``M_TRIM_THRESHOLD`` 2 GiB: free memory at the top of the heap is not
     returned to the kernel until it exceeds that. The peak resident size is what the program needs at
     once either way; what changes is that the next step reuses those pages instead of faulting them in.
-    ``M_ARENA_MAX`` 1: every thread allocates from the one heap. glibc otherwise gives each thread its own
-    arena, and with trimming off each arena keeps its own high-water mark: two shards of a step on two
-    threads (``map_shards``) then held 2227 MiB for albert-base where one heap needs 1379 (measured).
+    With the thread pool, one arena as well (:func:`_one_malloc_arena`).
     """
     if os.environ.get(MALLOC_ENV_VAR, "1").strip() == "0" or not sys.platform.startswith("linux"):
         return False
@@ -367,8 +368,19 @@ def _tune_malloc() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return (bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-            and bool(mallopt(_M_ARENA_MAX, 1)))
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def _one_malloc_arena() -> None:
+    """glibc's ``M_ARENA_MAX`` 1, set when the NumPy backend first starts its thread pool (and only where
+    the malloc tuning is on): from then on every new thread allocates from the one heap. Each thread
+    otherwise gets an arena of its own, and with trimming off each arena keeps its own high-water mark:
+    two shards of a step on two threads (``map_shards``) held 2227 MiB for albert-base where one heap
+    needs 1379 (measured). Not set earlier, so that a process that never starts the pool (one thread)
+    leaves other libraries' threads (PyTorch's, in the tests) their own arenas."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1)
 
 
 def _make(name: str) -> Backend:
