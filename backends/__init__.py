@@ -132,16 +132,11 @@ class Backend:
         shard its own dropout seed, not one generator drawn from in turn). On CuPy the calls run one
         after another (each only queues kernels on the device)."""
         items = list(items)
-        if self.name != "numpy":
-            for item in items:
-                combine(fn(item))
-            return
-        with _one_thread_blas():
-            if self.threads <= 1 or len(items) <= 1 or getattr(_pool_thread, "active", False):
-                for item in items:
-                    combine(fn(item))
-                return
-            for result in self._pool().map(fn, items):   # in the items' order, computed concurrently
+        host = self.name == "numpy"
+        side_by_side = (host and self.threads > 1 and len(items) > 1
+                        and not getattr(_pool_thread, "active", False))   # not from the pool itself
+        with _one_thread_blas() if host else contextlib.nullcontext():
+            for result in (self._pool().map if side_by_side else map)(fn, items):   # in the items' order
                 combine(result)
 
     def pieces(self, *arrays) -> list[tuple]:

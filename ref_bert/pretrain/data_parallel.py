@@ -61,12 +61,6 @@ __all__ = ["DataParallel", "ShardLayout", "DROPOUT_KEY", "dropout_seed", "check_
 DROPOUT_KEY = 0xD209
 
 
-def _one_after_another(fn, items, combine) -> None:
-    """``Backend.map_shards`` without threads or a BLAS limit: for calls that share one generator."""
-    for item in items:
-        combine(fn(item))
-
-
 def dropout_seed(seed: int, step: int, index: int) -> list:
     """The dropout seed of micro-batch ``index`` of the step after ``step`` updates."""
     return [int(seed), DROPOUT_KEY, int(step), int(index)]
@@ -235,7 +229,11 @@ class DataParallel:
         another, with BLAS as configured.
         """
         xp, dtype, comm, layout = model.xp, model.dtype, self.comm, self.layout
-        run = model.backend.map_shards if independent else _one_after_another
+        def run(fn, items, combine):   # map_shards, or (one shared generator) one after another, BLAS as set
+            if independent:
+                return model.backend.map_shards(fn, items, combine)
+            for result in map(fn, items):
+                combine(result)
         if comm.size == 1 and not self.sharded:
             # One process: the same additions onto zeros in index order, without packing gradients into
             # rows for collectives that would only copy them. The first micro-batch's arrays hold the
