@@ -171,3 +171,48 @@ def test_repeated_mlm_positions_get_every_rows_gradient_and_duplicate_layers_are
         np.testing.assert_allclose(g_twice[name], g_once[name], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="twice"):
         model.backward(once, d_hidden_states={-1: np.zeros((1, 5, 64)), 2: np.zeros((1, 5, 64))})
+
+
+def _arrays_in(obj, seen=None):
+    """Every ndarray reachable from a cache (tuples, lists, dicts, dataclasses, named tuples)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _arrays_in(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _arrays_in(value, seen)
+    elif dataclasses.is_dataclass(obj):
+        for field in dataclasses.fields(obj):
+            yield from _arrays_in(getattr(obj, field.name), seen)
+
+
+@pytest.mark.parametrize("sharing", ["all", "none"])
+def test_the_cache_keeps_activations_and_no_copy_of_the_weights(sharing):
+    """Memory: what forward(..., keep_cache=True) keeps for the backward is activations (a leading axis of
+    B examples or B * T rows, or the labelled rows) and views of the parameters, never a copy of weights.
+    The fused q/k/v product multiplies by an (H, 3H) concatenation of three weights; keeping it would
+    hold one copy per layer until the backward (bert-base: 7 MB a layer, per shard), so the attention
+    cache keeps the parameter views and the backward concatenates again (the gradient checks show that
+    the numbers are the same)."""
+    from ref_bert import Config
+
+    config = Config.preset("tiny", num_hidden_layers=3, sharing=sharing)
+    B, T = 3, 5
+    rng = np.random.default_rng(0)
+    model = Model(config, dtype="float64", seed=1)
+    ids = rng.integers(5, config.vocab_size, size=(B, T))
+    positions = np.array([1, 7, 8, 13])
+    out = model.forward(ids, training=True, dropout_seed=2, mlm_positions=positions, keep_cache=True)
+    arrays = list(_arrays_in(out.cache))
+    assert len(arrays) > 10 * config.num_hidden_layers
+    own = [a for a in arrays if not np.shares_memory(a, model.params.flat)]
+    shapes = sorted({a.shape for a in own if a.ndim and a.shape[0] not in (B, B * T, len(positions))})
+    assert shapes == [], f"arrays in the cache that are neither activations nor parameter views: {shapes}"

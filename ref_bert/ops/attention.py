@@ -62,9 +62,13 @@ def fused_qkv(p):
 
 class AttentionCache(NamedTuple):
     """What the forward keeps. ``k``, ``v``: every key and value attended, (B, h, L + T, d) (L = 0 without
-    a past), which cached decoding reads back; the rest is for the backward."""
+    a past), which cached decoding reads back; the rest is for the backward. ``x`` and ``p`` are the
+    fused product's input and the parameters, not the (H, 3H) copy of the weights it used: the backward
+    concatenates them again (the same array, so the same numbers), and a model's cache holds no weight
+    copy per layer until then (bert-base: 7 MB a layer)."""
 
-    qkv_cache: tuple
+    x: object
+    p: object
     q: object
     k: object
     v: object
@@ -82,7 +86,7 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
     query, key, value (B, T, H), probs (B, h, T, L + T, before dropout) and context (B, T, H).
     """
     xp = backends.of(x).xp
-    qkv, qkv_cache = linear_forward(x, *fused_qkv(p))                 # (B, T, 3H) = [q | k | v]
+    qkv, _ = linear_forward(x, *fused_qkv(p))                         # (B, T, 3H) = [q | k | v]
     q, k, v = xp.split(qkv, 3, axis=-1)
     if trace is not None:
         trace("query", q)
@@ -103,12 +107,12 @@ def self_attention_forward(x, p, additive_mask, num_heads: int, probs_dropout_ma
     context = merge_heads(dropped @ vh)
     if trace is not None:
         trace("context", context)
-    return context, AttentionCache(qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads, past_length)
+    return context, AttentionCache(x, p, qh, kh, vh, dropped, softmax_cache, num_heads, past_length)
 
 
 def self_attention_backward(dcontext, cache, g):
     """Accumulate the q/k/v weight and bias gradients into ``g`` (same keys as ``p``); return dx."""
-    qkv_cache, qh, kh, vh, dropped, softmax_cache, num_heads, past_length = cache
+    x, p, qh, kh, vh, dropped, softmax_cache, num_heads, past_length = cache
     if past_length:
         raise ValueError("self_attention_backward: the forward attended cached keys (past=...), an inference-only "
                          "forward; run it without past to differentiate")
@@ -122,7 +126,7 @@ def self_attention_backward(dcontext, cache, g):
     dqkv = xp.concatenate([merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)], axis=-1)   # [dq | dk | dv]
     dweight = xp.zeros((H, 3 * H), dtype=dcontext.dtype)
     dbias = xp.zeros(3 * H, dtype=dcontext.dtype)
-    dx = linear_backward(dqkv, qkv_cache, dweight, dbias)
+    dx = linear_backward(dqkv, (x, fused_qkv(p)[0]), dweight, dbias)
     for i, part in enumerate(("query", "key", "value")):
         g[f"{part}.weight"] += dweight[:, i * H:(i + 1) * H]
         g[f"{part}.bias"] += dbias[i * H:(i + 1) * H]
