@@ -152,9 +152,34 @@ def test_effective_batch_loss_equals_the_whole_batch_loss(threads):
 def test_effective_batch_loss_rejects_bad_arguments():
     _, micro, counts = _batch()
     model = Model(CONFIG, dtype="float32", seed=0)
-    with pytest.raises(ValueError, match="at least one micro-batch"):
+    with pytest.raises(ValueError, match="^effective_batch_loss needs at least one micro-batch, got none$"):
         effective_batch_loss(model, [], [])
     with pytest.raises(ValueError, match="mlm_counts has 1 entries"):
         effective_batch_loss(model, micro, counts[:1])
     with pytest.raises(ValueError, match="dropout_seeds must give one seed per micro-batch"):
         effective_batch_loss(model, micro, counts, training=True)
+    with pytest.raises(ValueError, match=r"one seed per micro-batch \(2\) when training, got \[7\]"):
+        effective_batch_loss(model, micro, counts, training=True, dropout_seeds=[7])
+
+
+def test_effective_batch_loss_weights_unequal_shards_and_draws_each_ones_masks():
+    """Micro-batches of 3 and 5 examples of 128 tokens (so the examples' shares 3/8 and 5/8 come from the
+    batch axis), in training mode with one dropout seed each, float32: equal to the byte to the same
+    ``model.loss`` calls made one after another and added onto a float32 zero in index order, the
+    definition in ref_bert/pretrain/accumulation.py (both with one-thread BLAS, so no rounding may
+    differ). The dropout is real: the same micro-batches in eval mode give another loss."""
+    batch, _, _ = _batch(seed=2)
+    micro = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    counts = [int((m["mlm_labels"] != -100).sum()) for m in micro]
+    model = Model(CONFIG, dtype="float32", seed=0)
+    seeds = [11, 12]
+    got = effective_batch_loss(model, micro, counts, sop_weight=2.0, training=True, dropout_seeds=seeds)
+    expected = np.zeros((), dtype=np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        for m, n, seed in zip(micro, counts, seeds):
+            expected = expected + model.loss(**m, training=True, dropout_seed=seed,
+                                             loss_weights=(n / sum(counts), 2.0 * len(m["input_ids"]) / 8))
+    assert got.dtype == np.float32 and got.shape == ()
+    assert got.tobytes() == expected.tobytes()
+    evaluated = effective_batch_loss(model, micro, counts, sop_weight=2.0)
+    assert abs(float(evaluated) - float(got)) > 1e-3
