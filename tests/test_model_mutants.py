@@ -336,3 +336,68 @@ def test_label_smoothing_outside_0_1_is_refused_by_name(smoothing):
     batch = _pretraining_inputs(model.config)
     with pytest.raises(ValueError, match=r"^label_smoothing=.* is invalid: expected a number in \[0, 1\]$"):
         model.loss(**batch, label_smoothing=smoothing)
+
+
+def _smoothed_nll(logits, labels, eps):
+    """torch's CrossEntropyLoss(label_smoothing=eps), mean over rows, in plain NumPy (float64):
+    (1 - eps) * nll + eps * mean over the classes of -log p."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    nll = -log_probs[np.arange(len(labels)), labels]
+    return float(np.mean((1 - eps) * nll - eps * log_probs.mean(axis=-1)))
+
+
+def test_label_smoothing_of_one_is_accepted_and_is_the_uniform_target():
+    """The range is closed, [0, 1] as torch's: 1.0 is the cross-entropy against the uniform distribution,
+    checked on the pretraining loss against plain NumPy on forward's logits (float64, 1e-12 relative)."""
+    model = perturbed_model(_config(), dtype="float64", seed=0)
+    batch = _pretraining_inputs(model.config)
+    out = model.forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        position_ids=batch["position_ids"])
+    labelled = batch["mlm_labels"].reshape(-1) != -100
+    expected = (_smoothed_nll(out.mlm_logits.reshape(-1, model.config.vocab_size)[labelled],
+                              batch["mlm_labels"].reshape(-1)[labelled], 1.0)
+                + _smoothed_nll(out.sop_logits, batch["sop_labels"], 1.0))
+    assert float(model.loss(**batch, label_smoothing=1.0)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("problem", ["pretraining", "regression", "multi_label_classification"])
+def test_label_smoothing_is_refused_before_the_forward_on_every_head(problem):
+    """1.5 is refused by the model's own check, before any computation: the trace sees no tensor. On the
+    regression and multi-label heads no cross-entropy op would ever see the value, so that check is the
+    only one."""
+    if problem == "pretraining":
+        model = Model(_config(), dtype="float64", seed=0)
+        inputs = _pretraining_inputs(model.config)
+    else:
+        num_labels = 1 if problem == "regression" else 3
+        model = Model(_config(head="sequence_classification", num_labels=num_labels), dtype="float64", seed=0)
+        ids = np.random.default_rng(0).integers(5, 24, size=(2, 8))
+        labels = (np.array([0.5, -1.0]) if problem == "regression"
+                  else np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+        inputs = dict(input_ids=ids, labels=labels)
+        assert model.problem_type(labels) == problem
+    seen = []
+    with pytest.raises(ValueError, match=r"^label_smoothing=1\.5 is invalid: expected a number in \[0, 1\]$"):
+        model.loss(**inputs, label_smoothing=1.5, trace=lambda name, x: seen.append(name))
+    assert seen == []
+
+
+@pytest.mark.parametrize("given", ["labels", "start_positions", "end_positions"])
+def test_the_pretraining_head_refuses_each_fine_tuning_label_alone(given):
+    model = Model(_config(), dtype="float64", seed=0)
+    batch = _pretraining_inputs(model.config)
+    with pytest.raises(ValueError, match=r"^the pretraining head takes mlm_labels and sop_labels \(labels, "
+                                         r"start_positions and end_positions are for the fine-tuning heads\)$"):
+        model.loss(**batch, **{given: np.zeros(3, dtype=np.int64)})
+
+
+@pytest.mark.parametrize("head, takes", [("question_answering", "start_positions and end_positions"),
+                                         ("sequence_classification", "labels"), ("token_classification", "labels")])
+def test_a_fine_tuning_head_given_pretraining_labels_names_its_own(head, takes):
+    model = Model(_config(head=head), dtype="float64", seed=0)
+    ids = np.random.default_rng(0).integers(5, 24, size=(2, 8))
+    for given in ("mlm_labels", "sop_labels"):
+        with pytest.raises(ValueError, match=rf"^mlm_labels / sop_labels are the pretraining head's; the "
+                                             rf"{model.config.architecture} head takes {takes}$"):
+            model.loss(ids, **{given: np.zeros((2, 8) if given == "mlm_labels" else 2, dtype=np.int64)})
