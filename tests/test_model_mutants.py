@@ -401,3 +401,58 @@ def test_a_fine_tuning_head_given_pretraining_labels_names_its_own(head, takes):
         with pytest.raises(ValueError, match=rf"^mlm_labels / sop_labels are the pretraining head's; the "
                                              rf"{model.config.architecture} head takes {takes}$"):
             model.loss(ids, **{given: np.zeros((2, 8) if given == "mlm_labels" else 2, dtype=np.int64)})
+
+
+@pytest.mark.parametrize("head", ["sequence_classification", "multiple_choice"])
+def test_position_ids_reach_a_fine_tuning_heads_loss(head):
+    """A task head's loss with its own position ids is the cross-entropy of what ``forward`` computes with
+    them (plain NumPy; float64, 1e-12 relative), and differs from the loss with default positions.
+    Multiple choice: (B, C, T) inputs, flattened to (B * C, T) rows on the way."""
+    model = perturbed_model(_config(head=head, num_labels=3), dtype="float64", seed=0)
+    rng = np.random.default_rng(1)
+    shape = (2, 3, 8) if head == "multiple_choice" else (2, 8)
+    ids = rng.integers(5, 24, size=shape)
+    positions = np.broadcast_to(np.arange(7, -1, -1), shape).copy()     # reversed: not the default
+    labels = np.array([2, 0])
+    out = model.forward(ids, position_ids=positions)
+    expected = _log_softmax_nll(out.logits.reshape(2, 3), labels)
+    assert float(model.loss(ids, position_ids=positions, labels=labels)) == pytest.approx(expected, rel=1e-12)
+    assert float(model.loss_and_grads(ids, position_ids=positions, labels=labels).loss) == pytest.approx(
+        expected, rel=1e-12)
+    assert abs(float(model.loss(ids, labels=labels)) - expected) > 1e-3
+
+
+def test_multiple_choice_labels_of_the_wrong_shape_name_the_batch_as_an_integer():
+    model = Model(_config(head="multiple_choice"), dtype="float64", seed=0)
+    ids = np.random.default_rng(0).integers(5, 24, size=(2, 3, 8))
+    with pytest.raises(ValueError, match=r"^labels has shape \(3,\), expected \(2,\)$"):
+        model.loss(ids, labels=np.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("head", ["masked_lm", "causal_lm"])
+def test_a_language_model_heads_loss_traces_its_forward_and_takes_the_tf_normalization(head):
+    """The masked / causal LM heads: ``trace`` sees the forward's tensors through ``loss`` and
+    ``loss_and_grads``; ``mlm_normalization="tf_albert"`` is TF ALBERT's sum(nll) / (count + 1e-5)
+    (plain NumPy on forward's logits, float64, 1e-12 relative), not the mean."""
+    bert = dict(model_type="bert", sharing="none", embedding_size=8, is_decoder=True) if head == "causal_lm" else {}
+    model = perturbed_model(_config(head=head, **bert), dtype="float64", seed=0)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(5, 24, size=(2, 8))
+    labels = np.where(rng.random((2, 8)) < 0.5, ids, -100)
+    labels[0, 3] = ids[0, 3]
+    seen = []
+    loss = float(model.loss(ids, labels=labels, trace=lambda name, x: seen.append(name)))
+    assert "mlm_logits" in seen and "embeddings.output" in seen
+    seen_grads = []
+    model.loss_and_grads(ids, labels=labels, trace=lambda name, x: seen_grads.append(name))
+    assert seen_grads[:len(seen)] == seen
+    logits = model.forward(ids).mlm_logits.reshape(-1, model.config.vocab_size)
+    targets = (np.concatenate([labels[:, 1:], np.full((2, 1), -100)], axis=1) if head == "causal_lm"
+               else labels).reshape(-1)
+    kept = targets != -100
+    count = int(kept.sum())
+    mean_nll = _log_softmax_nll(logits[kept], targets[kept])
+    assert loss == pytest.approx(mean_nll, rel=1e-12)
+    tf = float(model.loss(ids, labels=labels, mlm_normalization="tf_albert"))
+    assert tf == pytest.approx(mean_nll * count / (count + 1e-5), rel=1e-12)
+    assert tf != loss
