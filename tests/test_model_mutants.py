@@ -456,3 +456,19 @@ def test_a_language_model_heads_loss_traces_its_forward_and_takes_the_tf_normali
     tf = float(model.loss(ids, labels=labels, mlm_normalization="tf_albert"))
     assert tf == pytest.approx(mean_nll * count / (count + 1e-5), rel=1e-12)
     assert tf != loss
+
+
+@pytest.mark.parametrize("head", ["token_classification", "multiple_choice", "sequence_classification"])
+def test_label_smoothing_reaches_a_task_heads_cross_entropy(head):
+    """torch's label smoothing (UniLM s2s-ft uses 0.1) on the task heads' cross-entropy: against plain
+    NumPy on forward's logits (float64, 1e-12 relative), and not the unsmoothed loss."""
+    model = perturbed_model(_config(head=head, num_labels=3), dtype="float64", seed=0)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 24, size=(2, 3, 8) if head == "multiple_choice" else (2, 8))
+    labels = rng.integers(0, 3, size=(2, 8) if head == "token_classification" else 2)
+    logits = model.forward(ids).logits
+    rows = logits.reshape(-1, logits.shape[-1]) if head != "multiple_choice" else logits.reshape(2, 3)
+    expected = _smoothed_nll(rows, labels.reshape(-1), 0.1)
+    smoothed = float(model.loss(ids, labels=labels, label_smoothing=0.1))
+    assert smoothed == pytest.approx(expected, rel=1e-12)
+    assert abs(smoothed - float(model.loss(ids, labels=labels))) > 1e-4
