@@ -472,3 +472,22 @@ def test_label_smoothing_reaches_a_task_heads_cross_entropy(head):
     smoothed = float(model.loss(ids, labels=labels, label_smoothing=0.1))
     assert smoothed == pytest.approx(expected, rel=1e-12)
     assert abs(smoothed - float(model.loss(ids, labels=labels))) > 1e-4
+
+
+def test_d_hidden_states_as_a_list_is_the_dict_form():
+    """``backward``'s d_hidden_states as a list of L + 1 entries (None where no gradient enters) gives the
+    same bits as the dict form, and neither is empty; anything else is refused by name."""
+    model = perturbed_model(_config(num_hidden_layers=2), dtype="float64", seed=0)
+    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+    out = model.forward(ids, keep_cache=True)
+    g = np.random.default_rng(5).standard_normal(out.hidden_states[1].shape)
+    by_list = model.backward(out, d_hidden_states=[None, g, None])
+    by_dict = model.backward(out, d_hidden_states={1: g})
+    assert by_list.params.keys() == by_dict.params.keys()
+    for name, grad in by_dict.params.items():
+        assert np.array_equal(by_list.params[name], grad), name
+    assert np.array_equal(by_list.inputs_embeds, by_dict.inputs_embeds)
+    assert np.abs(by_dict.params["embeddings.word_embeddings"]).max() > 0
+    with pytest.raises(ValueError, match=r"^d_hidden_states must be a dict layer index -> array or a list of 3, "
+                                         r"got str$"):
+        model.backward(out, d_hidden_states="1")
