@@ -11,6 +11,7 @@ from scratch with the same seed, and messages are the documented ones.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import json
 import warnings
@@ -491,3 +492,16 @@ def test_d_hidden_states_as_a_list_is_the_dict_form():
     with pytest.raises(ValueError, match=r"^d_hidden_states must be a dict layer index -> array or a list of 3, "
                                          r"got str$"):
         model.backward(out, d_hidden_states="1")
+
+
+@pytest.mark.parametrize("index", [True, "1", 3, -4, 1.0])
+def test_d_hidden_states_layer_indices_outside_the_integers_of_the_range_are_refused(index):
+    """Three hidden states (two layers): indices are integers in [-3, 3); a bool, a string, a float, 3
+    (which ``% 3`` would silently turn into 0) and -4 are refused by name."""
+    model = perturbed_model(_config(num_hidden_layers=2), dtype="float64", seed=0)
+    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+    out = model.forward(ids, keep_cache=True)
+    g = np.ones(out.hidden_states[1].shape)
+    with pytest.raises(ValueError, match=rf"^d_hidden_states has layer index {re.escape(repr(index))}, expected an "
+                                         rf"integer in \[-3, 3\)$"):
+        model.backward(out, d_hidden_states={index: g})
