@@ -505,3 +505,49 @@ def test_d_hidden_states_layer_indices_outside_the_integers_of_the_range_are_ref
     with pytest.raises(ValueError, match=rf"^d_hidden_states has layer index {re.escape(repr(index))}, expected an "
                                          rf"integer in \[-3, 3\)$"):
         model.backward(out, d_hidden_states={index: g})
+
+
+def _two_layer_output(**config_changes):
+    model = perturbed_model(_config(num_hidden_layers=2, **config_changes), dtype="float64", seed=0)
+    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+    return model, model.forward(ids, keep_cache=True)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no cache", r"backward needs the output of forward\(\.\.\., keep_cache=True\); this output has no cache"),
+    ("wrong shape", r"d_hidden_states\[1\] has shape \(2, 7, 8\) and dtype float64, expected shape \(2, 8, 8\) "
+                    r"and dtype float64"),
+    ("twice", r"d_hidden_states names layer 1 twice \(index -2\); expected each hidden state once"),
+    ("not an array", r"d_pooled_output must be an array of the model's backend \(numpy\), got list"),
+    ("base d_logits", r"d_logits was given but the AlbertModel head has no task logits \(expected d_mlm_logits / "
+                      r"d_sop_logits / d_hidden_states / d_pooled_output\)"),
+])
+def test_backward_refuses_each_wrong_upstream_gradient_with_its_message(case, message):
+    model, out = _two_layer_output(head="base" if case == "base d_logits" else "pretraining")
+    g = np.ones(out.hidden_states[1].shape)
+    call = {
+        "no cache": lambda: model.backward(model.forward(np.ones((2, 8), dtype=np.int64) * 5), d_hidden_states={1: g}),
+        "wrong shape": lambda: model.backward(out, d_hidden_states={1: g[:, :7]}),
+        "twice": lambda: model.backward(out, d_hidden_states={1: g, -2: g}),
+        "not an array": lambda: model.backward(out, d_pooled_output=[[0.0] * 8] * 2),
+        "base d_logits": lambda: model.backward(out, d_logits=g),
+    }[case]
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        call()
+
+
+@pytest.mark.parametrize("head, field", [("masked_lm", "d_mlm_logits"), ("causal_lm", "d_mlm_logits"),
+                                         ("next_sentence", "d_sop_logits")])
+def test_d_logits_of_a_language_model_or_nsp_head_is_its_own_output_gradient(head, field):
+    """``d_logits`` on the masked / causal LM and next-sentence heads is the gradient of their one output:
+    the same bits as passing it by that output's own name."""
+    bert = dict(model_type="bert", sharing="none", embedding_size=8) if head != "masked_lm" else {}
+    if head == "causal_lm":
+        bert["is_decoder"] = True
+    model, out = _two_layer_output(head=head, **bert)
+    g = np.random.default_rng(6).standard_normal(out.logits.shape)
+    by_logits = model.backward(out, d_logits=g)
+    by_name = model.backward(out, **{field: g})
+    for name, grad in by_name.params.items():
+        assert np.array_equal(by_logits.params[name], grad), name
+    assert np.abs(by_name.params["embeddings.word_embeddings"]).max() > 0
