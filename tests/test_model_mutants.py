@@ -551,3 +551,19 @@ def test_d_logits_of_a_language_model_or_nsp_head_is_its_own_output_gradient(hea
     for name, grad in by_name.params.items():
         assert np.array_equal(by_logits.params[name], grad), name
     assert np.abs(by_name.params["embeddings.word_embeddings"]).max() > 0
+
+
+@pytest.mark.parametrize("head, field", [("masked_lm", "d_mlm_logits"), ("next_sentence", "d_sop_logits")])
+def test_d_logits_and_its_own_outputs_name_together_are_refused(head, field):
+    """Both names of one output at once would add two gradients for one tensor; refused, naming both.
+    The other output's gradient with d_logits is not the same output (the pooled output's gradient goes
+    with a masked LM's d_logits)."""
+    bert = dict(model_type="bert", sharing="none", embedding_size=8) if head == "next_sentence" else {}
+    model, out = _two_layer_output(head=head, **bert)
+    g = np.ones(out.logits.shape)
+    with pytest.raises(ValueError, match=rf"^give d_logits or {field}, not both \(they are the same output of the "
+                                         rf"{model.config.architecture} head\)$"):
+        model.backward(out, d_logits=g, **{field: g})
+    if head == "masked_lm":
+        grads = model.backward(out, d_logits=g, d_hidden_states={-1: np.ones(out.hidden_states[-1].shape)})
+        assert np.abs(grads.params["embeddings.word_embeddings"]).max() > 0
