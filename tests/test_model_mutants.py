@@ -250,9 +250,7 @@ def config_names(config):
 # --- the loss entry points: Model.loss and Model.loss_and_grads --------------------------------------
 def _log_softmax_nll(logits, labels):
     """Mean negative log-likelihood of ``labels`` under ``logits`` (rows), in plain NumPy (float64)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+    return _smoothed_nll(logits, labels, 0.0)
 
 
 def _pretraining_inputs(config, seed=0):
