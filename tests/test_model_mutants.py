@@ -261,18 +261,24 @@ def _pretraining_inputs(config, seed=0):
     return batch
 
 
+def _plain_pretraining_loss(model, batch, label_smoothing=0.0):
+    """MLM + SOP cross-entropy of what ``forward`` computes for ``batch`` (its position ids included), in
+    plain NumPy on the logits."""
+    out = model.forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        position_ids=batch["position_ids"])
+    labelled = batch["mlm_labels"].reshape(-1) != -100
+    return (_smoothed_nll(out.mlm_logits.reshape(-1, model.config.vocab_size)[labelled],
+                          batch["mlm_labels"].reshape(-1)[labelled], label_smoothing)
+            + _smoothed_nll(out.sop_logits, batch["sop_labels"], label_smoothing))
+
+
 def test_position_ids_reach_the_pretraining_loss_of_both_entry_points():
     """The loss of a batch with its own position ids is the cross-entropy of what ``forward`` computes
     with them (plain NumPy on its logits; float64, 1e-12 relative: two orders of the same few dozen
     additions), and differs from the loss with default positions."""
     model = perturbed_model(_config(), dtype="float64", seed=0)
     batch = _pretraining_inputs(model.config)
-    out = model.forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                        position_ids=batch["position_ids"])
-    labelled = batch["mlm_labels"].reshape(-1) != -100
-    expected = (_log_softmax_nll(out.mlm_logits.reshape(-1, model.config.vocab_size)[labelled],
-                                 batch["mlm_labels"].reshape(-1)[labelled])
-                + _log_softmax_nll(out.sop_logits, batch["sop_labels"]))
+    expected = _plain_pretraining_loss(model, batch)
     assert float(model.loss(**batch)) == pytest.approx(expected, rel=1e-12)
     assert float(model.loss_and_grads(**batch).loss) == pytest.approx(expected, rel=1e-12)
     default_positions = {k: v for k, v in batch.items() if k != "position_ids"}
@@ -351,12 +357,7 @@ def test_label_smoothing_of_one_is_accepted_and_is_the_uniform_target():
     checked on the pretraining loss against plain NumPy on forward's logits (float64, 1e-12 relative)."""
     model = perturbed_model(_config(), dtype="float64", seed=0)
     batch = _pretraining_inputs(model.config)
-    out = model.forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                        position_ids=batch["position_ids"])
-    labelled = batch["mlm_labels"].reshape(-1) != -100
-    expected = (_smoothed_nll(out.mlm_logits.reshape(-1, model.config.vocab_size)[labelled],
-                              batch["mlm_labels"].reshape(-1)[labelled], 1.0)
-                + _smoothed_nll(out.sop_logits, batch["sop_labels"], 1.0))
+    expected = _plain_pretraining_loss(model, batch, label_smoothing=1.0)
     assert float(model.loss(**batch, label_smoothing=1.0)) == pytest.approx(expected, rel=1e-12)
 
 
