@@ -19,7 +19,7 @@ from ref_bert import Model, ops
 from .conftest import examples
 
 
-@settings(max_examples=examples(15))
+@settings(max_examples=examples(10))
 @given(data=st.data())
 def test_every_parameter_gradient(data):
     config = data.draw(configs(), label="config")

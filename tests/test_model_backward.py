@@ -40,7 +40,7 @@ def _custom_loss_setup(config, inputs, rng, layers):
     return model, loss, grads
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(5))
 @given(data=st.data())
 def test_backward_of_a_custom_loss_on_every_output_matches_finite_differences(data):
     config = data.draw(configs(max_layers=3), label="config")
