@@ -474,12 +474,16 @@ def test_label_smoothing_reaches_a_task_heads_cross_entropy(head):
     assert abs(smoothed - float(model.loss(ids, labels=labels))) > 1e-4
 
 
+def _two_layer_output(**config_changes):
+    model = perturbed_model(_config(num_hidden_layers=2, **config_changes), dtype="float64", seed=0)
+    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+    return model, model.forward(ids, keep_cache=True)
+
+
 def test_d_hidden_states_as_a_list_is_the_dict_form():
     """``backward``'s d_hidden_states as a list of L + 1 entries (None where no gradient enters) gives the
     same bits as the dict form, and neither is empty; anything else is refused by name."""
-    model = perturbed_model(_config(num_hidden_layers=2), dtype="float64", seed=0)
-    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
-    out = model.forward(ids, keep_cache=True)
+    model, out = _two_layer_output()
     g = np.random.default_rng(5).standard_normal(out.hidden_states[1].shape)
     by_list = model.backward(out, d_hidden_states=[None, g, None])
     by_dict = model.backward(out, d_hidden_states={1: g})
@@ -497,19 +501,11 @@ def test_d_hidden_states_as_a_list_is_the_dict_form():
 def test_d_hidden_states_layer_indices_outside_the_integers_of_the_range_are_refused(index):
     """Three hidden states (two layers): indices are integers in [-3, 3); a bool, a string, a float, 3
     (which ``% 3`` would silently turn into 0) and -4 are refused by name."""
-    model = perturbed_model(_config(num_hidden_layers=2), dtype="float64", seed=0)
-    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
-    out = model.forward(ids, keep_cache=True)
+    model, out = _two_layer_output()
     g = np.ones(out.hidden_states[1].shape)
     with pytest.raises(ValueError, match=rf"^d_hidden_states has layer index {re.escape(repr(index))}, expected an "
                                          rf"integer in \[-3, 3\)$"):
         model.backward(out, d_hidden_states={index: g})
-
-
-def _two_layer_output(**config_changes):
-    model = perturbed_model(_config(num_hidden_layers=2, **config_changes), dtype="float64", seed=0)
-    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
-    return model, model.forward(ids, keep_cache=True)
 
 
 @pytest.mark.parametrize("case, message", [
