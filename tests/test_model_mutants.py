@@ -516,16 +516,28 @@ def test_d_hidden_states_layer_indices_outside_the_integers_of_the_range_are_ref
     ("not an array", r"d_pooled_output must be an array of the model's backend \(numpy\), got list"),
     ("base d_logits", r"d_logits was given but the AlbertModel head has no task logits \(expected d_mlm_logits / "
                       r"d_sop_logits / d_hidden_states / d_pooled_output\)"),
+    ("no MLM logits", r"d_mlm_logits was given but forward did not compute MLM logits \(return_mlm_logits=False, "
+                      r"or a head without an MLM head\)"),
+    ("no SOP logits", r"d_sop_logits was given but forward did not compute SOP logits \(return_sop_logits=False, "
+                      r"or a head without an SOP/NSP head\)"),
+    ("MLM shape", r"d_mlm_logits has shape \(2, 7, 24\) and dtype float64, expected shape \(2, 8, 24\) "
+                  r"and dtype float64"),
 ])
 def test_backward_refuses_each_wrong_upstream_gradient_with_its_message(case, message):
     model, out = _two_layer_output(head="base" if case == "base d_logits" else "pretraining")
     g = np.ones(out.hidden_states[1].shape)
+    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
     call = {
         "no cache": lambda: model.backward(model.forward(np.ones((2, 8), dtype=np.int64) * 5), d_hidden_states={1: g}),
         "wrong shape": lambda: model.backward(out, d_hidden_states={1: g[:, :7]}),
         "twice": lambda: model.backward(out, d_hidden_states={1: g, -2: g}),
         "not an array": lambda: model.backward(out, d_pooled_output=[[0.0] * 8] * 2),
         "base d_logits": lambda: model.backward(out, d_logits=g),
+        "no MLM logits": lambda: model.backward(model.forward(ids, keep_cache=True, return_mlm_logits=False),
+                                                d_mlm_logits=np.ones((2, 8, 24))),
+        "no SOP logits": lambda: model.backward(model.forward(ids, keep_cache=True, return_sop_logits=False),
+                                                d_sop_logits=np.ones((2, 2))),
+        "MLM shape": lambda: model.backward(out, d_mlm_logits=np.ones((2, 7, 24))),
     }[case]
     with pytest.raises(ValueError, match=f"^{message}$"):
         call()
@@ -562,3 +574,84 @@ def test_d_logits_and_its_own_outputs_name_together_are_refused(head, field):
     if head == "masked_lm":
         grads = model.backward(out, d_logits=g, d_hidden_states={-1: np.ones(out.hidden_states[-1].shape)})
         assert np.abs(grads.params["embeddings.word_embeddings"]).max() > 0
+
+
+def test_d_pooled_output_of_a_head_without_a_pooler_is_refused_by_name():
+    """transformers builds the masked LM (and token classification, QA, BertLMHeadModel) without a
+    pooler; a gradient for the pooled output there is refused, naming the architecture."""
+    model, out = _two_layer_output(head="masked_lm")
+    assert out.pooled_output is None
+    with pytest.raises(ValueError, match=r"^d_pooled_output was given but AlbertForMaskedLM has no pooler$"):
+        model.backward(out, d_pooled_output=np.ones((2, 8)))
+
+
+def test_a_causal_lm_head_attending_both_ways_warns_at_the_callers_line():
+    """BertLMHeadModel with is_decoder=False attends both ways (as transformers' does): a warning with
+    this exact text, pointing at the caller; with is_decoder=True, or any other head, no warning."""
+    bert = dict(model_type="bert", sharing="none", embedding_size=8, head="causal_lm")
+    with pytest.warns(UserWarning) as record:
+        Model(_config(**bert), dtype="float64")
+    assert len(record) == 1 and record[0].filename in CALLER
+    assert str(record[0].message) == (
+        "a causal_lm head (BertLMHeadModel) with is_decoder=False attends both ways, as transformers' does; "
+        "set is_decoder=True for left-to-right language modelling")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Model(_config(**bert, is_decoder=True), dtype="float64")
+        Model(_config(**{**bert, "head": "masked_lm"}), dtype="float64")
+
+
+def test_a_model_built_with_defaults_is_float32_seed_0_with_the_documented_dropout_stream():
+    """``Model(config)``: float32, seed 0 (the same bits as asking for them, other bits than seed 1), no
+    fresh parameters, no tokenizer, and the training dropout stream ``default_rng([seed, 1])``; a
+    forward without keep_cache keeps no cache."""
+    config = _config()
+    model = Model(config)
+    assert model.dtype == np.float32 and model.seed == 0
+    assert np.array_equal(model.params.flat, Model(config, dtype="float32", seed=0).params.flat)
+    assert not np.array_equal(model.params.flat, Model(config, dtype="float32", seed=1).params.flat)
+    assert model.fresh_parameters == () and model.tokenizer is None
+    seeded = Model(config, seed=5)
+    assert np.array_equal(seeded.dropout_rng.random(6), np.random.default_rng([5, 1]).random(6))
+    assert model.forward(np.array([[5, 6, 7]])).cache is None
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: Model(3), "config must be a ref_bert.Config or a preset name, got int"),
+    (lambda: Model(_config(), dtype="float16"), "dtype must be one of ('float32', 'float64'), got 'float16'"),
+    (lambda: Model(_config(), seed=-1), "seed=-1 is invalid: expected a non-negative integer"),
+    (lambda: Model(_config()).forward(np.array([[5, 6]]), training="yes"),
+     "training='yes' is invalid: expected True or False"),
+    (lambda: Model(_config()).forward(np.array([[5, 6]]), training=True, dropout_seed=-2),
+     "dropout_seed=-2 is invalid: expected a non-negative integer or a non-empty sequence of them"),
+    (lambda: Model(_config()).forward(np.array([[5, 6]]), training=True, dropout_seed=[1, -1]),
+     "dropout_seed=[1, -1] is invalid: expected a non-negative integer or a non-empty sequence of them"),
+], ids=["config", "dtype", "seed", "training", "dropout_seed", "dropout_seed list"])
+def test_the_model_refuses_a_bad_config_dtype_seed_or_flag_with_its_exact_message(call, message):
+    with pytest.raises(ValueError) as raised:
+        call()
+    assert str(raised.value) == message
+
+
+def test_a_sequence_dropout_seed_is_accepted_and_gives_the_same_masks_each_time():
+    model = Model(_config(hidden_dropout_prob=0.5), dtype="float64")
+    ids = np.array([[5, 6, 7]])
+    a, b = (model.forward(ids, training=True, dropout_seed=[2, 7]).last_hidden_state for _ in range(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, model.forward(ids).last_hidden_state)
+
+
+def test_a_custom_upstream_gradient_reaches_the_qa_heads_bias_and_weight():
+    """Under the span loss the QA bias gradient is zero whatever the model (each row's start / end
+    softmax gradient sums to zero over positions), so only a custom loss checks it: with d_logits = G,
+    d(qa_outputs.bias) = sum of G over (B, T) and d(qa_outputs.weight) = h_L^T G (exact in float64 up to
+    summation order: 1e-12 relative); a G of the wrong shape is refused, naming d_logits."""
+    model, out = _two_layer_output(head="question_answering", model_type="bert", sharing="none", embedding_size=8)
+    g = np.random.default_rng(7).standard_normal(out.logits.shape)           # (2, 8, 2)
+    grads = model.backward(out, d_logits=g).params
+    np.testing.assert_allclose(grads["qa_outputs.bias"], g.sum(axis=(0, 1)), rtol=1e-12, atol=0)
+    last = out.hidden_states[-1]
+    np.testing.assert_allclose(grads["qa_outputs.weight"], last.reshape(-1, 8).T @ g.reshape(-1, 2),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"^d_logits has shape \(2, 7, 2\) and dtype float64, expected shape "
+                                         r"\(2, 8, 2\) and dtype float64$"):
+        model.backward(out, d_logits=g[:, :7])
