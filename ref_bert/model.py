@@ -157,7 +157,6 @@ class _Cache:
     mlm: Optional[tuple]          # (head cache, flat positions or None)
     sop: Optional[tuple]
     task: Optional[tuple] = None  # the classifier / QA head's cache
-    num_choices: Optional[int] = None
 
 
 class Model:
@@ -318,7 +317,7 @@ class Model:
             logits = mlm_logits
         elif head == "next_sentence":
             logits = sop_logits
-        cache = _Cache(emb_cache, enc_cache, pool_cache, mlm_cache, sop_cache, task_cache, num_choices) \
+        cache = _Cache(emb_cache, enc_cache, pool_cache, mlm_cache, sop_cache, task_cache) \
             if keep_cache else None
         return ModelOutput(hidden_states, pooled, mlm_logits, sop_logits, cache, logits)
 

@@ -655,3 +655,42 @@ def test_a_custom_upstream_gradient_reaches_the_qa_heads_bias_and_weight():
     with pytest.raises(ValueError, match=r"^d_logits has shape \(2, 7, 2\) and dtype float64, expected shape "
                                          r"\(2, 8, 2\) and dtype float64$"):
         model.backward(out, d_logits=g[:, :7])
+
+
+def test_the_reference_ops_keep_a_float32_model_in_float32_with_a_padding_mask():
+    """With the reference ops (what the docstrings derive) a float32 model computes in float32: the
+    additive mask is built in the model's dtype, so a padded batch's every traced tensor, hidden state
+    and logit is float32 (a float64 mask would silently promote the scores and all that follows), and
+    it agrees with the fast path to float32 rounding (1e-5 relative)."""
+    import backends
+
+    model = perturbed_model(_config(num_hidden_layers=2), dtype="float32", seed=0)
+    ids = np.random.default_rng(8).integers(5, 24, size=(2, 8))
+    mask = np.ones((2, 8), dtype=np.int64)
+    mask[1, 5:] = 0
+    fast = model.forward(ids, attention_mask=mask)
+    traced = {}
+    with backends.reference_ops():
+        out = model.forward(ids, attention_mask=mask, trace=lambda name, x: traced.setdefault(name, x.dtype))
+    assert {str(dtype) for dtype in traced.values()} == {"float32"} and len(traced) > 20
+    assert all(h.dtype == np.float32 for h in out.hidden_states)
+    assert out.mlm_logits.dtype == out.sop_logits.dtype == np.float32
+    np.testing.assert_allclose(out.mlm_logits, fast.mlm_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loss_paths_trace_reports_the_mlm_head_at_the_labelled_positions():
+    """The loss runs the MLM head only at labelled positions; its trace still reports the head's
+    dense, activation and LayerNorm outputs there, each the rows of forward's full-position trace at
+    those positions (float64, 1e-12 relative: the same numbers, matrix products of other shapes)."""
+    model = perturbed_model(_config(num_hidden_layers=2), dtype="float64", seed=0)
+    ids = np.random.default_rng(9).integers(5, 24, size=(2, 8))
+    labels = np.full((2, 8), -100)
+    labels[0, 3], labels[1, 0], labels[1, 6] = 7, 9, 11
+    full, on_labels = {}, {}
+    model.forward(ids, trace=lambda name, x: full.setdefault(name, x.copy()))
+    model.loss_and_grads(ids, mlm_labels=labels, trace=lambda name, x: on_labels.setdefault(name, x.copy()))
+    rows = np.flatnonzero(labels.reshape(-1) != -100)
+    for name in ("mlm.dense", "mlm.activation", "mlm.layer_norm"):
+        assert on_labels[name].shape == (3, full[name].shape[-1]), name
+        np.testing.assert_allclose(on_labels[name], full[name].reshape(16, -1)[rows], rtol=1e-12, atol=0,
+                                   err_msg=name)
