@@ -31,6 +31,10 @@ CALLER = ({os.path.join(os.path.dirname(sys.modules["mutmut"].__file__), "mutati
           if "mutmut" in sys.modules else {__file__})
 
 
+# The BERT family with untied layers and E = H (no embedding projection), for the BERT-only heads.
+BERT = dict(model_type="bert", sharing="none", embedding_size=8)
+
+
 def _config(**changes):
     base = dict(vocab_size=24, embedding_size=6, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=12, max_position_embeddings=8)
@@ -94,7 +98,7 @@ def test_from_hf_refuses_non_finite_weights_unless_asked(tmp_path):
 
 
 def test_from_hf_tokenizer_argument(tmp_path):
-    config = _config(model_type="bert", sharing="none", embedding_size=8)
+    config = _config(**BERT)
     model = Model(config, seed=0)
     model.save_hf(tmp_path / "bare")
     with pytest.raises(ValueError, match=r"^tokenizer='yes' is invalid: expected 'auto', True or False$"):
@@ -191,7 +195,7 @@ def test_many_fresh_parameters_are_named_six_then_dots_and_unused_heads_are_name
 
 
 def test_save_hf_refuses_a_tokenizer_of_another_size_and_writes_a_fitting_one(tmp_path):
-    model = Model(_config(model_type="bert", sharing="none", embedding_size=8), seed=0)
+    model = Model(_config(**BERT), seed=0)
     model.tokenizer = _tokenizer(23)
     with pytest.raises(ValueError, match="^save_hf: the tokenizer has 23 tokens but the model's word embeddings "
                                          "have 24 rows"):
@@ -203,7 +207,7 @@ def test_save_hf_refuses_a_tokenizer_of_another_size_and_writes_a_fitting_one(tm
 
 def test_hf_state_dict_maps_parameters_and_any_dict_shaped_like_them():
     """nn.Linear stores (out_features, in_features): our (n_in, n_out) weights appear transposed."""
-    model = perturbed_model(_config(model_type="bert", sharing="none", embedding_size=8, head="base"), seed=0)
+    model = perturbed_model(_config(**BERT, head="base"), seed=0)
     grads = {name: np.full(view.shape, i + 0.5) for i, (name, view) in enumerate(model.params.items())}
     for tensors in (None, grads):
         mapped = model.hf_state_dict(tensors)
@@ -248,11 +252,6 @@ def config_names(config):
 
 
 # --- the loss entry points: Model.loss and Model.loss_and_grads --------------------------------------
-def _log_softmax_nll(logits, labels):
-    """Mean negative log-likelihood of ``labels`` under ``logits`` (rows), in plain NumPy (float64)."""
-    return _smoothed_nll(logits, labels, 0.0)
-
-
 def _pretraining_inputs(config, seed=0):
     from ref_bert.examples import make_batch
 
@@ -415,7 +414,7 @@ def test_position_ids_reach_a_fine_tuning_heads_loss(head):
     positions = np.broadcast_to(np.arange(7, -1, -1), shape).copy()     # reversed: not the default
     labels = np.array([2, 0])
     out = model.forward(ids, position_ids=positions)
-    expected = _log_softmax_nll(out.logits.reshape(2, 3), labels)
+    expected = _smoothed_nll(out.logits.reshape(2, 3), labels, 0.0)
     assert float(model.loss(ids, position_ids=positions, labels=labels)) == pytest.approx(expected, rel=1e-12)
     assert float(model.loss_and_grads(ids, position_ids=positions, labels=labels).loss) == pytest.approx(
         expected, rel=1e-12)
@@ -434,7 +433,7 @@ def test_a_language_model_heads_loss_traces_its_forward_and_takes_the_tf_normali
     """The masked / causal LM heads: ``trace`` sees the forward's tensors through ``loss`` and
     ``loss_and_grads``; ``mlm_normalization="tf_albert"`` is TF ALBERT's sum(nll) / (count + 1e-5)
     (plain NumPy on forward's logits, float64, 1e-12 relative), not the mean."""
-    bert = dict(model_type="bert", sharing="none", embedding_size=8, is_decoder=True) if head == "causal_lm" else {}
+    bert = dict(BERT, is_decoder=True) if head == "causal_lm" else {}
     model = perturbed_model(_config(head=head, **bert), dtype="float64", seed=0)
     rng = np.random.default_rng(2)
     ids = rng.integers(5, 24, size=(2, 8))
@@ -451,7 +450,7 @@ def test_a_language_model_heads_loss_traces_its_forward_and_takes_the_tf_normali
                else labels).reshape(-1)
     kept = targets != -100
     count = int(kept.sum())
-    mean_nll = _log_softmax_nll(logits[kept], targets[kept])
+    mean_nll = _smoothed_nll(logits[kept], targets[kept], 0.0)
     assert loss == pytest.approx(mean_nll, rel=1e-12)
     tf = float(model.loss(ids, labels=labels, mlm_normalization="tf_albert"))
     assert tf == pytest.approx(mean_nll * count / (count + 1e-5), rel=1e-12)
@@ -474,10 +473,12 @@ def test_label_smoothing_reaches_a_task_heads_cross_entropy(head):
     assert abs(smoothed - float(model.loss(ids, labels=labels))) > 1e-4
 
 
+TWO_LAYER_IDS = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+
+
 def _two_layer_output(**config_changes):
     model = perturbed_model(_config(num_hidden_layers=2, **config_changes), dtype="float64", seed=0)
-    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
-    return model, model.forward(ids, keep_cache=True)
+    return model, model.forward(TWO_LAYER_IDS, keep_cache=True)
 
 
 def test_d_hidden_states_as_a_list_is_the_dict_form():
@@ -526,7 +527,7 @@ def test_d_hidden_states_layer_indices_outside_the_integers_of_the_range_are_ref
 def test_backward_refuses_each_wrong_upstream_gradient_with_its_message(case, message):
     model, out = _two_layer_output(head="base" if case == "base d_logits" else "pretraining")
     g = np.ones(out.hidden_states[1].shape)
-    ids = np.random.default_rng(4).integers(5, 24, size=(2, 8))
+    ids = TWO_LAYER_IDS
     call = {
         "no cache": lambda: model.backward(model.forward(np.ones((2, 8), dtype=np.int64) * 5), d_hidden_states={1: g}),
         "wrong shape": lambda: model.backward(out, d_hidden_states={1: g[:, :7]}),
@@ -548,7 +549,7 @@ def test_backward_refuses_each_wrong_upstream_gradient_with_its_message(case, me
 def test_d_logits_of_a_language_model_or_nsp_head_is_its_own_output_gradient(head, field):
     """``d_logits`` on the masked / causal LM and next-sentence heads is the gradient of their one output:
     the same bits as passing it by that output's own name."""
-    bert = dict(model_type="bert", sharing="none", embedding_size=8) if head != "masked_lm" else {}
+    bert = dict(BERT) if head != "masked_lm" else {}
     if head == "causal_lm":
         bert["is_decoder"] = True
     model, out = _two_layer_output(head=head, **bert)
@@ -565,7 +566,7 @@ def test_d_logits_and_its_own_outputs_name_together_are_refused(head, field):
     """Both names of one output at once would add two gradients for one tensor; refused, naming both.
     The other output's gradient with d_logits is not the same output (the pooled output's gradient goes
     with a masked LM's d_logits)."""
-    bert = dict(model_type="bert", sharing="none", embedding_size=8) if head == "next_sentence" else {}
+    bert = dict(BERT) if head == "next_sentence" else {}
     model, out = _two_layer_output(head=head, **bert)
     g = np.ones(out.logits.shape)
     with pytest.raises(ValueError, match=rf"^give d_logits or {field}, not both \(they are the same output of the "
@@ -588,7 +589,7 @@ def test_d_pooled_output_of_a_head_without_a_pooler_is_refused_by_name():
 def test_a_causal_lm_head_attending_both_ways_warns_at_the_callers_line():
     """BertLMHeadModel with is_decoder=False attends both ways (as transformers' does): a warning with
     this exact text, pointing at the caller; with is_decoder=True, or any other head, no warning."""
-    bert = dict(model_type="bert", sharing="none", embedding_size=8, head="causal_lm")
+    bert = dict(BERT, head="causal_lm")
     with pytest.warns(UserWarning) as record:
         Model(_config(**bert), dtype="float64")
     assert len(record) == 1 and record[0].filename in CALLER
@@ -645,7 +646,7 @@ def test_a_custom_upstream_gradient_reaches_the_qa_heads_bias_and_weight():
     softmax gradient sums to zero over positions), so only a custom loss checks it: with d_logits = G,
     d(qa_outputs.bias) = sum of G over (B, T) and d(qa_outputs.weight) = h_L^T G (exact in float64 up to
     summation order: 1e-12 relative); a G of the wrong shape is refused, naming d_logits."""
-    model, out = _two_layer_output(head="question_answering", model_type="bert", sharing="none", embedding_size=8)
+    model, out = _two_layer_output(head="question_answering", **BERT)
     g = np.random.default_rng(7).standard_normal(out.logits.shape)           # (2, 8, 2)
     grads = model.backward(out, d_logits=g).params
     np.testing.assert_allclose(grads["qa_outputs.bias"], g.sum(axis=(0, 1)), rtol=1e-12, atol=0)
